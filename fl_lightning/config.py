@@ -1,0 +1,368 @@
+"""Typed run configuration: YAML + dotted overrides, loaded and validated once."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import shlex
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from fl_lightning.errors import ConfigError
+
+DatasetName = Literal["mnist", "cifar10", "imagefolder"]
+ModelName = Literal["mnist_net", "cifar10_net", "mlp"]
+
+# Input shape each dataset produces; imagefolder's comes from data.channels/image_size.
+DATASET_INPUT_SHAPES: dict[str, tuple[int, int, int]] = {
+    "mnist": (1, 28, 28),
+    "cifar10": (3, 32, 32),
+}
+# Input shape each model's architecture is fixed to (Tables I and II); None: any shape.
+MODEL_INPUT_SHAPES: dict[str, tuple[int, int, int] | None] = {
+    "mnist_net": (1, 28, 28),
+    "cifar10_net": (3, 32, 32),
+    "mlp": None,
+}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which dataset, where it lives, how it is split across clients."""
+
+    dataset: DatasetName = "mnist"
+    root: str = "data"
+    download: bool = False
+    val_fraction: float = 0.1
+    partition: Literal["iid"] = "iid"
+    batch_size: int = 32
+    max_train_samples: int | None = None
+    max_test_samples: int | None = None
+    # imagefolder only: images are converted to this many channels and resized square.
+    channels: Literal[1, 3] = 3
+    image_size: int | None = None
+    # Where decoded image tensors are cached (JPEG trees decode once, not once per process).
+    cache_dir: str = "~/.cache/fl-lightning"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which LightningModule is trained."""
+
+    name: ModelName = "mnist_net"
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """Client optimizer, built in the LightningModule's configure_optimizers."""
+
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd only
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """Keyword arguments for each client's `lightning.Trainer` (max_epochs = local epochs)."""
+
+    accelerator: str = "cpu"
+    devices: int | str | list[int] = 1
+    strategy: str = "auto"
+    precision: str | int = "32-true"
+    max_epochs: int = 1
+    gradient_clip_val: float | None = None
+    gradient_clip_algorithm: Literal["norm", "value"] = "norm"
+    accumulate_grad_batches: int = 1
+    limit_train_batches: int | float | None = None
+    deterministic: bool = False
+    enable_progress_bar: bool = False
+    enable_model_summary: bool = False
+
+
+@dataclass(frozen=True)
+class ClientResourcesConfig:
+    """Resources the Simulation Engine reserves for each client (fractions allowed)."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """How many clients, how many rounds, who takes part in each."""
+
+    num_clients: int = 5
+    num_rounds: int = 2
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    round_timeout: float = 3600.0
+    client_resources: ClientResourcesConfig = field(default_factory=ClientResourcesConfig)
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """Server-side aggregation strategy."""
+
+    name: Literal["fedavg"] = "fedavg"
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Where the run writes: `dir` exactly, else `<root>/<experiment>/<timestamp>/`."""
+
+    dir: str | None = None
+    root: str = "runs"
+    experiment: str | None = None  # default: the config file's stem
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole run, as resolved from YAML and overrides."""
+
+    seed: int = 42
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict, as written to the run's config.yaml."""
+        return dataclasses.asdict(self)
+
+
+def input_shape(data: DataConfig) -> tuple[int, int, int]:
+    """(channels, height, width) of the images the configured dataset yields."""
+    if data.dataset == "imagefolder":
+        assert data.image_size is not None  # enforced by validation
+        return (data.channels, data.image_size, data.image_size)
+    return DATASET_INPUT_SHAPES[data.dataset]
+
+
+def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML file, apply `a.b=value` overrides, and return the validated Config."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found: pass the path of a YAML file") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(err, "problem", None) or "not valid YAML"
+        raise ConfigError(f"config file {path} is malformed{where}: {problem}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, not {raw!r}")
+    for item in overrides:
+        apply_override(raw, item)
+    raw.setdefault("output", {})
+    if isinstance(raw["output"], dict) and raw["output"].get("experiment") is None:
+        raw["output"]["experiment"] = path.stem
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Build and validate a Config from a nested dict (unknown keys are errors)."""
+    cfg = _build(Config, raw, prefix="")
+    cfg = dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(
+            cfg.data,
+            root=str(Path(cfg.data.root).expanduser().resolve()),
+            cache_dir=str(Path(cfg.data.cache_dir).expanduser().resolve()),
+        ),
+    )
+    validate(cfg)
+    return cfg
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (2, 1e-3, true, null)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} is not KEY=VALUE, e.g. federation.num_rounds=2")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    parts = key.strip().split(".")
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            dotted = ".".join(parts[: depth + 1])
+            raise ConfigError(f"{dotted}: is a value, not a section, so {key} cannot be set")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    """Instantiate dataclass `cls` from `raw`, checking every key and value type."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: must be a section (mapping)")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"{prefix}{key}: unknown config key{hint}; known: {', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against type `hint`, converting only where it is lossless (int -> float)."""
+    if dataclasses.is_dataclass(hint):
+        return _build(typing.cast(type, hint), value, prefix=f"{key}.")
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            choices = ", ".join(repr(a) for a in allowed)
+            raise ConfigError(f"{key}: {value!r} is not one of {choices}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        names = " or ".join(_type_name(o) for o in options)
+        raise ConfigError(f"{key}: {value!r} is not {names}")
+    if origin is list:
+        (item_type,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: {value!r} is not a list")
+        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: {value!r} is not true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: {value!r} is not an integer")
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            value = _parse_float(value, key)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: {value!r} is not a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: {value!r} is not a string")
+        return value
+    raise TypeError(f"unsupported config type {hint!r} for {key}")  # a bug in this module
+
+
+def _parse_float(text: str, key: str) -> float:
+    # YAML 1.1 reads `1e-3` (no dot) as a string; users mean the number.
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"{key}: {text!r} is not a number") from None
+
+
+def _type_name(hint: Any) -> str:
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(cfg: Config) -> None:
+    """Reject values that are well-typed but meaningless, naming the key."""
+    d, f, o, t = cfg.data, cfg.federation, cfg.optimizer, cfg.trainer
+    _check(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
+    _check(
+        0.0 <= d.val_fraction < 1.0, "data.val_fraction", f"must be in [0, 1), got {d.val_fraction}"
+    )
+    _check(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
+    for name in ("max_train_samples", "max_test_samples"):
+        cap = getattr(d, name)
+        _check(cap is None or cap >= 1, f"data.{name}", f"must be >= 1 or null, got {cap}")
+    if d.dataset == "imagefolder":
+        _check(
+            d.image_size is not None and d.image_size >= 1,
+            "data.image_size",
+            "is required for dataset 'imagefolder' (images are resized to this square size)",
+        )
+    expected = MODEL_INPUT_SHAPES[cfg.model.name]
+    actual = input_shape(d)
+    _check(
+        expected is None or expected == actual,
+        "model.name",
+        f"{cfg.model.name} takes inputs of shape {expected}, but data.dataset={d.dataset} "
+        f"yields {actual}; pick a matching model (e.g. mlp)",
+    )
+    _check(o.lr > 0, "optimizer.lr", f"must be > 0, got {o.lr}")
+    _check(o.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    _check(0 <= o.momentum < 1, "optimizer.momentum", f"must be in [0, 1), got {o.momentum}")
+    _check(t.max_epochs >= 1, "trainer.max_epochs", f"must be >= 1, got {t.max_epochs}")
+    _check(
+        t.gradient_clip_val is None or t.gradient_clip_val > 0,
+        "trainer.gradient_clip_val",
+        f"must be > 0 or null, got {t.gradient_clip_val}",
+    )
+    _check(f.num_clients >= 1, "federation.num_clients", f"must be >= 1, got {f.num_clients}")
+    _check(f.num_rounds >= 1, "federation.num_rounds", f"must be >= 1, got {f.num_rounds}")
+    _check(
+        0.0 < f.fraction_train <= 1.0,
+        "federation.fraction_train",
+        f"must be in (0, 1], got {f.fraction_train}",
+    )
+    _check(
+        0.0 <= f.fraction_evaluate <= 1.0,
+        "federation.fraction_evaluate",
+        f"must be in [0, 1], got {f.fraction_evaluate}",
+    )
+    _check(f.round_timeout > 0, "federation.round_timeout", f"must be > 0, got {f.round_timeout}")
+    r = f.client_resources
+    _check(r.num_cpus > 0, "federation.client_resources.num_cpus", f"must be > 0, got {r.num_cpus}")
+    _check(
+        r.num_gpus >= 0, "federation.client_resources.num_gpus", f"must be >= 0, got {r.num_gpus}"
+    )
+    _check(
+        not (r.num_gpus > 0 and t.accelerator == "cpu"),
+        "trainer.accelerator",
+        "is 'cpu' while federation.client_resources.num_gpus > 0; set trainer.accelerator=gpu",
+    )
+
+
+def config_from_run_config(run_config: typing.Mapping[str, Any]) -> Config:
+    """The Config named by a Flower run config's `config-path` and `overrides` (`flwr run .`)."""
+    if "config-path" not in run_config:
+        raise ConfigError(
+            "run config key 'config-path' is missing: set it in [tool.flwr.app.config]"
+        )
+    return _load_named_config(str(run_config["config-path"]), str(run_config.get("overrides", "")))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_named_config(path: str, overrides: str) -> Config:
+    # A relative path is looked up from the working directory, then from the app's own
+    # directory (where Flower unpacks the app: the parent of this package).
+    candidate = Path(path)
+    if not candidate.is_absolute() and not candidate.exists():
+        candidate = Path(__file__).resolve().parent.parent / path
+    return load_config(candidate, shlex.split(overrides))

@@ -1,0 +1,40 @@
+"""The server's view of the global model: centralized evaluation on the test split, checkpoints."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from fl_lightning.config import Config
+from fl_lightning.datamodule import FederatedDataModule
+from fl_lightning.models import build_model
+from fl_lightning.module import ImageClassifier
+from fl_lightning.training import make_trainer, quiet_lightning
+
+
+class CentralEvaluator:
+    """Holds the server-side LightningModule and Trainer, built once and reused every round."""
+
+    def __init__(self, cfg: Config) -> None:
+        quiet_lightning()
+        self.datamodule = FederatedDataModule(cfg.data, cfg.seed)
+        self.model: ImageClassifier = build_model(cfg, self.datamodule.splits.num_classes)
+        # Evaluation needs one device; DDP would shard (and pad) the test set.
+        self.trainer = make_trainer(cfg.trainer, devices=1, strategy="auto")
+        self.loader = self.datamodule.test_dataloader()
+
+    def evaluate(self, state_dict: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Load `state_dict` and return `centralized/loss` and `centralized/accuracy`."""
+        self.model.load_state_dict(state_dict)
+        (metrics,) = self.trainer.test(self.model, dataloaders=self.loader, verbose=False)
+        # The server's test split is what "centralized" means in every log and table.
+        return {k.replace("test/", "centralized/", 1): float(v) for k, v in metrics.items()}
+
+    def save_checkpoint(self, path: Path) -> None:
+        """Write a Lightning checkpoint of the last evaluated weights, atomically."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        self.trainer.save_checkpoint(partial, weights_only=True)
+        partial.replace(path)

@@ -1,0 +1,63 @@
+"""Layout of a run directory: what each file is called and where it lives."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import yaml
+
+from fl_lightning.config import Config
+from fl_lightning.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Paths of one run's outputs."""
+
+    path: Path
+
+    @property
+    def config(self) -> Path:
+        """The resolved config the run used."""
+        return self.path / "config.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        """One JSON object per round."""
+        return self.path / "metrics.jsonl"
+
+    @property
+    def summary(self) -> Path:
+        """Table III-style markdown summary."""
+        return self.path / "summary.md"
+
+    @property
+    def tensorboard(self) -> Path:
+        """TensorBoard event files."""
+        return self.path / "tensorboard"
+
+    def checkpoint(self, name: str) -> Path:
+        """`checkpoints/<name>.ckpt` (round_<k> or last)."""
+        return self.path / "checkpoints" / f"{name}.ckpt"
+
+
+def create_run_dir(cfg: Config) -> RunDir:
+    """Make the run directory (`output.dir`, else `<root>/<experiment>/<timestamp>`), save config.
+
+    Refuses a directory that already holds a run, so no earlier results are overwritten.
+    """
+    if cfg.output.dir is not None:
+        path = Path(cfg.output.dir)
+    else:
+        stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
+        path = Path(cfg.output.root) / (cfg.output.experiment or "run") / stamp
+    run = RunDir(path)
+    if run.metrics.exists() or run.config.exists():
+        raise ConfigError(
+            f"output.dir: {path} already holds a run; choose another directory or remove it"
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    run.config.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return run

@@ -1,0 +1,47 @@
+"""`fl-lightning run`: the apps under Flower's Simulation Engine (Ray) on one machine."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+from fl_lightning.config import Config
+from fl_lightning.rundir import RunDir
+
+
+def backend_config(cfg: Config) -> dict:
+    """Ray backend settings: each client reserves `federation.client_resources`."""
+    resources = cfg.federation.client_resources
+    return {
+        "client_resources": {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus},
+        "init_args": {"num_cpus": os.cpu_count() or 1, "logging_level": logging.WARNING},
+    }
+
+
+def _drop_run_simulation_deprecation(record: logging.LogRecord) -> bool:
+    # `flwr run` would start a SuperLink process; the in-process engine is what a
+    # one-machine simulation wants, so its deprecation notice is not the user's concern.
+    return "`run_simulation` function is deprecated" not in record.getMessage()
+
+
+def run_simulation(cfg: Config, run: RunDir, verbose: bool = False) -> None:
+    """Simulate `federation.num_clients` SuperNodes running the ClientApp against the ServerApp."""
+    from flwr.simulation import run_simulation as flwr_run_simulation
+
+    from fl_lightning.client_app import make_client_app
+    from fl_lightning.server_app import make_server_app
+
+    if not verbose:
+        # Flower logs every sampling and aggregation step; our tracker prints one line per round.
+        flwr_logger = logging.getLogger("flwr")
+        flwr_logger.setLevel(logging.WARNING)
+        flwr_logger.addFilter(_drop_run_simulation_deprecation)
+        warnings.filterwarnings("ignore", message="Tip: In future versions of Ray")
+    flwr_run_simulation(
+        server_app=make_server_app(cfg, run),
+        client_app=make_client_app(cfg),
+        num_supernodes=cfg.federation.num_clients,
+        backend_config=backend_config(cfg),
+        verbose_logging=verbose,
+    )

@@ -1,0 +1,118 @@
+"""Per-round results, written as each round ends: metrics.jsonl, TensorBoard, console, summary."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from lightning.pytorch.loggers import TensorBoardLogger
+from tqdm.auto import tqdm
+
+from fl_lightning.rundir import RunDir
+
+# Rows of the seed report's Table III, in its order, with the tags they show.
+SUMMARY_ROWS = (
+    ("Loss (Centralized)", "centralized/loss"),
+    ("Accuracy (Centralized)", "centralized/accuracy"),
+    ("Distributed Loss", "distributed/loss"),
+    ("Distributed Accuracy", "distributed/accuracy"),
+    ("Train Loss", "train/loss"),
+)
+# The tags shown on the console line of each round.
+CONSOLE_TAGS = (
+    "train/loss",
+    "distributed/loss",
+    "distributed/accuracy",
+    "centralized/loss",
+    "centralized/accuracy",
+)
+
+
+def jsonl_key(tag: str) -> str:
+    """metrics.jsonl spells each tag with '_' for '/' (`centralized/loss` -> `centralized_loss`)."""
+    return tag.replace("/", "_")
+
+
+class RunTracker:
+    """Writes one round's metrics everywhere at once, so every sink shows the same numbers."""
+
+    def __init__(
+        self, run: RunDir, num_rounds: int, hparams: dict[str, Any], console: bool = True
+    ) -> None:
+        self.run = run
+        self.num_rounds = num_rounds
+        self.history: dict[int, dict[str, float]] = {}
+        self.tensorboard = TensorBoardLogger(save_dir=run.path, name="tensorboard", version="")
+        self.tensorboard.log_hyperparams(_flatten(hparams))
+        self.progress = tqdm(
+            total=num_rounds, unit="round", desc="federated", disable=not console, leave=False
+        )
+        self.console = console
+
+    def log_round(self, server_round: int, metrics: dict[str, float]) -> None:
+        """Record the metrics of a finished round (round 0: the initial model)."""
+        self.history[server_round] = dict(metrics)
+        record: dict[str, Any] = {"round": server_round}
+        record.update({jsonl_key(tag): _finite_or_none(value) for tag, value in metrics.items()})
+        with self.run.metrics.open("a") as stream:
+            stream.write(json.dumps(record) + "\n")
+        scalars = {tag: value for tag, value in metrics.items() if tag != "seconds"}
+        self.tensorboard.log_metrics(scalars, step=server_round)
+        self.tensorboard.experiment.flush()
+        if self.console:
+            seconds = metrics.get("seconds", 0.0)
+            shown = "  ".join(f"{tag} {metrics[tag]:.4f}" for tag in CONSOLE_TAGS if tag in metrics)
+            self.progress.write(
+                f"round {server_round}/{self.num_rounds}  {shown}  ({seconds:.1f}s)"
+            )
+            if server_round > 0:
+                self.progress.update(1)
+
+    def close(self) -> None:
+        """Write summary.md and flush TensorBoard."""
+        self.progress.close()
+        self.tensorboard.finalize("success")
+        self.run.summary.write_text(self.summary_markdown())
+
+    def summary_markdown(self) -> str:
+        """Table III of the seed report: a row per metric, a column per round."""
+        rounds = sorted(r for r in self.history if r > 0)
+        lines = [
+            f"# Run summary: {self.run.path.name}",
+            "",
+            "| Metric | " + " | ".join(f"Round {r}" for r in rounds) + " |",
+            "|---|" + "---|" * len(rounds),
+        ]
+        for label, tag in SUMMARY_ROWS:
+            cells = [_format(tag, self.history[r].get(tag)) for r in rounds]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        initial = self.history.get(0, {}).get("centralized/accuracy")
+        total = sum(m.get("seconds", 0.0) for m in self.history.values())
+        lines += [
+            "",
+            f"Initial centralized accuracy: {_format('centralized/accuracy', initial)}.",
+            f"Wall time of the rounds: {total:.1f} s.",
+            "",
+        ]
+        return "\n".join(lines)
+
+
+def _format(tag: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.2f}%" if tag.endswith("accuracy") else f"{value:.4f}"
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

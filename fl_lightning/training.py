@@ -1,0 +1,95 @@
+"""A client's work on the global model: `Trainer.fit` on its partition, `validate` on hold-out."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
+
+from fl_lightning.config import Config, TrainerConfig
+from fl_lightning.datamodule import FederatedDataModule
+from fl_lightning.models import build_model
+from fl_lightning.module import ImageClassifier
+
+
+@dataclass(frozen=True)
+class ClientResult:
+    """A client's reply: weights (train only), metrics and the number of examples behind them."""
+
+    state_dict: dict[str, torch.Tensor] | None
+    metrics: dict[str, float]
+    num_examples: int
+
+
+def quiet_lightning() -> None:
+    """Silence Lightning's per-Trainer chatter (device banners, num_workers hints) in clients."""
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+    # num_workers=0 is deliberate (in-memory tensors), so the "bottleneck" hint is noise.
+    warnings.filterwarnings("ignore", category=PossibleUserWarning)
+    # Raised inside Lightning 2.6 by torch >= 2.10's pytree API; nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
+def make_trainer(cfg: TrainerConfig, **overrides: Any) -> L.Trainer:
+    """A Trainer from the `trainer` section, without loggers or checkpoints of its own."""
+    kwargs = asdict(cfg)
+    if kwargs["limit_train_batches"] is None:
+        del kwargs["limit_train_batches"]
+    kwargs.update(logger=False, enable_checkpointing=False)
+    kwargs.update(overrides)
+    return L.Trainer(**kwargs)
+
+
+def client_seed(seed: int, server_round: int, partition_id: int) -> int:
+    """A seed for one client in one round, independent of every other (client, round)."""
+    return int(np.random.SeedSequence([seed, server_round, partition_id]).generate_state(1)[0])
+
+
+def _load(
+    cfg: Config, dm: FederatedDataModule, state_dict: dict[str, torch.Tensor]
+) -> ImageClassifier:
+    model = build_model(cfg, dm.splits.num_classes)
+    model.load_state_dict(state_dict)
+    return model
+
+
+def fit(
+    cfg: Config,
+    state_dict: dict[str, torch.Tensor],
+    partition_id: int,
+    num_partitions: int,
+    server_round: int,
+) -> ClientResult:
+    """Train the global weights on one client's partition for `trainer.max_epochs` epochs."""
+    quiet_lightning()
+    seed = client_seed(cfg.seed, server_round, partition_id)
+    L.seed_everything(seed, verbose=False)  # dropout and other stochastic layers
+    dm = FederatedDataModule(cfg.data, cfg.seed, partition_id, num_partitions, shuffle_seed=seed)
+    model = _load(cfg, dm, state_dict)
+    trainer = make_trainer(cfg.trainer, limit_val_batches=0)
+    trainer.fit(model, train_dataloaders=dm.train_dataloader())
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return ClientResult(state, metrics, num_examples=len(dm.train_indices))
+
+
+def validate(
+    cfg: Config,
+    state_dict: dict[str, torch.Tensor],
+    partition_id: int,
+    num_partitions: int,
+) -> ClientResult:
+    """Evaluate the global weights on one client's held-out validation samples."""
+    quiet_lightning()
+    dm = FederatedDataModule(cfg.data, cfg.seed, partition_id, num_partitions)
+    model = _load(cfg, dm, state_dict)
+    trainer = make_trainer(cfg.trainer, devices=1, strategy="auto")
+    (metrics,) = trainer.validate(model, dataloaders=dm.val_dataloader(), verbose=False)
+    return ClientResult(None, {k: float(v) for k, v in metrics.items()}, len(dm.val_indices))

@@ -1,0 +1,79 @@
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from fl_lightning.config import DataConfig
+from fl_lightning.data import IndexedImages, load_splits
+from fl_lightning.errors import DataError
+
+
+def test_mnist_decodes_to_uint8_tensors(data_root: Path) -> None:
+    splits = load_splits(DataConfig(dataset="mnist", root=str(data_root)))
+    assert splits.train.images.shape == (60000, 1, 28, 28)
+    assert splits.test.images.shape == (10000, 1, 28, 28)
+    assert splits.train.images.dtype == torch.uint8
+    assert splits.num_classes == 10
+    assert splits.mean[0] == pytest.approx(0.1307, abs=1e-3)
+    assert splits.std[0] == pytest.approx(0.3081, abs=1e-3)
+    # Decoded once per process: the same config returns the same tensors.
+    assert load_splits(DataConfig(dataset="mnist", root=str(data_root))) is splits
+
+
+def test_missing_mnist_is_a_one_line_data_error(tmp_path: Path) -> None:
+    with pytest.raises(
+        DataError, match=r"MNIST not found under data.root=.*data.download=true"
+    ) as err:
+        load_splits(DataConfig(dataset="mnist", root=str(tmp_path / "nothing")))
+    assert "\n" not in str(err.value)
+
+
+def test_cifar10_loads_from_an_image_folder_tree(tiny_image_folder: Path, tmp_path: Path) -> None:
+    data = DataConfig(
+        dataset="cifar10", root=str(tiny_image_folder), cache_dir=str(tmp_path / "cache")
+    )
+    splits = load_splits(data)
+    assert splits.train.images.shape == (60, 3, 32, 32)
+    assert splits.test.images.shape == (15, 3, 32, 32)
+    assert splits.classes == ("airplane", "cat", "ship")
+    assert splits.train.labels.bincount().tolist() == [20, 20, 20]
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2  # decoded tensors are cached
+
+
+def test_imagefolder_converts_channels_and_resizes(tiny_image_folder: Path, tmp_path: Path) -> None:
+    data = DataConfig(
+        dataset="imagefolder",
+        root=str(tiny_image_folder),
+        channels=1,
+        image_size=16,
+        cache_dir=str(tmp_path),
+    )
+    splits = load_splits(data)
+    assert splits.train.images.shape == (60, 1, 16, 16)
+
+
+def test_corrupt_image_and_missing_class_are_named(tiny_image_folder: Path, tmp_path: Path) -> None:
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_image_folder, broken)
+    (broken / "train" / "cat" / "zz.jpg").write_bytes(b"not a jpeg")
+    data = DataConfig(
+        dataset="imagefolder", root=str(broken), image_size=32, cache_dir=str(tmp_path / "c")
+    )
+    with pytest.raises(DataError, match=r"zz.jpg is not a readable image"):
+        load_splits(data)
+    shutil.rmtree(broken / "test" / "cat")
+    with pytest.raises(DataError, match=r"different class folders \(cat\)"):
+        load_splits(dataclasses.replace(data, cache_dir=str(tmp_path / "d")))
+
+
+def test_indexed_images_gathers_normalised_batches(data_root: Path) -> None:
+    splits = load_splits(DataConfig(dataset="mnist", root=str(data_root)))
+    dataset = IndexedImages(splits.train, torch.tensor([5, 7, 9]), splits.mean, splits.std)
+    images, labels = dataset.__getitems__([0, 2])
+    assert images.shape == (2, 1, 28, 28) and images.dtype == torch.float32
+    assert labels.tolist() == splits.train.labels[[5, 9]].tolist()
+    expected = (splits.train.images[9].float() / 255 - splits.mean[0]) / splits.std[0]
+    assert torch.allclose(dataset[2][0], expected)

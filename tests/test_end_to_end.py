@@ -1,0 +1,76 @@
+"""A real Flower simulation (Ray, 2 clients, 1 round) through the console entry point."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from fl_lightning.models import MNISTNet
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_simulation_writes_the_run_directory(data_root: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fl_lightning.cli",
+            "run",
+            "configs/mnist.yaml",
+            f"data.root={data_root}",
+            "data.max_train_samples=300",
+            "data.max_test_samples=200",
+            "federation.num_clients=2",
+            "federation.num_rounds=1",
+            "trainer.max_epochs=1",
+            f"output.dir={run}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [0, 1]
+    final = records[1]
+    for key in (
+        "centralized_loss",
+        "centralized_accuracy",
+        "distributed_loss",
+        "distributed_accuracy",
+        "train_loss",
+        "seconds",
+    ):
+        assert isinstance(final[key], float), key
+    assert 0.0 <= final["centralized_accuracy"] <= 1.0
+    assert final["centralized_loss"] < records[0]["centralized_loss"]  # one round of training helps
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {
+        "centralized/loss",
+        "centralized/accuracy",
+        "distributed/loss",
+        "distributed/accuracy",
+        "train/loss",
+    } <= tags
+    assert [e.step for e in events.Scalars("centralized/accuracy")] == [0, 1]
+    assert (
+        abs(events.Scalars("centralized/accuracy")[-1].value - final["centralized_accuracy"]) < 1e-6
+    )
+
+    model = MNISTNet.load_from_checkpoint(run / "checkpoints" / "last.ckpt", map_location="cpu")
+    assert model.hparams.lr == 1e-3
+    assert (run / "checkpoints" / "round_1.ckpt").exists()
+    assert yaml.safe_load((run / "config.yaml").read_text())["federation"]["num_rounds"] == 1
+    summary = (run / "summary.md").read_text()
+    assert "| Accuracy (Centralized) |" in summary
+    assert "round 1/1" in result.stderr + result.stdout

@@ -1,0 +1,90 @@
+import pytest
+import torch
+from torch import nn
+
+from fl_lightning.config import load_config
+from fl_lightning.models import MLP, CIFAR10Net, MNISTNet, build_model
+from tests.test_config import MNIST
+
+# (layer type, output shape) rows of the seed report's Tables I and II.
+TABLE_I = [
+    (nn.Conv2d, (32, 24, 24)),
+    (nn.MaxPool2d, (32, 12, 12)),
+    (nn.Conv2d, (64, 8, 8)),
+    (nn.MaxPool2d, (64, 4, 4)),
+    (nn.Flatten, (1024,)),
+    (nn.Linear, (120,)),
+    (nn.Linear, (84,)),
+    (nn.Linear, (10,)),
+]
+TABLE_II = [
+    (nn.Conv2d, (64, 32, 32)),
+    (nn.BatchNorm2d, (64, 32, 32)),
+    (nn.MaxPool2d, (64, 16, 16)),
+    (nn.Conv2d, (128, 16, 16)),
+    (nn.BatchNorm2d, (128, 16, 16)),
+    (nn.MaxPool2d, (128, 8, 8)),
+    (nn.Conv2d, (256, 8, 8)),
+    (nn.BatchNorm2d, (256, 8, 8)),
+    (nn.MaxPool2d, (256, 4, 4)),
+    (nn.Flatten, (4096,)),
+    (nn.Linear, (512,)),
+    (nn.Dropout, (512,)),
+    (nn.Linear, (256,)),
+    (nn.Linear, (10,)),
+]
+
+
+def layer_outputs(model: nn.Module, shape: tuple[int, ...]) -> list[tuple[type, tuple[int, ...]]]:
+    rows = []
+    hooks = [
+        m.register_forward_hook(lambda mod, _i, out: rows.append((type(mod), tuple(out.shape[1:]))))
+        for m in model.net
+        if not isinstance(m, nn.ReLU)
+    ]
+    model.eval()
+    model(torch.zeros(2, *shape))
+    for h in hooks:
+        h.remove()
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("cls", "shape", "table", "params"),
+    [
+        # conv 32*(1*25+1) + 64*(32*25+1) + fc 1024*120+120 + 120*84+84 + 84*10+10
+        (MNISTNet, (1, 28, 28), TABLE_I, 832 + 51264 + 123000 + 10164 + 850),
+        # convs 64*(27+1), 128*(576+1), 256*(1152+1); BN 2*C each;
+        # fc 4096*512+512, 512*256+256, 256*10+10
+        (
+            CIFAR10Net,
+            (3, 32, 32),
+            TABLE_II,
+            1792 + 73856 + 295168 + 2 * (64 + 128 + 256) + 2097664 + 131328 + 2570,
+        ),
+    ],
+)
+def test_architectures_match_the_seed_tables(cls, shape, table, params) -> None:
+    model = cls()
+    assert layer_outputs(model, shape) == table
+    assert sum(p.numel() for p in model.parameters()) == params
+    dropouts = [m.p for m in model.net if isinstance(m, nn.Dropout)]
+    assert dropouts == ([0.5] if cls is CIFAR10Net else [])
+
+
+def test_mlp_is_784_128_10() -> None:
+    model = MLP()
+    assert [m.weight.shape for m in model.net if isinstance(m, nn.Linear)] == [
+        (128, 784),
+        (10, 128),
+    ]
+    assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+
+
+def test_build_model_follows_config() -> None:
+    cfg = load_config(MNIST, ["model.name=mlp", "optimizer.name=sgd", "optimizer.lr=0.1"])
+    model = build_model(cfg, num_classes=10)
+    assert isinstance(model, MLP)
+    optimizer = model.configure_optimizers()
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert optimizer.defaults["lr"] == 0.1
