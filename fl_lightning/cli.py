@@ -34,6 +34,7 @@ def run_command(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     # Fail on missing data or impossible partitions here, with one line, not inside Ray.
+    # The last client's partition is the smallest, so if it can train, every client can.
     splits = load_splits(cfg.data)
     client_indices(
         len(splits.train),
@@ -46,8 +47,13 @@ def run_command(args: argparse.Namespace) -> int:
     run = create_run_dir(cfg)
     print(f"fl-lightning: writing {run.path}", file=sys.stderr)
     run_simulation(cfg, run, verbose=args.verbose)
-    if not run.summary.exists():
-        print(f"error: the run stopped before its last round; see {run.path}", file=sys.stderr)
+    finished = run.last_round()
+    if finished < cfg.federation.num_rounds:
+        print(
+            f"error: the run stopped after round {finished} of {cfg.federation.num_rounds}; "
+            f"its results so far are in {run.path} (--verbose shows Flower's logs)",
+            file=sys.stderr,
+        )
         return 1
     print(run.summary.read_text())
     return 0

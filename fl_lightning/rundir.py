@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -37,6 +38,13 @@ class RunDir:
     def tensorboard(self) -> Path:
         """TensorBoard event files."""
         return self.path / "tensorboard"
+
+    def last_round(self) -> int:
+        """The last round recorded in metrics.jsonl (-1 if none)."""
+        if not self.metrics.exists():
+            return -1
+        lines = self.metrics.read_text().splitlines()
+        return int(json.loads(lines[-1])["round"]) if lines else -1
 
     def checkpoint(self, name: str) -> Path:
         """`checkpoints/<name>.ckpt` (round_<k> or last)."""

@@ -36,6 +36,7 @@ def test_rounds_go_to_jsonl_and_summary(tmp_path: Path) -> None:
         "centralized_accuracy",
         "seconds",
     }
+    assert run.last_round() == 2
     summary = run.summary.read_text()
     assert "| Metric | Round 1 | Round 2 |" in summary
     assert "| Accuracy (Centralized) | 96.00% | 97.00% |" in summary
@@ -44,3 +45,7 @@ def test_rounds_go_to_jsonl_and_summary(tmp_path: Path) -> None:
 
 def test_jsonl_keys_spell_tags_with_underscores() -> None:
     assert jsonl_key("centralized/accuracy") == "centralized_accuracy"
+
+
+def test_last_round_of_an_empty_run_is_minus_one(tmp_path: Path) -> None:
+    assert RunDir(tmp_path).last_round() == -1
