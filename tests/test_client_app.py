@@ -1,0 +1,58 @@
+"""The module-level ClientApp (what `flwr run .` and SuperNodes load) on real messages."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fl_lightning.client_app import app
+from fl_lightning.config import Config
+from fl_lightning.models import build_model
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower stamps messages with the process's task identity, which a runtime sets."""
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+
+
+def context_for(data_root: Path, partition_id: int) -> Context:
+    overrides = f"data.root={data_root} data.max_train_samples=300 data.max_test_samples=200"
+    return Context(
+        run_id=1,
+        node_id=partition_id + 1,
+        node_config={"partition-id": partition_id, "num-partitions": 2},
+        state=RecordDict(),
+        run_config={"config-path": "configs/mnist.yaml", "overrides": overrides},
+    )
+
+
+def message(cfg: Config, message_type: str) -> Message:
+    torch.manual_seed(0)
+    arrays = ArrayRecord(build_model(cfg, 10).state_dict())
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})})
+    return Message(content=content, dst_node_id=1, message_type=message_type)
+
+
+def test_train_handler_replies_with_weights_and_metrics(
+    tiny_mnist: Config, data_root: Path
+) -> None:
+    reply = app(message(tiny_mnist, MessageType.TRAIN), context_for(data_root, 0))
+    assert not reply.has_error(), reply.error
+    arrays = reply.content.array_records["arrays"]
+    assert set(arrays.keys()) == set(build_model(tiny_mnist, 10).state_dict().keys())
+    metrics = reply.content.metric_records["metrics"]
+    # configs/mnist.yaml trains 2 local epochs on 135 samples (150 minus 10% validation)
+    assert metrics["num-examples"] == 135
+    assert {"train/loss", "train/accuracy"} <= set(metrics.keys())
+
+
+def test_evaluate_handler_replies_with_val_metrics(tiny_mnist: Config, data_root: Path) -> None:
+    reply = app(message(tiny_mnist, MessageType.EVALUATE), context_for(data_root, 1))
+    assert not reply.has_error(), reply.error
+    metrics = reply.content.metric_records["metrics"]
+    assert metrics["num-examples"] == 15
+    assert {"val/loss", "val/accuracy"} == set(metrics.keys()) - {"num-examples"}
