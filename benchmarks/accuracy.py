@@ -1,16 +1,19 @@
 """Run named federated experiments and print (optionally record) their centralized accuracy.
 
-    python benchmarks/accuracy.py mnist cifar10 --data ../shared/data --record BENCHMARKS.md
+    python benchmarks/accuracy.py seed --data ../shared/data --record BENCHMARKS.md
 
 Each experiment is `fl-lightning run <config> <overrides>` in a fresh run directory; the
-figures come from that run's metrics.jsonl. With --record, the markdown table replaces
-the block between `<!-- accuracy:begin -->` and `<!-- accuracy:end -->` in the file.
+figures come from that run's metrics.jsonl (and clients.json where the run writes one).
+Arguments name experiments or groups of them (`seed`, `noisy`, `noniid`, `strategies`).
+With --record, the markdown replaces the block between `<!-- NAME:begin -->` and
+`<!-- NAME:end -->` in the file (NAME: --block, default the arguments joined by '+').
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -21,10 +24,45 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+STRATEGY_NAMES = (
+    "fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad",
+    "fedavgm", "fedmedian", "fedtrimmedavg", "krum",
+)  # fmt: skip
+# Strategy comparison: 10 clients with Dirichlet(0.3) label skew, 5 rounds of 1 epoch.
+DIRICHLET = [
+    "data.partition=dirichlet", "data.alpha=0.3", "federation.num_clients=10",
+    "federation.num_rounds=5", "trainer.max_epochs=1",
+]  # fmt: skip
+STRATEGY_PARAMS = {
+    "fedadam": ["strategy.eta=0.01"],
+    "fedyogi": ["strategy.eta=0.01"],
+    "fedadagrad": ["strategy.eta=0.01"],
+    "krum": ["strategy.num_malicious_clients=2"],
+}
+
 # name -> (config, overrides, data sub-folder)
 EXPERIMENTS: dict[str, tuple[str, list[str], str]] = {
+    "mnist_seed_recipe": ("configs/mnist_seed_recipe.yaml", [], ""),
+    "cifar10_seed_recipe": ("configs/cifar10_seed_recipe.yaml", [], "cifar10"),
     "mnist": ("configs/mnist.yaml", [], ""),
     "cifar10": ("configs/cifar10.yaml", [], "cifar10"),
+    "noisy_mlp": ("configs/noisy_mnist.yaml", [], ""),
+    "noisy_cnn": ("configs/noisy_mnist_cnn.yaml", [], ""),
+    "mnist_shards": ("configs/mnist_shards.yaml", [], ""),
+    **{
+        f"dirichlet_{name}": (
+            "configs/mnist.yaml",
+            [*DIRICHLET, f"strategy.name={name}", *STRATEGY_PARAMS.get(name, [])],
+            "",
+        )
+        for name in STRATEGY_NAMES
+    },
+}
+GROUPS = {
+    "seed": ["mnist", "cifar10"],
+    "noisy": ["noisy_mlp", "noisy_cnn"],
+    "noniid": ["mnist_shards", "dirichlet_fedavg"],
+    "strategies": [f"dirichlet_{name}" for name in STRATEGY_NAMES],
 }
 
 
@@ -32,88 +70,101 @@ def run_experiment(name: str, data: Path, workdir: Path) -> dict:
     """Run one experiment and return its rounds, wall time and accuracies."""
     config, overrides, sub = EXPERIMENTS[name]
     run_dir = workdir / name
-    command = [
-        sys.executable,
-        "-m",
-        "fl_lightning.cli",
-        "run",
-        config,
-        f"data.root={data / sub}",
-        *overrides,
-        f"output.dir={run_dir}",
-    ]
+    root = f"data.root={data / sub}"
+    command = [sys.executable, "-m", "fl_lightning.cli", "run", config, root, *overrides]
     started = time.perf_counter()
-    subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [*command, f"output.dir={run_dir}"], cwd=REPO, check=True, stdout=subprocess.DEVNULL
+    )
     wall = time.perf_counter() - started
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     accuracy = [r["centralized_accuracy"] for r in records if r["round"] > 0]
+    clients = run_dir / "clients.json"
     return {
         "experiment": name,
-        "command": " ".join(["fl-lightning", "run", config, f"data.root={data / sub}", *overrides]),
+        "command": " ".join(["fl-lightning", *command[3:]]),
         "rounds": len(accuracy),
         "wall_seconds": wall,
         "accuracy_per_round": accuracy,
         "final_accuracy": accuracy[-1],
         "best_accuracy": max(accuracy),
+        "clients": json.loads(clients.read_text()) if clients.exists() else None,
     }
 
 
-def markdown(results: list[dict]) -> str:
-    """A table of the results, with the machine and date they were measured on."""
+def markdown(results: list[dict], invocation: str) -> str:
+    """Tables of the results, with the machine and date they were measured on."""
     lines = [
-        f"Measured {date.today().isoformat()} on {platform.machine()} "
-        f"({_cores()} cores, CPU only), `python benchmarks/accuracy.py "
-        f"{' '.join(r['experiment'] for r in results)} --data <data>`.",
+        f"Measured {date.today().isoformat()} on {platform.machine()} ({_cores()} cores, "
+        f"CPU only) with `python benchmarks/accuracy.py {invocation} --data <data>`.",
         "",
-        "| experiment | rounds | wall time (s) | centralized accuracy per round | final | best |",
+        "| experiment | rounds | wall time (s) | final | best | centralized accuracy per round |",
         "|---|---|---|---|---|---|",
     ]
     for r in results:
         per_round = ", ".join(f"{a:.4f}" for a in r["accuracy_per_round"])
+        if len(r["accuracy_per_round"]) > 12:
+            per_round = f"{per_round[:60]} ... (curve: see JSON / TensorBoard)"
         lines.append(
-            f"| {r['experiment']} | {r['rounds']} | {r['wall_seconds']:.0f} | {per_round} | "
-            f"{r['final_accuracy']:.4f} | {r['best_accuracy']:.4f} |"
+            f"| {r['experiment']} | {r['rounds']} | {r['wall_seconds']:.0f} | "
+            f"{r['final_accuracy']:.4f} | {r['best_accuracy']:.4f} | {per_round} |"
         )
+    lines += ["", "Commands:", ""] + [f"- `{r['experiment']}`: `{r['command']}`" for r in results]
+    for r in results:
+        if r["clients"]:
+            lines += [
+                "",
+                f"{r['experiment']}: each client's own kind of test data (clean or noisy).",
+                "",
+                "| client | data | accuracy before FL (alone) | accuracy after FL |",
+                "|---|---|---|---|",
+            ]
+            lines += [
+                f"| {c['client']} | {'noisy' if c['noisy'] else 'clean'} | "
+                f"{c['before_fl_accuracy']:.4f} | {c['after_fl_accuracy']:.4f} |"
+                for c in r["clients"]
+            ]
     return "\n".join(lines)
 
 
 def _cores() -> int:
-    import os
-
     return os.cpu_count() or 1
 
 
-def record(path: Path, table: str) -> None:
-    """Replace the accuracy block of `path` with `table`."""
-    begin, end = "<!-- accuracy:begin -->", "<!-- accuracy:end -->"
-    text = path.read_text()
+def record(path: Path, block: str, table: str) -> None:
+    """Replace (or append) the block named `block` in `path` with `table`."""
+    begin, end = f"<!-- {block}:begin -->", f"<!-- {block}:end -->"
+    text = path.read_text() if path.exists() else ""
+    if begin not in text:
+        text += f"\n{begin}\n{end}\n"
     head, _, rest = text.partition(begin)
     _, _, tail = rest.partition(end)
     path.write_text(f"{head}{begin}\n{table}\n{end}{tail}")
 
 
 def main() -> None:
-    """Parse arguments, run the experiments, print the table."""
+    """Parse arguments, run the experiments, print the tables."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("experiments", nargs="+", choices=sorted(EXPERIMENTS))
+    parser.add_argument("names", nargs="+", choices=sorted([*EXPERIMENTS, *GROUPS]))
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
-    parser.add_argument(
-        "--record", type=Path, help="markdown file whose accuracy block is replaced"
-    )
+    parser.add_argument("--record", type=Path, help="markdown file to write the tables into")
+    parser.add_argument("--block", help="name of the block in --record (default: the names)")
     parser.add_argument("--json", type=Path, help="write the figures here as JSON")
     args = parser.parse_args()
+    experiments = [e for name in args.names for e in GROUPS.get(name, [name])]
     with tempfile.TemporaryDirectory(prefix="fl-accuracy-") as workdir:
-        results = [
-            run_experiment(name, args.data.resolve(), Path(workdir)) for name in args.experiments
-        ]
-    table = markdown(results)
+        results = []
+        for name in experiments:
+            results.append(run_experiment(name, args.data.resolve(), Path(workdir)))
+            print(f"{name}: {results[-1]['accuracy_per_round']}", file=sys.stderr)
+    table = markdown(results, " ".join(args.names))
     print(table)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     if args.record:
-        record(args.record, table)
+        record(args.record, args.block or "+".join(args.names), table)
 
 
 if __name__ == "__main__":

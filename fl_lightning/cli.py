@@ -27,23 +27,13 @@ def _parser() -> argparse.ArgumentParser:
 def run_command(args: argparse.Namespace) -> int:
     """Load and validate the config, check the data, then simulate."""
     from fl_lightning.config import load_config
-    from fl_lightning.data import load_splits
-    from fl_lightning.partition import client_indices
+    from fl_lightning.datamodule import client_splits
     from fl_lightning.rundir import create_run_dir
     from fl_lightning.simulation import run_simulation
 
     cfg = load_config(args.config, args.overrides)
     # Fail on missing data or impossible partitions here, with one line, not inside Ray.
-    # The last client's partition is the smallest, so if it can train, every client can.
-    splits = load_splits(cfg.data)
-    client_indices(
-        len(splits.train),
-        cfg.federation.num_clients - 1,
-        cfg.federation.num_clients,
-        cfg.data.val_fraction,
-        cfg.data.max_train_samples,
-        cfg.seed,
-    )
+    client_splits(cfg.data, cfg.federation.num_clients, cfg.seed)
     run = create_run_dir(cfg)
     print(f"fl-lightning: writing {run.path}", file=sys.stderr)
     run_simulation(cfg, run, verbose=args.verbose)

@@ -26,11 +26,14 @@ def make_client_app(cfg: Config | None = None) -> ClientApp:
         )  # torch and Lightning load on first message, not at import
 
         config = cfg or config_from_run_config(context.run_config)
+        round_config = msg.content.config_records["config"]
         result = training.fit(
             config,
             msg.content.array_records["arrays"].to_torch_state_dict(),
             *_partition(context),
-            server_round=cast(int, msg.content.config_records["config"]["server-round"]),
+            server_round=cast(int, round_config["server-round"]),
+            lr=cast(float, round_config.get("lr", config.optimizer.lr)),
+            proximal_mu=cast(float, round_config.get("proximal-mu", 0.0)),
         )
         assert result.state_dict is not None
         content = RecordDict(

@@ -33,6 +33,15 @@ MODEL_INPUT_SHAPES: dict[str, tuple[int, int, int] | None] = {
 
 
 @dataclass(frozen=True)
+class NoiseConfig:
+    """Clients whose data is corrupted (the clean-vs-noisy clients experiment)."""
+
+    clients: tuple[int, ...] = ()  # partition ids of the noisy clients
+    std: float = 0.0  # Gaussian noise added to pixels in [0, 1], then clipped
+    label_fraction: float = 0.0  # share of a noisy client's labels replaced at random
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Which dataset, where it lives, how it is split across clients."""
 
@@ -40,13 +49,19 @@ class DataConfig:
     root: str = "data"
     download: bool = False
     val_fraction: float = 0.1
-    partition: Literal["iid"] = "iid"
+    partition: Literal["iid", "dirichlet", "shards"] = "iid"
+    alpha: float = 0.5  # dirichlet: concentration (smaller = more skewed label mixes)
+    shards_per_client: int = 2  # shards: label-sorted shards each client holds
     batch_size: int = 32
     max_train_samples: int | None = None
     max_test_samples: int | None = None
     # imagefolder only: images are converted to this many channels and resized square.
     channels: Literal[1, 3] = 3
     image_size: int | None = None
+    # Training batches: random crop of the zero-padded image (pad = size / 8), plus a
+    # horizontal flip for `crop_flip` (natural images, not digits).
+    augment: Literal["none", "crop", "crop_flip"] = "none"
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
     # Where decoded image tensors are cached (JPEG trees decode once, not once per process).
     cache_dir: str = "~/.cache/fl-lightning"
 
@@ -56,6 +71,7 @@ class ModelConfig:
     """Which LightningModule is trained."""
 
     name: ModelName = "mnist_net"
+    label_smoothing: float = 0.0  # of the training loss
 
 
 @dataclass(frozen=True)
@@ -66,6 +82,10 @@ class OptimizerConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     momentum: float = 0.9  # sgd only
+    # Within a round: cosine decay of the lr over the client's local steps (or none).
+    scheduler: Literal["none", "cosine"] = "none"
+    # Across rounds: round r trains with lr * round_decay ** (r - 1), sent by the server.
+    round_decay: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -110,7 +130,26 @@ class FederationConfig:
 class StrategyConfig:
     """Server-side aggregation strategy."""
 
-    name: Literal["fedavg"] = "fedavg"
+    name: Literal[
+        "fedavg",
+        "fedprox",
+        "fedadam",
+        "fedyogi",
+        "fedadagrad",
+        "fedavgm",
+        "fedmedian",
+        "fedtrimmedavg",
+        "krum",
+    ] = "fedavg"
+    proximal_mu: float = 0.01  # fedprox
+    eta: float = 1e-2  # fedadam, fedyogi, fedadagrad: server learning rate
+    beta_1: float = 0.9  # fedadam, fedyogi
+    beta_2: float = 0.99  # fedadam, fedyogi
+    tau: float = 1e-3  # fedadam, fedyogi, fedadagrad: adaptivity
+    server_learning_rate: float = 1.0  # fedavgm
+    server_momentum: float = 0.9  # fedavgm
+    beta: float = 0.2  # fedtrimmedavg: share of updates cut at each end
+    num_malicious_clients: int = 0  # krum
 
 
 @dataclass(frozen=True)
@@ -120,6 +159,9 @@ class OutputConfig:
     dir: str | None = None
     root: str = "runs"
     experiment: str | None = None  # default: the config file's stem
+    # Per client: a model trained on its data alone ("before FL") against the global model
+    # ("after FL"), each on the client's kind of test data; written to clients.json.
+    client_report: bool = False
 
 
 @dataclass(frozen=True)
@@ -247,6 +289,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 continue
         names = " or ".join(_type_name(o) for o in options)
         raise ConfigError(f"{key}: {value!r} is not {names}")
+    if origin is tuple:
+        item_type = typing.get_args(hint)[0]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: {value!r} is not a list")
+        return tuple(_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value))
     if origin is list:
         (item_type,) = typing.get_args(hint)
         if not isinstance(value, list):
@@ -301,6 +348,25 @@ def validate(cfg: Config) -> None:
     for name in ("max_train_samples", "max_test_samples"):
         cap = getattr(d, name)
         _check(cap is None or cap >= 1, f"data.{name}", f"must be >= 1 or null, got {cap}")
+    _check(d.alpha > 0, "data.alpha", f"must be > 0, got {d.alpha}")
+    _check(
+        d.shards_per_client >= 1,
+        "data.shards_per_client",
+        f"must be >= 1, got {d.shards_per_client}",
+    )
+    n = d.noise
+    _check(n.std >= 0, "data.noise.std", f"must be >= 0, got {n.std}")
+    _check(
+        0 <= n.label_fraction <= 1,
+        "data.noise.label_fraction",
+        f"must be in [0, 1], got {n.label_fraction}",
+    )
+    bad = [c for c in n.clients if not 0 <= c < cfg.federation.num_clients]
+    _check(
+        not bad,
+        "data.noise.clients",
+        f"{bad} are not client ids (0 to {cfg.federation.num_clients - 1})",
+    )
     if d.dataset == "imagefolder":
         _check(
             d.image_size is not None and d.image_size >= 1,
@@ -315,9 +381,25 @@ def validate(cfg: Config) -> None:
         f"{cfg.model.name} takes inputs of shape {expected}, but data.dataset={d.dataset} "
         f"yields {actual}; pick a matching model (e.g. mlp)",
     )
+    _check(
+        0 <= cfg.model.label_smoothing < 1,
+        "model.label_smoothing",
+        f"must be in [0, 1), got {cfg.model.label_smoothing}",
+    )
     _check(o.lr > 0, "optimizer.lr", f"must be > 0, got {o.lr}")
     _check(o.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0, got {o.weight_decay}")
     _check(0 <= o.momentum < 1, "optimizer.momentum", f"must be in [0, 1), got {o.momentum}")
+    _check(
+        0 < o.round_decay <= 1, "optimizer.round_decay", f"must be in (0, 1], got {o.round_decay}"
+    )
+    s = cfg.strategy
+    _check(s.proximal_mu >= 0, "strategy.proximal_mu", f"must be >= 0, got {s.proximal_mu}")
+    _check(0 <= s.beta < 0.5, "strategy.beta", f"must be in [0, 0.5), got {s.beta}")
+    _check(
+        s.num_malicious_clients >= 0,
+        "strategy.num_malicious_clients",
+        f"must be >= 0, got {s.num_malicious_clients}",
+    )
     _check(t.max_epochs >= 1, "trainer.max_epochs", f"must be >= 1, got {t.max_epochs}")
     _check(
         t.gradient_clip_val is None or t.gradient_clip_val > 0,

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from fl_lightning.augment import random_crop_flip
 from fl_lightning.config import DataConfig
 from fl_lightning.errors import DataError
 
@@ -49,7 +50,9 @@ class IndexedImages(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     """The samples of `tensors` listed in `indices`, normalised batch by batch.
 
     Implements `__getitems__` so the DataLoader gathers a whole batch with one tensor
-    index instead of stacking samples one by one.
+    index instead of stacking samples one by one. Optionally corrupts the samples (the
+    noisy-clients experiment: the same noise for a sample every time it is read) and
+    augments them (training batches).
     """
 
     def __init__(
@@ -58,12 +61,17 @@ class IndexedImages(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         indices: torch.Tensor,
         mean: tuple[float, ...],
         std: tuple[float, ...],
+        *,
+        noise: Corruption | None = None,
+        augment: str = "none",
     ) -> None:
         self.tensors = tensors
         self.indices = indices
         channels = len(mean)
         self.mean = torch.tensor(mean).view(1, channels, 1, 1)
         self.std = torch.tensor(std).view(1, channels, 1, 1)
+        self.noise = noise
+        self.augment = augment
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -72,11 +80,43 @@ class IndexedImages(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         """Return the batch at `positions` as normalised float images and labels."""
         rows = self.indices[positions]
         images = self.tensors.images[rows].float().div_(255.0)
-        return (images - self.mean) / self.std, self.tensors.labels[rows]
+        labels = self.tensors.labels[rows]
+        if self.noise is not None:
+            images, labels = self.noise.apply(rows, images, labels)
+        if self.augment != "none":
+            images = random_crop_flip(images, flip=self.augment == "crop_flip")
+        return (images - self.mean) / self.std, labels
 
     def __getitem__(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = self.__getitems__([position])
         return images[0], labels[0]
+
+
+@dataclass(frozen=True)
+class Corruption:
+    """Gaussian pixel noise and random labels, fixed per sample by (seed, sample index)."""
+
+    std: float
+    label_fraction: float
+    num_classes: int
+    seed: int
+
+    def apply(
+        self, rows: torch.Tensor, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Corrupt a batch in [0, 1] pixel units; `rows` are the samples' dataset indices."""
+        labels = labels.clone()
+        for i, row in enumerate(rows.tolist()):
+            # One RNG per sample: its noise does not depend on batch order or size.
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + row)
+            if self.std > 0:
+                images[i] += self.std * torch.randn(images[i].shape, generator=generator)
+            if (
+                self.label_fraction > 0
+                and torch.rand(1, generator=generator).item() < self.label_fraction
+            ):
+                labels[i] = int(torch.randint(self.num_classes, (1,), generator=generator).item())
+        return images.clamp_(0.0, 1.0), labels
 
 
 def collate_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:

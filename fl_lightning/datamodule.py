@@ -1,21 +1,63 @@
-"""LightningDataModule over a client's partition (train/val) and the full test split."""
+"""Which samples each client holds, and the LightningDataModule that serves them."""
 
 from __future__ import annotations
+
+import functools
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
 from fl_lightning.config import DataConfig
-from fl_lightning.data import DatasetSplits, IndexedImages, collate_batch, load_splits
-from fl_lightning.partition import client_indices, subsample
+from fl_lightning.data import Corruption, DatasetSplits, IndexedImages, collate_batch, load_splits
+from fl_lightning.errors import ConfigError
+from fl_lightning.partition import label_partitions, subsample, train_val_split
+
+ClientSplit = tuple[torch.Tensor, torch.Tensor]
+
+
+@functools.lru_cache(maxsize=4)
+def client_splits(data: DataConfig, num_partitions: int, seed: int) -> tuple[ClientSplit, ...]:
+    """(train, val) indices into the train split for every client, computed once per process."""
+    splits = load_splits(data)
+    pool = subsample(len(splits.train), data.max_train_samples, seed)
+    parts = label_partitions(
+        splits.train.labels[pool],
+        num_partitions,
+        data.partition,
+        seed,
+        alpha=data.alpha,
+        shards_per_client=data.shards_per_client,
+    )
+    result = []
+    for partition_id, part in enumerate(parts):
+        train, val = train_val_split(pool[part], data.val_fraction, seed)
+        if len(train) == 0:
+            raise ConfigError(
+                f"federation.num_clients: client {partition_id} has no training samples; "
+                "lower num_clients or data.val_fraction, or raise data.max_train_samples"
+            )
+        result.append((train, val))
+    return tuple(result)
+
+
+def label_counts(data: DataConfig, num_partitions: int, seed: int) -> torch.Tensor:
+    """(clients, classes) counts of each client's training labels."""
+    splits = load_splits(data)
+    return torch.stack(
+        [
+            torch.bincount(splits.train.labels[train], minlength=splits.num_classes)
+            for train, _ in client_splits(data, num_partitions, seed)
+        ]
+    )
 
 
 class FederatedDataModule(L.LightningDataModule):
     """Dataloaders of one client (`partition_id` of `num_partitions`), or of the server.
 
-    Train/val come from the client's IID partition of the train split, test is the whole
-    (optionally capped) test split. `shuffle_seed` fixes the order of training batches.
+    Train/val come from the client's partition of the train split (noisy if the client is
+    listed in `data.noise.clients`), test is the whole (optionally capped) test split.
+    `shuffle_seed` fixes the order of training batches.
     """
 
     def __init__(
@@ -27,25 +69,43 @@ class FederatedDataModule(L.LightningDataModule):
         shuffle_seed: int = 0,
     ) -> None:
         super().__init__()
+        if not 0 <= partition_id < num_partitions:
+            raise ConfigError(
+                f"partition-id {partition_id} is outside 0..{num_partitions - 1}; check the "
+                "node config's partition-id and num-partitions"
+            )
         self.data = data
         self.seed = seed
         self.partition_id = partition_id
-        self.num_partitions = num_partitions
         self.shuffle_seed = shuffle_seed
         self.splits: DatasetSplits = load_splits(data)  # cached per process, not per client
-        self.train_indices, self.val_indices = client_indices(
-            num_train=len(self.splits.train),
-            partition_id=partition_id,
-            num_partitions=num_partitions,
-            val_fraction=data.val_fraction,
-            max_train_samples=data.max_train_samples,
-            seed=seed,
-        )
+        self.train_indices, self.val_indices = client_splits(data, num_partitions, seed)[
+            partition_id
+        ]
         self.test_indices = subsample(len(self.splits.test), data.max_test_samples, seed)
+        self.noisy = partition_id in data.noise.clients
 
-    def _loader(self, split: str, indices: torch.Tensor, shuffle: bool) -> DataLoader:
-        tensors = getattr(self.splits, split)
-        dataset = IndexedImages(tensors, indices, self.splits.mean, self.splits.std)
+    def corruption(self, split: str) -> Corruption:
+        """The noise of `data.noise`, seeded differently for the train and test splits."""
+        noise = self.data.noise
+        return Corruption(
+            std=noise.std,
+            label_fraction=noise.label_fraction if split == "train" else 0.0,
+            num_classes=self.splits.num_classes,
+            seed=self.seed * 2 + (split == "test"),
+        )
+
+    def _loader(
+        self, split: str, indices: torch.Tensor, shuffle: bool, noisy: bool, augment: str = "none"
+    ) -> DataLoader:
+        dataset = IndexedImages(
+            getattr(self.splits, split),
+            indices,
+            self.splits.mean,
+            self.splits.std,
+            noise=self.corruption(split) if noisy else None,
+            augment=augment,
+        )
         generator = torch.Generator().manual_seed(self.shuffle_seed) if shuffle else None
         # num_workers=0: batches are tensor slices already in memory; workers only add IPC.
         return DataLoader(
@@ -58,13 +118,19 @@ class FederatedDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled batches of the client's training partition."""
-        return self._loader("train", self.train_indices, shuffle=True)
+        """Shuffled (and, with data.augment, augmented) batches of the client's partition."""
+        return self._loader(
+            "train", self.train_indices, True, self.noisy, augment=self.data.augment
+        )
 
     def val_dataloader(self) -> DataLoader:
         """The client's held-out validation samples."""
-        return self._loader("train", self.val_indices, shuffle=False)
+        return self._loader("train", self.val_indices, False, self.noisy)
 
     def test_dataloader(self) -> DataLoader:
-        """The full (or capped) test split, for the server's centralized evaluation."""
-        return self._loader("test", self.test_indices, shuffle=False)
+        """The full (or capped) clean test split, for the server's centralized evaluation."""
+        return self._loader("test", self.test_indices, False, noisy=False)
+
+    def noisy_test_dataloader(self) -> DataLoader:
+        """The test split with `data.noise` applied: what a noisy client's data looks like."""
+        return self._loader("test", self.test_indices, False, noisy=True)

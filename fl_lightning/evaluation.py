@@ -24,11 +24,18 @@ class CentralEvaluator:
         # Evaluation needs one device; DDP would shard (and pad) the test set.
         self.trainer = make_trainer(cfg.trainer, devices=1, strategy="auto")
         self.loader = self.datamodule.test_dataloader()
+        self.noisy_loader = self.datamodule.noisy_test_dataloader()
 
-    def evaluate(self, state_dict: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Load `state_dict` and return `centralized/loss` and `centralized/accuracy`."""
+    def evaluate(
+        self, state_dict: dict[str, torch.Tensor], noisy: bool = False
+    ) -> dict[str, float]:
+        """Load `state_dict` and return `centralized/loss` and `centralized/accuracy`.
+
+        `noisy=True` evaluates on the test split with `data.noise` applied instead.
+        """
         self.model.load_state_dict(state_dict)
-        (metrics,) = self.trainer.test(self.model, dataloaders=self.loader, verbose=False)
+        loader = self.noisy_loader if noisy else self.loader
+        (metrics,) = self.trainer.test(self.model, dataloaders=loader, verbose=False)
         # The server's test split is what "centralized" means in every log and table.
         return {k.replace("test/", "centralized/", 1): float(v) for k, v in metrics.items()}
 

@@ -85,14 +85,16 @@ MODELS: dict[str, type[ImageClassifier]] = {
 }
 
 
-def build_model(cfg: Config, num_classes: int) -> ImageClassifier:
-    """The configured LightningModule, sized for the dataset's classes and image shape."""
+def build_model(cfg: Config, num_classes: int, lr: float | None = None) -> ImageClassifier:
+    """The configured LightningModule, sized for the dataset (`lr` overrides optimizer.lr)."""
     kwargs: dict[str, Any] = {
         "num_classes": num_classes,
         "optimizer": cfg.optimizer.name,
-        "lr": cfg.optimizer.lr,
+        "lr": cfg.optimizer.lr if lr is None else lr,
         "weight_decay": cfg.optimizer.weight_decay,
         "momentum": cfg.optimizer.momentum,
+        "scheduler": cfg.optimizer.scheduler,
+        "label_smoothing": cfg.model.label_smoothing,
     }
     if cfg.model.name == "mlp":
         channels, height, width = input_shape(cfg.data)

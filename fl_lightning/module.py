@@ -25,9 +25,14 @@ class ImageClassifier(L.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         momentum: float = 0.9,
+        scheduler: str = "none",
+        label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        # FedProx: weights of the global model this round started from, and the penalty.
+        self.proximal_mu = 0.0
+        self._proximal_anchor: list[torch.Tensor] = []
         self.net = self.build_network()
         # One metric object per stage: torchmetrics states must not mix stages.
         self.train_accuracy = MulticlassAccuracy(num_classes, average="micro")
@@ -45,18 +50,32 @@ class ImageClassifier(L.LightningModule):
     def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         images, labels = batch
         logits = self(images)
-        loss = F.cross_entropy(logits, labels)
+        # Label smoothing regularises training only; val/test report the plain cross-entropy.
+        smoothing = self.hparams["label_smoothing"] if stage == "train" else 0.0
+        loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
         accuracy = getattr(self, f"{stage}_accuracy")
         accuracy(logits, labels)
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=len(labels))
         self.log(f"{stage}/accuracy", accuracy, on_step=False, on_epoch=True)
         return loss
 
+    def set_proximal_anchor(self, mu: float) -> None:
+        """FedProx: penalise (mu/2)||w - w_now||^2 (call after loading global weights)."""
+        self.proximal_mu = mu
+        self._proximal_anchor = [p.detach().clone() for p in self.parameters()] if mu > 0 else []
+
     def training_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
     ) -> torch.Tensor:
-        """One optimisation step's loss."""
-        return self._shared_step(batch, "train")
+        """One optimisation step's loss (plus FedProx's proximal term, when set)."""
+        loss = self._shared_step(batch, "train")
+        if self._proximal_anchor:
+            distance = sum(
+                (p - a.to(p.device)).pow(2).sum()
+                for p, a in zip(self.parameters(), self._proximal_anchor, strict=True)
+            )
+            loss = loss + 0.5 * self.proximal_mu * distance
+        return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         """Accumulate validation loss and accuracy."""
@@ -66,12 +85,20 @@ class ImageClassifier(L.LightningModule):
         """Accumulate test loss and accuracy."""
         self._shared_step(batch, "test")
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        """The optimizer named in the hyperparameters."""
+    def configure_optimizers(self) -> Any:
+        """The optimizer named in the hyperparameters, with a per-step cosine decay if asked."""
         hp: Any = self.hparams  # AttributeDict of the __init__ arguments
+        optimizer: torch.optim.Optimizer
         if hp.optimizer == "sgd":
-            return torch.optim.SGD(
+            optimizer = torch.optim.SGD(
                 self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay
             )
-        optimizer_cls = torch.optim.AdamW if hp.optimizer == "adamw" else torch.optim.Adam
-        return optimizer_cls(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        else:
+            optimizer_cls = torch.optim.AdamW if hp.optimizer == "adamw" else torch.optim.Adam
+            optimizer = optimizer_cls(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.scheduler == "none":
+            return optimizer
+        # Cosine to zero over this fit's steps: in FL, over one round of local training.
+        steps = max(1, int(self.trainer.estimated_stepping_batches))
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "step"}}

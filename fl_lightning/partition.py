@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from fl_lightning.errors import ConfigError
@@ -42,26 +44,49 @@ def train_val_split(
     return shuffled[num_val:], shuffled[:num_val]
 
 
-def client_indices(
-    num_train: int,
-    partition_id: int,
+def label_partitions(
+    labels: torch.Tensor,
     num_partitions: int,
-    val_fraction: float,
-    max_train_samples: int | None,
+    scheme: str,
     seed: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, val) indices into the train split for client `partition_id` of `num_partitions`."""
-    if not 0 <= partition_id < num_partitions:
-        raise ConfigError(
-            f"partition-id {partition_id} is outside 0..{num_partitions - 1}; check the "
-            "node config's partition-id and num-partitions"
+    alpha: float = 0.5,
+    shards_per_client: int = 2,
+) -> list[torch.Tensor]:
+    """Positions into `labels` for each partition: `iid`, `dirichlet` (alpha) or `shards`.
+
+    The non-IID schemes are flwr-datasets' DirichletPartitioner and ShardPartitioner
+    (McMahan et al.'s label-sorted shards), run on an in-memory table of the labels.
+    """
+    if scheme == "iid":
+        return iid_partitions(torch.arange(len(labels)), num_partitions, seed)
+    from datasets import Dataset
+    from flwr_datasets.partitioner import DirichletPartitioner, Partitioner, ShardPartitioner
+
+    table = Dataset.from_dict({"label": labels.numpy(), "position": list(range(len(labels)))})
+    partitioner: Partitioner
+    if scheme == "dirichlet":
+        partitioner = DirichletPartitioner(
+            num_partitions, partition_by="label", alpha=alpha, min_partition_size=2, seed=seed
         )
-    pool = subsample(num_train, max_train_samples, seed)
-    part = iid_partitions(pool, num_partitions, seed)[partition_id]
-    train, val = train_val_split(part, val_fraction, seed)
-    if len(train) == 0:
-        raise ConfigError(
-            f"federation.num_clients: client {partition_id} has no training samples left; "
-            "lower num_clients or data.val_fraction"
+    else:
+        shard_size = len(labels) // (num_partitions * shards_per_client)
+        if shard_size == 0:
+            raise ConfigError(
+                f"data.shards_per_client: {num_partitions} clients x {shards_per_client} shards "
+                f"is more shards than the {len(labels)} training samples"
+            )
+        partitioner = ShardPartitioner(
+            num_partitions,
+            partition_by="label",
+            num_shards_per_partition=shards_per_client,
+            shard_size=shard_size,
+            seed=seed,
         )
-    return train, val
+    partitioner.dataset = table
+    try:
+        with warnings.catch_warnings():  # pyarrow deprecations inside flwr-datasets' sorting
+            warnings.simplefilter("ignore", FutureWarning)
+            parts = [partitioner.load_partition(i)["position"] for i in range(num_partitions)]
+    except ValueError as err:  # e.g. no Dirichlet draw gives every client enough samples
+        raise ConfigError(f"data.partition={scheme}: {err}") from None
+    return [torch.as_tensor(part, dtype=torch.long) for part in parts]

@@ -7,9 +7,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only: runs are headless (servers, CI, Ray workers)
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
 
 CURVES = (
     ("accuracy", ("centralized/accuracy", "distributed/accuracy")),
@@ -40,7 +40,13 @@ def label_histogram_figure(counts: np.ndarray, classes: tuple[str, ...]) -> Figu
     bottom = np.zeros(num_clients)
     colours = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
     for index, name in enumerate(classes):
-        axis.bar(range(num_clients), counts[:, index], bottom=bottom, label=name, color=colours(index % 20))
+        axis.bar(
+            range(num_clients),
+            counts[:, index],
+            bottom=bottom,
+            label=name,
+            color=colours(index % 20),
+        )
         bottom += counts[:, index]
     axis.set_xlabel("client (partition id)")
     axis.set_ylabel("training samples")

@@ -35,6 +35,21 @@ class RunDir:
         return self.path / "summary.md"
 
     @property
+    def curves(self) -> Path:
+        """Accuracy and loss per round, as a PNG."""
+        return self.path / "curves.png"
+
+    @property
+    def label_histogram(self) -> Path:
+        """Per-client training-label counts (JSON; a PNG beside it)."""
+        return self.path / "label_histogram.json"
+
+    @property
+    def clients(self) -> Path:
+        """Per-client before/after-FL accuracies."""
+        return self.path / "clients.json"
+
+    @property
     def tensorboard(self) -> Path:
         """TensorBoard event files."""
         return self.path / "tensorboard"

@@ -13,8 +13,10 @@ def run_federation(grid: Grid, cfg: Config, run: RunDir, console: bool = True) -
     """Run `federation.num_rounds` rounds of FedAvg and write the run directory."""
     import lightning as L
 
+    from fl_lightning.client_report import client_report
+    from fl_lightning.datamodule import label_counts
     from fl_lightning.evaluation import CentralEvaluator
-    from fl_lightning.strategy import LightningFedAvg
+    from fl_lightning.strategy import build_strategy
     from fl_lightning.tracking import RunTracker
 
     L.seed_everything(cfg.seed, verbose=False)  # the initial global model
@@ -24,18 +26,21 @@ def run_federation(grid: Grid, cfg: Config, run: RunDir, console: bool = True) -
     tracker = RunTracker(run, fed.num_rounds, cfg.to_dict(), console=console)
     # No federated evaluation without local validation samples.
     fraction_evaluate = fed.fraction_evaluate if cfg.data.val_fraction > 0 else 0.0
-    strategy = LightningFedAvg(
-        evaluator=evaluator,
-        tracker=tracker,
-        run=run,
+    strategy = build_strategy(
+        cfg,
+        evaluator,
+        tracker,
+        run,
         fraction_train=fed.fraction_train,
         fraction_evaluate=fraction_evaluate,
         min_train_nodes=1,
         min_evaluate_nodes=1,
         min_available_nodes=fed.num_clients,
     )
+    counts = label_counts(cfg.data, fed.num_clients, cfg.seed)
+    tracker.log_label_histogram(counts.numpy(), evaluator.datamodule.splits.classes)
     try:
-        strategy.start(
+        result = strategy.start(
             grid=grid,
             initial_arrays=initial,
             num_rounds=fed.num_rounds,
@@ -44,6 +49,9 @@ def run_federation(grid: Grid, cfg: Config, run: RunDir, console: bool = True) -
             evaluate_config=ConfigRecord(),
             evaluate_fn=strategy.evaluate,
         )
+        if cfg.output.client_report:
+            final = result.arrays.to_torch_state_dict()
+            tracker.log_clients(client_report(cfg, evaluator, initial.to_torch_state_dict(), final))
     finally:
         tracker.close()
 

@@ -1,4 +1,4 @@
-"""FedAvg that evaluates the global model centrally and logs every round (Flower Message API)."""
+"""Flower's strategies (Message API), each extended to evaluate centrally and log every round."""
 
 from __future__ import annotations
 
@@ -18,25 +18,40 @@ from flwr.app import (
 )
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import (
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+)
 
+from fl_lightning.config import Config
 from fl_lightning.evaluation import CentralEvaluator
 from fl_lightning.rundir import RunDir
 from fl_lightning.tracking import RunTracker
 
 
-def restore_integer_arrays(aggregated: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
-    """Give integer buffers (BatchNorm's `num_batches_tracked`) back their dtype after averaging.
+def restore_dtypes(aggregated: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
+    """Cast aggregated arrays back to the global model's dtypes.
 
-    Weighted averaging turns them into floats, which `load_state_dict` would truncate; the
-    global model keeps the rounded mean of the clients' counters, as an integer.
+    Weighted averaging turns integer buffers (BatchNorm's `num_batches_tracked`) into
+    floats, which `load_state_dict` would truncate: the global model keeps the rounded
+    aggregate of the clients' counters, as an integer. Server optimizers (FedAdam, ...)
+    compute in float64: the weights go back to float32, or whatever the model uses.
     """
     restored = ArrayRecord()
     for key, array in aggregated.items():
         dtype = np.dtype(reference[key].dtype)
         values = array.numpy()
-        if np.issubdtype(dtype, np.integer) and values.dtype != dtype:
-            array = Array(np.asarray(np.rint(values), dtype=dtype))  # 0-d stays an ndarray
+        if values.dtype != dtype:
+            if np.issubdtype(dtype, np.integer):
+                values = np.rint(values)
+            array = Array(np.asarray(values, dtype=dtype))  # asarray: 0-d stays an ndarray
         restored[key] = array
     return restored
 
@@ -44,14 +59,22 @@ def restore_integer_arrays(aggregated: ArrayRecord, reference: ArrayRecord) -> A
 class LightningFedAvg(FedAvg):
     """FedAvg whose rounds end with centralized evaluation, a checkpoint and one log record.
 
-    Client train replies carry `train/*` metrics, evaluate replies `val/*`; their
-    example-weighted means are logged as `train/*` and `distributed/*`.
+    Every round it sends clients their learning rate (`lr`, decayed across rounds by
+    `optimizer.round_decay`). Client train replies carry `train/*` metrics, evaluate
+    replies `val/*`; their example-weighted means are logged as `train/*` and
+    `distributed/*`. The other strategies below inherit all of this unchanged.
     """
 
     def __init__(
-        self, evaluator: CentralEvaluator, tracker: RunTracker, run: RunDir, **kwargs: Any
+        self,
+        cfg: Config,
+        evaluator: CentralEvaluator,
+        tracker: RunTracker,
+        run: RunDir,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.cfg = cfg
         self.evaluator = evaluator
         self.tracker = tracker
         self.run = run
@@ -59,23 +82,28 @@ class LightningFedAvg(FedAvg):
         self._round_started = time.perf_counter()
         self._global: ArrayRecord | None = None
 
+    def round_lr(self, server_round: int) -> float:
+        """Client learning rate in `server_round` (1-based)."""
+        return self.cfg.optimizer.lr * self.cfg.optimizer.round_decay ** (server_round - 1)
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Sample clients for training and start the round's clock."""
+        """Sample clients for training, set the round's lr and start the round's clock."""
         self._round_started = time.perf_counter()
         self._round_metrics = {}
         self._global = arrays
+        config["lr"] = self.round_lr(server_round)
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """FedAvg, with integer buffers restored and the train metrics kept for the round's log."""
+        """Aggregate, restore the model's dtypes, and keep the train metrics for the round's log."""
         replies = _report_errors(list(replies), "train")
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is not None and self._global is not None:
-            arrays = restore_integer_arrays(arrays, self._global)
+            arrays = restore_dtypes(arrays, self._global)
         if metrics is not None:
             self._round_metrics.update(_client_metrics(metrics, "train/", "train/"))
         return arrays, metrics
@@ -97,14 +125,69 @@ class LightningFedAvg(FedAvg):
         metrics = self.evaluator.evaluate(arrays.to_torch_state_dict())
         self.evaluator.save_checkpoint(self.run.checkpoint(f"round_{server_round}"))
         self.evaluator.save_checkpoint(self.run.checkpoint("last"))
-        record = {
-            **self._round_metrics,
-            **metrics,
-            "seconds": time.perf_counter() - self._round_started,
-        }
-        self.tracker.log_round(server_round, record)
+        elapsed = time.perf_counter() - self._round_started
+        self.tracker.log_round(server_round, {**self._round_metrics, **metrics, "seconds": elapsed})
         values: dict[str, MetricRecordValues] = dict(metrics)
         return MetricRecord(values)
+
+
+# The rest of Flower's strategies, with the behaviour above; their own aggregation runs
+# first (super() in LightningFedAvg resolves to them), then the dtypes are restored.
+class LightningFedProx(LightningFedAvg, FedProx):
+    """FedProx: clients add (mu/2)||w - w_global||^2 to their loss (see ImageClassifier)."""
+
+
+class LightningFedAdam(LightningFedAvg, FedAdam):
+    """FedAdam: Adam on the server over the averaged update."""
+
+
+class LightningFedYogi(LightningFedAvg, FedYogi):
+    """FedYogi: Yogi on the server over the averaged update."""
+
+
+class LightningFedAdagrad(LightningFedAvg, FedAdagrad):
+    """FedAdagrad: Adagrad on the server over the averaged update."""
+
+
+class LightningFedAvgM(LightningFedAvg, FedAvgM):
+    """FedAvgM: server momentum over the averaged update."""
+
+
+class LightningFedMedian(LightningFedAvg, FedMedian):
+    """FedMedian: coordinate-wise median of the client models."""
+
+
+class LightningFedTrimmedAvg(LightningFedAvg, FedTrimmedAvg):
+    """FedTrimmedAvg: coordinate-wise mean without the `beta` extremes at each end."""
+
+
+class LightningKrum(LightningFedAvg, Krum):
+    """Krum: the client model closest to its neighbours, robust to `num_malicious_nodes`."""
+
+
+def build_strategy(
+    cfg: Config, evaluator: CentralEvaluator, tracker: RunTracker, run: RunDir, **sampling: Any
+) -> LightningFedAvg:
+    """The strategy named by `strategy.name`, with its own parameters from the config."""
+    s = cfg.strategy
+    adaptive = {"eta": s.eta, "tau": s.tau}
+    moments = {"beta_1": s.beta_1, "beta_2": s.beta_2}
+    choices: dict[str, tuple[type[LightningFedAvg], dict[str, Any]]] = {
+        "fedavg": (LightningFedAvg, {}),
+        "fedprox": (LightningFedProx, {"proximal_mu": s.proximal_mu}),
+        "fedadam": (LightningFedAdam, {**adaptive, **moments}),
+        "fedyogi": (LightningFedYogi, {**adaptive, **moments}),
+        "fedadagrad": (LightningFedAdagrad, adaptive),
+        "fedavgm": (
+            LightningFedAvgM,
+            {"server_learning_rate": s.server_learning_rate, "server_momentum": s.server_momentum},
+        ),
+        "fedmedian": (LightningFedMedian, {}),
+        "fedtrimmedavg": (LightningFedTrimmedAvg, {"beta": s.beta}),
+        "krum": (LightningKrum, {"num_malicious_nodes": s.num_malicious_clients}),
+    }
+    cls, params = choices[s.name]
+    return cls(cfg=cfg, evaluator=evaluator, tracker=tracker, run=run, **params, **sampling)
 
 
 def _report_errors(replies: list[Message], stage: str) -> list[Message]:

@@ -6,9 +6,11 @@ import json
 import math
 from typing import Any
 
+import numpy as np
 from lightning.pytorch.loggers import TensorBoardLogger
 from tqdm.auto import tqdm
 
+from fl_lightning import plots
 from fl_lightning.rundir import RunDir
 
 # Rows of the seed report's Table III, in its order, with the tags they show.
@@ -49,6 +51,7 @@ class RunTracker:
             total=num_rounds, unit="round", desc="federated", disable=not console, leave=False
         )
         self.console = console
+        self.clients: list[dict[str, Any]] = []
 
     def log_round(self, server_round: int, metrics: dict[str, float]) -> None:
         """Record the metrics of a finished round (round 0: the initial model)."""
@@ -69,11 +72,45 @@ class RunTracker:
             if server_round > 0:
                 self.progress.update(1)
 
+    def log_label_histogram(self, counts: np.ndarray, classes: tuple[str, ...]) -> None:
+        """Write each client's training-label counts (JSON, PNG, TensorBoard figure)."""
+        self.run.label_histogram.write_text(
+            json.dumps({"classes": list(classes), "counts": counts.tolist()}, indent=1)
+        )
+        figure = plots.label_histogram_figure(counts, classes)
+        self.tensorboard.experiment.add_figure("data/label_histogram", figure, close=False)
+        plots.save(figure, self.run.label_histogram.with_suffix(".png"))
+
+    def log_clients(self, rows: list[dict[str, Any]]) -> None:
+        """Record the per-client before/after-FL report (clients.json, TensorBoard, summary)."""
+        self.clients = rows
+        self.run.clients.write_text(json.dumps(rows, indent=2) + "\n")
+        for row in rows:
+            for key in ("before_fl_accuracy", "after_fl_accuracy"):
+                self.tensorboard.experiment.add_scalar(f"clients/{key}", row[key], row["client"])
+        self.tensorboard.experiment.add_text("clients", self.clients_markdown())
+
     def close(self) -> None:
-        """Write summary.md and flush TensorBoard."""
+        """Write curves.png and summary.md, and flush TensorBoard."""
         self.progress.close()
         self.tensorboard.finalize("success")
+        if self.history:
+            plots.save(plots.curves_figure(self.history), self.run.curves)
         self.run.summary.write_text(self.summary_markdown())
+
+    def clients_markdown(self) -> str:
+        """One row per client: clean or noisy, accuracy before and after FL."""
+        lines = [
+            "| Client | Data | Accuracy before FL | Accuracy after FL |",
+            "|---|---|---|---|",
+        ]
+        for row in self.clients:
+            kind = "noisy" if row["noisy"] else "clean"
+            lines.append(
+                f"| {row['client']} | {kind} | {100 * row['before_fl_accuracy']:.2f}% | "
+                f"{100 * row['after_fl_accuracy']:.2f}% |"
+            )
+        return "\n".join(lines)
 
     def summary_markdown(self) -> str:
         """Table III of the seed report: a row per metric, a column per round."""
@@ -93,8 +130,13 @@ class RunTracker:
             "",
             f"Initial centralized accuracy: {_format('centralized/accuracy', initial)}.",
             f"Wall time of the rounds: {total:.1f} s.",
-            "",
         ]
+        if self.run.curves.exists():
+            lines += ["", f"![accuracy and loss per round]({self.run.curves.name})"]
+        if self.clients:
+            lines += ["", "## Clients: trained alone (before FL) and federated (after FL)", ""]
+            lines += [self.clients_markdown()]
+        lines.append("")
         return "\n".join(lines)
 
 

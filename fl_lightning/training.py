@@ -53,9 +53,12 @@ def client_seed(seed: int, server_round: int, partition_id: int) -> int:
 
 
 def _load(
-    cfg: Config, dm: FederatedDataModule, state_dict: dict[str, torch.Tensor]
+    cfg: Config,
+    dm: FederatedDataModule,
+    state_dict: dict[str, torch.Tensor],
+    lr: float | None = None,
 ) -> ImageClassifier:
-    model = build_model(cfg, dm.splits.num_classes)
+    model = build_model(cfg, dm.splits.num_classes, lr=lr)
     model.load_state_dict(state_dict)
     return model
 
@@ -66,14 +69,23 @@ def fit(
     partition_id: int,
     num_partitions: int,
     server_round: int,
+    lr: float | None = None,
+    proximal_mu: float = 0.0,
+    max_epochs: int | None = None,
 ) -> ClientResult:
-    """Train the global weights on one client's partition for `trainer.max_epochs` epochs."""
+    """Train the global weights on one client's partition for `trainer.max_epochs` epochs.
+
+    `lr` is the round's learning rate sent by the server (default: optimizer.lr),
+    `proximal_mu` FedProx's penalty, `max_epochs` overrides trainer.max_epochs.
+    """
     quiet_lightning()
     seed = client_seed(cfg.seed, server_round, partition_id)
-    L.seed_everything(seed, verbose=False)  # dropout and other stochastic layers
+    L.seed_everything(seed, verbose=False)  # dropout, augmentation
     dm = FederatedDataModule(cfg.data, cfg.seed, partition_id, num_partitions, shuffle_seed=seed)
-    model = _load(cfg, dm, state_dict)
-    trainer = make_trainer(cfg.trainer, limit_val_batches=0)
+    model = _load(cfg, dm, state_dict, lr=lr)
+    model.set_proximal_anchor(proximal_mu)
+    epochs = {} if max_epochs is None else {"max_epochs": max_epochs}
+    trainer = make_trainer(cfg.trainer, limit_val_batches=0, **epochs)
     trainer.fit(model, train_dataloaders=dm.train_dataloader())
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}

@@ -9,20 +9,29 @@ REPO = Path(__file__).resolve().parents[1]
 MNIST = REPO / "configs" / "mnist.yaml"
 
 
-def test_shipped_configs_match_the_seed_setup() -> None:
-    for name, model in (("mnist", "mnist_net"), ("cifar10", "cifar10_net")):
-        cfg = load_config(REPO / "configs" / f"{name}.yaml")
+@pytest.mark.parametrize("name", ["mnist", "cifar10"])
+def test_shipped_configs_keep_the_seed_setup(name: str) -> None:
+    model = {"mnist": "mnist_net", "cifar10": "cifar10_net"}[name]
+    for suffix in ("", "_seed_recipe"):
+        cfg = load_config(REPO / "configs" / f"{name}{suffix}.yaml")
         assert cfg.model.name == model
         assert cfg.data.dataset == name
         assert (cfg.federation.num_clients, cfg.federation.num_rounds) == (5, 2)
         assert (cfg.trainer.max_epochs, cfg.data.batch_size) == (2, 32)
-        assert (cfg.optimizer.name, cfg.optimizer.lr, cfg.optimizer.weight_decay) == (
-            "adamw",
-            1e-3,
-            1e-4,
-        )
         assert cfg.trainer.gradient_clip_val == 1.0
-        assert cfg.output.experiment == name
+        assert cfg.output.experiment == f"{name}{suffix}"
+    seed = load_config(REPO / "configs" / f"{name}_seed_recipe.yaml")
+    assert (seed.optimizer.name, seed.optimizer.lr, seed.optimizer.weight_decay) == (
+        "adamw",
+        1e-3,
+        1e-4,
+    )
+    assert (seed.data.augment, seed.model.label_smoothing) == ("none", 0.0)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path: Path) -> None:
+    load_config(path)
 
 
 def test_overrides_are_parsed_as_yaml_values() -> None:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fl_lightning.config import DataConfig
-from fl_lightning.data import IndexedImages, load_splits
+from fl_lightning.data import Corruption, IndexedImages, load_splits
 from fl_lightning.errors import DataError
 
 
@@ -77,3 +77,20 @@ def test_indexed_images_gathers_normalised_batches(data_root: Path) -> None:
     assert labels.tolist() == splits.train.labels[[5, 9]].tolist()
     expected = (splits.train.images[9].float() / 255 - splits.mean[0]) / splits.std[0]
     assert torch.allclose(dataset[2][0], expected)
+
+
+def test_corruption_is_fixed_per_sample(data_root: Path) -> None:
+    splits = load_splits(DataConfig(dataset="mnist", root=str(data_root)))
+    noise = Corruption(std=0.5, label_fraction=0.5, num_classes=10, seed=3)
+    indices = torch.arange(100)
+    dataset = IndexedImages(splits.train, indices, splits.mean, splits.std, noise=noise)
+    clean = IndexedImages(splits.train, indices, splits.mean, splits.std)
+    batch, labels = dataset.__getitems__(list(range(100)))
+    # The same sample reads the same, whatever batch it comes in.
+    single, single_label = dataset.__getitems__([42])
+    assert torch.equal(batch[42], single[0]) and labels[42] == single_label[0]
+    assert not torch.equal(batch, clean.__getitems__(list(range(100)))[0])
+    changed = (labels != splits.train.labels[:100]).float().mean().item()
+    assert 0.25 < changed < 0.65  # half re-drawn, a tenth of those land on the true class
+    raw = batch * splits.std[0] + splits.mean[0]
+    assert raw.min() >= -1e-5 and raw.max() <= 1 + 1e-5  # clipped to the pixel range

@@ -1,7 +1,9 @@
+import pytest
 import torch
 
 from fl_lightning.config import Config
-from fl_lightning.datamodule import FederatedDataModule
+from fl_lightning.datamodule import FederatedDataModule, label_counts
+from fl_lightning.errors import ConfigError
 
 
 def test_client_loaders_cover_its_partition(tiny_mnist: Config) -> None:
@@ -21,3 +23,35 @@ def test_shuffle_order_follows_the_shuffle_seed(tiny_mnist: Config) -> None:
 
     assert first_labels(1) == first_labels(1)
     assert first_labels(1) != first_labels(2)
+
+
+def test_noisy_clients_read_noisy_data(tiny_mnist: Config) -> None:
+    import dataclasses
+
+    from fl_lightning.config import NoiseConfig
+
+    data = dataclasses.replace(tiny_mnist.data, noise=NoiseConfig(clients=(1,), std=0.5))
+    clean = FederatedDataModule(data, tiny_mnist.seed, 0, 2)
+    noisy = FederatedDataModule(data, tiny_mnist.seed, 1, 2)
+    assert not clean.noisy and noisy.noisy
+    reference = FederatedDataModule(tiny_mnist.data, tiny_mnist.seed, 1, 2)
+    noisy_batch = next(iter(noisy.val_dataloader()))[0]
+    assert not torch.equal(noisy_batch, next(iter(reference.val_dataloader()))[0])
+    # The server's clean test split stays clean; the noisy one is the noisy clients' kind.
+    assert torch.equal(
+        next(iter(noisy.test_dataloader()))[0], next(iter(reference.test_dataloader()))[0]
+    )
+    assert not torch.equal(
+        next(iter(noisy.noisy_test_dataloader()))[0], next(iter(noisy.test_dataloader()))[0]
+    )
+
+
+def test_label_counts_cover_each_clients_training_samples(tiny_mnist: Config) -> None:
+    counts = label_counts(tiny_mnist.data, 2, tiny_mnist.seed)
+    assert counts.shape == (2, 10)
+    assert counts.sum(dim=1).tolist() == [135, 135]
+
+
+def test_partition_id_outside_the_federation_is_refused(tiny_mnist: Config) -> None:
+    with pytest.raises(ConfigError, match=r"partition-id 2 is outside 0\.\.1"):
+        FederatedDataModule(tiny_mnist.data, tiny_mnist.seed, partition_id=2, num_partitions=2)

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -28,6 +30,9 @@ def test_simulation_writes_the_run_directory(data_root: Path, tmp_path: Path) ->
             "federation.num_clients=2",
             "federation.num_rounds=1",
             "trainer.max_epochs=1",
+            "data.noise.clients=[1]",
+            "data.noise.std=0.3",
+            "output.client_report=true",
             f"output.dir={run}",
         ],
         capture_output=True,
@@ -68,9 +73,25 @@ def test_simulation_writes_the_run_directory(data_root: Path, tmp_path: Path) ->
     )
 
     model = MNISTNet.load_from_checkpoint(run / "checkpoints" / "last.ckpt", map_location="cpu")
-    assert model.hparams.lr == 1e-3
-    assert (run / "checkpoints" / "round_1.ckpt").exists()
+    assert (model.hparams.optimizer, model.hparams.lr) == ("sgd", 0.05)  # configs/mnist.yaml
+    round_1 = torch.load(run / "checkpoints" / "round_1.ckpt", weights_only=False)["state_dict"]
+    assert all(torch.equal(model.state_dict()[key], value) for key, value in round_1.items())
     assert yaml.safe_load((run / "config.yaml").read_text())["federation"]["num_rounds"] == 1
     summary = (run / "summary.md").read_text()
     assert "| Accuracy (Centralized) |" in summary
+    assert "![accuracy and loss per round](curves.png)" in summary
+    assert (run / "curves.png").read_bytes().startswith(b"\x89PNG")
+
+    histogram = json.loads((run / "label_histogram.json").read_text())
+    assert len(histogram["counts"]) == 2 and sum(map(sum, histogram["counts"])) == 270
+    assert (run / "label_histogram.png").exists()
+    assert "data/label_histogram" in events.Tags()["images"]
+
+    clients = json.loads((run / "clients.json").read_text())
+    assert [(c["client"], c["noisy"]) for c in clients] == [(0, False), (1, True)]
+    for client in clients:
+        assert 0.0 <= client["before_fl_accuracy"] <= 1.0
+        assert 0.0 <= client["after_fl_accuracy"] <= 1.0
+    assert clients[0]["after_fl_accuracy"] == pytest.approx(final["centralized_accuracy"], abs=1e-6)
+    assert "| 1 | noisy |" in summary
     assert "round 1/1" in result.stderr + result.stdout

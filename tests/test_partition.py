@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fl_lightning.errors import ConfigError
-from fl_lightning.partition import client_indices, iid_partitions, subsample, train_val_split
+from fl_lightning.partition import iid_partitions, label_partitions, subsample, train_val_split
 
 
 def test_iid_partitions_are_disjoint_covering_and_equal() -> None:
@@ -41,13 +41,23 @@ def test_subsample_caps_without_duplicates() -> None:
     assert torch.equal(picked, subsample(1000, 300, seed=3))
 
 
-def test_clients_share_no_samples() -> None:
-    seen: set[int] = set()
-    for pid in range(4):
-        train, val = client_indices(500, pid, 4, 0.1, max_train_samples=400, seed=0)
-        both = set(train.tolist()) | set(val.tolist())
-        assert seen.isdisjoint(both)
-        seen |= both
-    assert len(seen) == 400
-    with pytest.raises(ConfigError, match="partition-id 4"):
-        client_indices(500, 4, 4, 0.1, None, 0)
+def test_dirichlet_partitions_are_skewed_and_seeded() -> None:
+    labels = torch.arange(2000) % 10
+    parts = label_partitions(labels, 5, "dirichlet", seed=3, alpha=0.1)
+    again = label_partitions(labels, 5, "dirichlet", seed=3, alpha=0.1)
+    assert all(torch.equal(a, b) for a, b in zip(parts, again, strict=True))
+    joined = torch.cat(parts)
+    assert len(joined) == len(set(joined.tolist())) == 2000  # disjoint and covering
+    # alpha=0.1: each client is dominated by few classes (IID would give ~10% each)
+    top_share = [torch.bincount(labels[p], minlength=10).max().item() / len(p) for p in parts]
+    assert sum(top_share) / 5 > 0.4
+
+
+def test_shards_give_each_client_few_labels() -> None:
+    labels = torch.arange(6000) % 10
+    parts = label_partitions(labels, 10, "shards", seed=0, shards_per_client=2)
+    assert [len(p) for p in parts] == [600] * 10  # 20 shards of 300
+    assert len(set(torch.cat(parts).tolist())) == 6000
+    assert all(len(set(labels[p].tolist())) <= 2 for p in parts)
+    with pytest.raises(ConfigError, match=r"data\.shards_per_client"):
+        label_partitions(labels[:10], 10, "shards", seed=0, shards_per_client=2)

@@ -1,17 +1,92 @@
+from collections.abc import Iterable
+
 import numpy as np
-from flwr.app import Array, ArrayRecord
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
-from fl_lightning.strategy import restore_integer_arrays
+from fl_lightning.config import load_config
+from fl_lightning.strategy import build_strategy, restore_dtypes
+from tests.test_config import MNIST
+
+STRATEGIES = [
+    "fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad",
+    "fedavgm", "fedmedian", "fedtrimmedavg", "krum",
+]  # fmt: skip
 
 
-def test_integer_buffers_get_their_dtype_back() -> None:
+class FakeGrid:
+    """The one Grid call sampling makes: which nodes are connected."""
+
+    def get_node_ids(self) -> Iterable[int]:
+        return [1, 2, 3, 4, 5]
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower stamps messages with the process's task identity, which a runtime sets."""
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+
+
+def global_arrays() -> ArrayRecord:
+    return ArrayRecord(
+        {"w": Array(np.zeros((2, 3), np.float32)), "count": Array(np.array(10, np.int64))}
+    )
+
+
+def reply_to(message: Message, shift: float, counter: int, examples: int) -> Message:
+    arrays = ArrayRecord(
+        {
+            "w": Array(np.full((2, 3), shift, np.float32)),
+            "count": Array(np.array(counter, np.int64)),
+        }
+    )
+    metrics = MetricRecord({"train/loss": shift, "num-examples": examples})
+    return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=message)
+
+
+def test_aggregates_get_the_models_dtypes_back() -> None:
     reference = ArrayRecord(
         {"w": Array(np.zeros(2, np.float32)), "n": Array(np.array(3, np.int64))}
     )
     averaged = ArrayRecord(
-        {"w": Array(np.array([0.5, 1.5], np.float32)), "n": Array(np.array(4.6))}
+        {"w": Array(np.array([0.5, 1.5], np.float64)), "n": Array(np.array(4.6))}
     )
-    restored = restore_integer_arrays(averaged, reference)
+    restored = restore_dtypes(averaged, reference)
     assert restored["n"].numpy().dtype == np.int64 and restored["n"].numpy() == 5
     assert restored["w"].numpy().dtype == np.float32
     np.testing.assert_array_equal(restored["w"].numpy(), [0.5, 1.5])
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_every_strategy_aggregates_and_keeps_the_metric_names(name: str) -> None:
+    cfg = load_config(MNIST, [f"strategy.name={name}", "strategy.num_malicious_clients=1"])
+    strategy = build_strategy(cfg, None, None, None, min_available_nodes=5)  # type: ignore[arg-type]
+    messages = list(strategy.configure_train(1, global_arrays(), ConfigRecord(), FakeGrid()))  # type: ignore[arg-type]
+    assert len(messages) == 5
+    sent = messages[0].content.config_records["config"]
+    assert sent["lr"] == pytest.approx(cfg.optimizer.lr)
+    if name == "fedprox":
+        assert sent["proximal-mu"] == pytest.approx(0.01)
+    replies = [reply_to(m, 0.1 * (i + 1), 20 + i, 100) for i, m in enumerate(messages)]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None and metrics is not None
+    counter = arrays["count"].numpy()
+    assert counter.dtype == np.int64 and 10 <= counter <= 24
+    weights = arrays["w"].numpy()
+    assert weights.dtype == np.float32 and np.isfinite(weights).all()
+    loss = strategy._round_metrics["train/loss"]
+    if name == "krum":  # Krum reports the metrics of the client it selects
+        assert round(loss, 6) in {0.1, 0.2, 0.3, 0.4, 0.5}
+    else:
+        assert loss == pytest.approx(0.3)  # example-weighted mean of 0.1..0.5
+    if name in ("fedavg", "fedprox", "fedmedian", "fedtrimmedavg"):
+        np.testing.assert_allclose(weights, 0.3, rtol=1e-6)  # mean == median == trimmed mean here
+
+
+def test_round_lr_decays_across_rounds() -> None:
+    cfg = load_config(MNIST, ["optimizer.round_decay=0.5"])
+    strategy = build_strategy(cfg, None, None, None)  # type: ignore[arg-type]
+    lr = cfg.optimizer.lr
+    assert [strategy.round_lr(r) for r in (1, 2, 3)] == pytest.approx([lr, lr / 2, lr / 4])

@@ -1,0 +1,38 @@
+import lightning as L
+import torch
+
+from fl_lightning.config import Config
+from fl_lightning.datamodule import FederatedDataModule
+from fl_lightning.models import MLP
+from fl_lightning.training import make_trainer
+
+
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    return torch.randn(8, 1, 28, 28), torch.randint(10, (8,))
+
+
+def test_proximal_term_penalises_distance_from_the_anchor() -> None:
+    model = MLP()
+    model.set_proximal_anchor(mu=10.0)
+    plain = model._shared_step(batch(), "train").item()
+    assert abs(model.training_step(batch(), 0).item() - plain) < 1e-6  # at the anchor
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    moved_plain = model._shared_step(batch(), "train").item()
+    distance = sum(p.numel() for p in model.parameters()) * 0.01**2
+    assert abs(model.training_step(batch(), 0).item() - moved_plain - 5.0 * distance) < 1e-3
+    model.set_proximal_anchor(mu=0.0)
+    assert abs(model.training_step(batch(), 0).item() - moved_plain) < 1e-6
+
+
+def test_cosine_schedule_decays_to_zero_over_the_fit(tiny_mnist: Config) -> None:
+    L.seed_everything(0, verbose=False)
+    model = MLP(scheduler="cosine", lr=0.1, optimizer="sgd")
+    dm = FederatedDataModule(tiny_mnist.data, tiny_mnist.seed, 0, 2)
+    trainer = make_trainer(tiny_mnist.trainer, max_epochs=2, limit_val_batches=0)
+    trainer.fit(model, train_dataloaders=dm.train_dataloader())
+    (optimizer,) = trainer.optimizers
+    assert optimizer.param_groups[0]["lr"] < 1e-3
+    assert trainer.global_step == 2 * 5  # 135 samples in batches of 32, 2 epochs
