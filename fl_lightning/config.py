@@ -84,7 +84,11 @@ class OptimizerConfig:
     momentum: float = 0.9  # sgd only
     # Within a round: cosine decay of the lr over the client's local steps (or none).
     scheduler: Literal["none", "cosine"] = "none"
-    # Across rounds: round r trains with lr * round_decay ** (r - 1), sent by the server.
+    # Across rounds (the server sends each round its lr): linear warmup over the first
+    # `warmup_rounds` rounds (round r < warmup_rounds trains with lr * r / warmup_rounds),
+    # then lr * round_decay ** (r - 1). A low first-round lr keeps clients that start
+    # from a random model from drifting apart before the first average.
+    warmup_rounds: int = 0
     round_decay: float = 1.0
 
 
@@ -389,6 +393,7 @@ def validate(cfg: Config) -> None:
     _check(o.lr > 0, "optimizer.lr", f"must be > 0, got {o.lr}")
     _check(o.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0, got {o.weight_decay}")
     _check(0 <= o.momentum < 1, "optimizer.momentum", f"must be in [0, 1), got {o.momentum}")
+    _check(o.warmup_rounds >= 0, "optimizer.warmup_rounds", f"must be >= 0, got {o.warmup_rounds}")
     _check(
         0 < o.round_decay <= 1, "optimizer.round_decay", f"must be in (0, 1], got {o.round_decay}"
     )

@@ -83,8 +83,10 @@ class LightningFedAvg(FedAvg):
         self._global: ArrayRecord | None = None
 
     def round_lr(self, server_round: int) -> float:
-        """Client learning rate in `server_round` (1-based)."""
-        return self.cfg.optimizer.lr * self.cfg.optimizer.round_decay ** (server_round - 1)
+        """Client learning rate in `server_round` (1-based): warmup, then decay."""
+        o = self.cfg.optimizer
+        warmup = min(1.0, server_round / o.warmup_rounds) if o.warmup_rounds else 1.0
+        return o.lr * warmup * o.round_decay ** (server_round - 1)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

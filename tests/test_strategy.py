@@ -85,6 +85,12 @@ def test_every_strategy_aggregates_and_keeps_the_metric_names(name: str) -> None
         np.testing.assert_allclose(weights, 0.3, rtol=1e-6)  # mean == median == trimmed mean here
 
 
+def test_round_lr_warms_up_across_rounds() -> None:
+    cfg = load_config(MNIST, ["optimizer.warmup_rounds=2", "optimizer.lr=0.04"])
+    strategy = build_strategy(cfg, None, None, None)  # type: ignore[arg-type]
+    assert [strategy.round_lr(r) for r in (1, 2, 3)] == pytest.approx([0.02, 0.04, 0.04])
+
+
 def test_round_lr_decays_across_rounds() -> None:
     cfg = load_config(MNIST, ["optimizer.round_decay=0.5"])
     strategy = build_strategy(cfg, None, None, None)  # type: ignore[arg-type]
