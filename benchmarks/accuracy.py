@@ -49,6 +49,8 @@ EXPERIMENTS: dict[str, tuple[str, list[str], str]] = {
     "cifar10": ("configs/cifar10.yaml", [], "cifar10"),
     "noisy_mlp": ("configs/noisy_mnist.yaml", [], ""),
     "noisy_cnn": ("configs/noisy_mnist_cnn.yaml", [], ""),
+    # The same with twice the noise, a harder setting than the seed's results suggest.
+    "noisy_mlp_std05": ("configs/noisy_mnist.yaml", ["data.noise.std=0.5"], ""),
     "mnist_shards": ("configs/mnist_shards.yaml", [], ""),
     **{
         f"dirichlet_{name}": (
@@ -61,7 +63,7 @@ EXPERIMENTS: dict[str, tuple[str, list[str], str]] = {
 }
 GROUPS = {
     "seed": ["mnist", "cifar10"],
-    "noisy": ["noisy_mlp", "noisy_cnn"],
+    "noisy": ["noisy_mlp", "noisy_cnn", "noisy_mlp_std05"],
     "noniid": ["mnist_shards", "dirichlet_fedavg"],
     "strategies": [f"dirichlet_{name}" for name in STRATEGY_NAMES],
 }

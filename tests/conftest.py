@@ -25,20 +25,23 @@ def data_root() -> Path:
 
 
 @pytest.fixture()
-def tiny_mnist(data_root: Path, tmp_path: Path) -> Config:
-    """configs/mnist.yaml shrunk: 2 clients, 1 round, 1 epoch, 300 train / 200 test samples."""
-    return load_config(
-        REPO / "configs" / "mnist.yaml",
-        [
-            f"data.root={data_root}",
-            "data.max_train_samples=300",
-            "data.max_test_samples=200",
-            "federation.num_clients=2",
-            "federation.num_rounds=1",
-            "trainer.max_epochs=1",
-            f"output.dir={tmp_path / 'run'}",
-        ],
-    )
+def tiny_overrides(data_root: Path, tmp_path: Path) -> list[str]:
+    """Overrides that shrink configs/mnist.yaml: 2 clients, 1 round, 1 epoch, 300/200 samples."""
+    return [
+        f"data.root={data_root}",
+        "data.max_train_samples=300",
+        "data.max_test_samples=200",
+        "federation.num_clients=2",
+        "federation.num_rounds=1",
+        "trainer.max_epochs=1",
+        f"output.dir={tmp_path / 'run'}",
+    ]
+
+
+@pytest.fixture()
+def tiny_mnist(tiny_overrides: list[str]) -> Config:
+    """configs/mnist.yaml shrunk by `tiny_overrides`."""
+    return load_config(REPO / "configs" / "mnist.yaml", tiny_overrides)
 
 
 @pytest.fixture(scope="session")

@@ -15,30 +15,12 @@ from fl_lightning.models import MNISTNet
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_simulation_writes_the_run_directory(data_root: Path, tmp_path: Path) -> None:
-    run = tmp_path / "run"
+def test_simulation_writes_the_run_directory(tiny_overrides: list[str], tmp_path: Path) -> None:
+    run = tmp_path / "run"  # tiny_overrides' output.dir
+    noisy_client = ["data.noise.clients=[1]", "data.noise.std=0.3", "output.client_report=true"]
+    command = ["fl_lightning.cli", "run", "configs/mnist.yaml", *tiny_overrides, *noisy_client]
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fl_lightning.cli",
-            "run",
-            "configs/mnist.yaml",
-            f"data.root={data_root}",
-            "data.max_train_samples=300",
-            "data.max_test_samples=200",
-            "federation.num_clients=2",
-            "federation.num_rounds=1",
-            "trainer.max_epochs=1",
-            "data.noise.clients=[1]",
-            "data.noise.std=0.3",
-            "output.client_report=true",
-            f"output.dir={run}",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=600,
+        [sys.executable, "-m", *command], capture_output=True, text=True, cwd=REPO, timeout=600
     )
     assert result.returncode == 0, result.stderr[-3000:]
 
