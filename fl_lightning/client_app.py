@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import cast
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fl_lightning.config import Config, config_from_run_config
@@ -13,6 +13,11 @@ from fl_lightning.config import Config, config_from_run_config
 def _partition(context: Context) -> tuple[int, int]:
     """(partition-id, num-partitions) from the node config (Simulation Engine or SuperNode)."""
     return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+
+
+def _identity(context: Context) -> ConfigRecord:
+    """Which partition replied: lets the server aggregate replies in a fixed order."""
+    return ConfigRecord({"partition-id": _partition(context)[0]})
 
 
 def make_client_app(cfg: Config | None = None) -> ClientApp:
@@ -40,6 +45,7 @@ def make_client_app(cfg: Config | None = None) -> ClientApp:
             {
                 "arrays": ArrayRecord(result.state_dict),
                 "metrics": MetricRecord({**result.metrics, "num-examples": result.num_examples}),
+                "client": _identity(context),
             }
         )
         return Message(content=content, reply_to=msg)
@@ -52,7 +58,10 @@ def make_client_app(cfg: Config | None = None) -> ClientApp:
         state_dict = msg.content.array_records["arrays"].to_torch_state_dict()
         result = training.validate(config, state_dict, *_partition(context))
         content = RecordDict(
-            {"metrics": MetricRecord({**result.metrics, "num-examples": result.num_examples})}
+            {
+                "metrics": MetricRecord({**result.metrics, "num-examples": result.num_examples}),
+                "client": _identity(context),
+            }
         )
         return Message(content=content, reply_to=msg)
 

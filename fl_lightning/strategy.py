@@ -102,7 +102,7 @@ class LightningFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate, restore the model's dtypes, and keep the train metrics for the round's log."""
-        replies = _report_errors(list(replies), "train")
+        replies = _in_partition_order(_report_errors(list(replies), "train"))
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is not None and self._global is not None:
             arrays = restore_dtypes(arrays, self._global)
@@ -114,7 +114,7 @@ class LightningFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Example-weighted mean of the clients' `val/*` metrics, kept as `distributed/*`."""
-        replies = _report_errors(list(replies), "evaluate")
+        replies = _in_partition_order(_report_errors(list(replies), "evaluate"))
         metrics = super().aggregate_evaluate(server_round, replies)
         if metrics is not None:
             self._round_metrics.update(_client_metrics(metrics, "val/", "distributed/"))
@@ -204,6 +204,17 @@ def _report_errors(replies: list[Message], stage: str) -> list[Message]:
                 reply.error.reason,
             )
     return replies
+
+
+def _in_partition_order(replies: list[Message]) -> list[Message]:
+    """Replies sorted by partition id: float sums then do not depend on arrival order."""
+
+    def partition(reply: Message) -> int:
+        if reply.has_error() or "client" not in reply.content.config_records:
+            return -1
+        return int(reply.content.config_records["client"]["partition-id"])  # type: ignore[arg-type]
+
+    return sorted(replies, key=partition)
 
 
 def _client_metrics(metrics: MetricRecord, prefix: str, renamed: str) -> dict[str, float]:

@@ -96,3 +96,35 @@ def test_round_lr_decays_across_rounds() -> None:
     strategy = build_strategy(cfg, None, None, None)  # type: ignore[arg-type]
     lr = cfg.optimizer.lr
     assert [strategy.round_lr(r) for r in (1, 2, 3)] == pytest.approx([lr, lr / 2, lr / 4])
+
+
+def test_aggregate_does_not_depend_on_reply_order() -> None:
+    cfg = load_config(MNIST)
+    rng = np.random.default_rng(0)
+    weights = [rng.standard_normal((50, 50)).astype(np.float32) for _ in range(5)]
+
+    def aggregate(order: list[int]) -> np.ndarray:
+        strategy = build_strategy(cfg, None, None, None, min_available_nodes=5)  # type: ignore[arg-type]
+        messages = list(
+            strategy.configure_train(
+                1,
+                ArrayRecord({"w": Array(np.zeros((50, 50), np.float32))}),
+                ConfigRecord(),
+                FakeGrid(),
+            )
+        )  # type: ignore[arg-type]
+        replies = []
+        for position, client in enumerate(order):
+            content = RecordDict(
+                {
+                    "arrays": ArrayRecord({"w": Array(weights[client])}),
+                    "metrics": MetricRecord({"num-examples": 10 + 7 * client}),
+                    "client": ConfigRecord({"partition-id": client}),
+                }
+            )
+            replies.append(Message(content=content, reply_to=messages[position]))
+        arrays, _ = strategy.aggregate_train(1, replies)
+        assert arrays is not None
+        return arrays["w"].numpy()
+
+    np.testing.assert_array_equal(aggregate([0, 1, 2, 3, 4]), aggregate([4, 2, 0, 3, 1]))
