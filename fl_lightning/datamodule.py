@@ -56,34 +56,37 @@ class FederatedDataModule(L.LightningDataModule):
     """Dataloaders of one client (`partition_id` of `num_partitions`), or of the server.
 
     Train/val come from the client's partition of the train split (noisy if the client is
-    listed in `data.noise.clients`), test is the whole (optionally capped) test split.
-    `shuffle_seed` fixes the order of training batches.
+    listed in `data.noise.clients`); the server (`partition_id=None`) holds no training
+    samples. Test is the whole (optionally capped) test split. `shuffle_seed` fixes the
+    order of training batches.
     """
 
     def __init__(
         self,
         data: DataConfig,
         seed: int,
-        partition_id: int = 0,
+        partition_id: int | None = None,
         num_partitions: int = 1,
         shuffle_seed: int = 0,
     ) -> None:
         super().__init__()
+        self.data = data
+        self.seed = seed
+        self.shuffle_seed = shuffle_seed
+        self.splits: DatasetSplits = load_splits(data)  # cached per process, not per client
+        self.test_indices = subsample(len(self.splits.test), data.max_test_samples, seed)
+        self.noisy = partition_id in data.noise.clients
+        if partition_id is None:  # the server: no partitioning work for it
+            self.train_indices = self.val_indices = torch.empty(0, dtype=torch.long)
+            return
         if not 0 <= partition_id < num_partitions:
             raise ConfigError(
                 f"partition-id {partition_id} is outside 0..{num_partitions - 1}; check the "
                 "node config's partition-id and num-partitions"
             )
-        self.data = data
-        self.seed = seed
-        self.partition_id = partition_id
-        self.shuffle_seed = shuffle_seed
-        self.splits: DatasetSplits = load_splits(data)  # cached per process, not per client
         self.train_indices, self.val_indices = client_splits(data, num_partitions, seed)[
             partition_id
         ]
-        self.test_indices = subsample(len(self.splits.test), data.max_test_samples, seed)
-        self.noisy = partition_id in data.noise.clients
 
     def corruption(self, split: str) -> Corruption:
         """The noise of `data.noise`, seeded differently for the train and test splits."""
