@@ -4,7 +4,8 @@
 
 Each experiment is `fl-lightning run <config> <overrides>` in a fresh run directory; the
 figures come from that run's metrics.jsonl (and clients.json where the run writes one).
-Arguments name experiments or groups of them (`seed`, `noisy`, `noniid`, `strategies`).
+Arguments name experiments or groups of them (`seed`, `noisy`, `noniid`, `strategies`,
+`dp_sgd`, `client_dp`, `secagg`).
 With --record, the markdown replaces the block between `<!-- NAME:begin -->` and
 `<!-- NAME:end -->` in the file (NAME: --block, default the arguments joined by '+').
 """
@@ -52,6 +53,13 @@ EXPERIMENTS: dict[str, tuple[str, list[str], str]] = {
     # The same with twice the noise, a harder setting than the seed's results suggest.
     "noisy_mlp_std05": ("configs/noisy_mnist.yaml", ["data.noise.std=0.5"], ""),
     "mnist_shards": ("configs/mnist_shards.yaml", [], ""),
+    # Privacy: DP-SGD (epsilon <= 3), client-level DP at two noise levels, SecAgg+.
+    "mnist_dp_sgd": ("configs/mnist_dp_sgd.yaml", [], ""),
+    "client_dp_z0.5": ("configs/mnist_client_dp.yaml", ["privacy.noise_multiplier=0.5"], ""),
+    "client_dp_z1.0": ("configs/mnist_client_dp.yaml", ["privacy.noise_multiplier=1.0"], ""),
+    "client_dp_off": ("configs/mnist_client_dp.yaml", ["privacy.mode=none"], ""),
+    "mnist_secagg": ("configs/mnist_secagg.yaml", [], ""),
+    "mnist_secagg_off": ("configs/mnist_secagg.yaml", ["secure_aggregation.enabled=false"], ""),
     **{
         f"dirichlet_{name}": (
             "configs/mnist.yaml",
@@ -66,6 +74,9 @@ GROUPS = {
     "noisy": ["noisy_mlp", "noisy_cnn", "noisy_mlp_std05"],
     "noniid": ["mnist_shards", "dirichlet_fedavg"],
     "strategies": [f"dirichlet_{name}" for name in STRATEGY_NAMES],
+    "dp_sgd": ["mnist_dp_sgd"],
+    "client_dp": ["client_dp_off", "client_dp_z0.5", "client_dp_z1.0"],
+    "secagg": ["mnist_secagg_off", "mnist_secagg"],
 }
 
 
@@ -82,6 +93,7 @@ def run_experiment(name: str, data: Path, workdir: Path) -> dict:
     wall = time.perf_counter() - started
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     accuracy = [r["centralized_accuracy"] for r in records if r["round"] > 0]
+    epsilon = [r["epsilon"] for r in records if r["round"] > 0 and "epsilon" in r]
     clients = run_dir / "clients.json"
     return {
         "experiment": name,
@@ -91,27 +103,41 @@ def run_experiment(name: str, data: Path, workdir: Path) -> dict:
         "accuracy_per_round": accuracy,
         "final_accuracy": accuracy[-1],
         "best_accuracy": max(accuracy),
+        "round_seconds": [r["seconds"] for r in records if r["round"] > 0],
+        "epsilon_per_round": epsilon,
+        "stopped": (run_dir / "stopped.txt").read_text().strip()
+        if (run_dir / "stopped.txt").exists()
+        else None,
         "clients": json.loads(clients.read_text()) if clients.exists() else None,
     }
 
 
-def markdown(results: list[dict], invocation: str) -> str:
+def markdown(results: list[dict], invocation: str, script: str = "benchmarks/accuracy.py") -> str:
     """Tables of the results, with the machine and date they were measured on."""
+    command = " ".join(["python", script, *invocation.split(), "--data <data>"])
     lines = [
         f"Measured {date.today().isoformat()} on {platform.machine()} ({_cores()} cores, "
-        f"CPU only) with `python benchmarks/accuracy.py {invocation} --data <data>`.",
+        f"CPU only) with `{command}`.",
         "",
-        "| experiment | rounds | wall time (s) | final | best | centralized accuracy per round |",
-        "|---|---|---|---|---|---|",
+        "| experiment | rounds | wall time (s) | final | best | final epsilon "
+        "| centralized accuracy per round |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in results:
         per_round = ", ".join(f"{a:.4f}" for a in r["accuracy_per_round"])
         if len(r["accuracy_per_round"]) > 12:
             per_round = f"{per_round[:60]} ... (curve: see JSON / TensorBoard)"
+        epsilon = f"{r['epsilon_per_round'][-1]:.2f}" if r["epsilon_per_round"] else "-"
         lines.append(
             f"| {r['experiment']} | {r['rounds']} | {r['wall_seconds']:.0f} | "
-            f"{r['final_accuracy']:.4f} | {r['best_accuracy']:.4f} | {per_round} |"
+            f"{r['final_accuracy']:.4f} | {r['best_accuracy']:.4f} | {epsilon} | {per_round} |"
         )
+    for r in results:
+        if r["epsilon_per_round"]:
+            values = ", ".join(f"{e:.2f}" for e in r["epsilon_per_round"])
+            lines += ["", f"{r['experiment']}: epsilon after each round: {values}."]
+        if r["stopped"]:
+            lines += ["", f"{r['experiment']} stopped early: {r['stopped']}"]
     lines += ["", "Commands:", ""] + [f"- `{r['experiment']}`: `{r['command']}`" for r in results]
     for r in results:
         if r["clients"]:

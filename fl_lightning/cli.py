@@ -34,11 +34,18 @@ def run_command(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     # Fail on missing data or impossible partitions here, with one line, not inside Ray.
     client_splits(cfg.data, cfg.federation.num_clients, cfg.seed)
+    if cfg.privacy.mode != "none":
+        from fl_lightning.data import load_splits
+        from fl_lightning.models import build_model
+
+        build_model(cfg, load_splits(cfg.data).num_classes)  # can Opacus train this model?
     run = create_run_dir(cfg)
     print(f"fl-lightning: writing {run.path}", file=sys.stderr)
     run_simulation(cfg, run, verbose=args.verbose)
     finished = run.last_round()
-    if finished < cfg.federation.num_rounds:
+    if run.stopped.exists():
+        print(f"fl-lightning: stopped early: {run.stopped.read_text().strip()}", file=sys.stderr)
+    elif finished < cfg.federation.num_rounds:
         print(
             f"error: the run stopped after round {finished} of {cfg.federation.num_rounds}; "
             f"its results so far are in {run.path} (--verbose shows Flower's logs)",

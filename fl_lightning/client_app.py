@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import cast
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from fl_lightning.config import Config, config_from_run_config
+
+# Metric every reply carries with value 1: the aggregation weight under client_dp, whose
+# noise is calibrated to an unweighted mean of clipped updates.
+UNIFORM_WEIGHT = "uniform-weight"
+# Where a DP-SGD client keeps its privacy accountant between rounds (Context.state).
+ACCOUNTANT_RECORD = "dp-sgd-accountant"
 
 
 def _partition(context: Context) -> tuple[int, int]:
@@ -20,18 +28,56 @@ def _identity(context: Context) -> ConfigRecord:
     return ConfigRecord({"partition-id": _partition(context)[0]})
 
 
-def make_client_app(cfg: Config | None = None) -> ClientApp:
-    """A ClientApp bound to `cfg`, or reading it from the run config when `cfg` is None."""
-    app = ClientApp()
+def _clipping_mod(cfg: Config | None) -> Mod:
+    """Flower's `fixedclipping_mod` when the run's config has clients clip, else a pass-through."""
 
-    @app.train()
+    def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        config = cfg or config_from_run_config(context.run_config)
+        p = config.privacy
+        # Under secure aggregation the legacy client clips its own delta (secure_aggregation).
+        if (
+            p.mode == "client_dp"
+            and p.clipping == "client"
+            and not config.secure_aggregation.enabled
+        ):
+            from flwr.clientapp.mod import fixedclipping_mod
+
+            return fixedclipping_mod(msg, context, call_next)
+        return call_next(msg, context)
+
+    return mod
+
+
+def make_client_app(cfg: Config | None = None, secure_mods: Sequence[Mod] = ()) -> ClientApp:
+    """A ClientApp bound to `cfg`, or reading it from the run config when `cfg` is None.
+
+    Runs with `secure_aggregation.enabled` speak Flower's legacy API (SecAgg+ exists only
+    there): their messages go to the legacy ClientApp of `secure_aggregation`, which calls
+    the same Lightning training. `secure_mods` run before its `secaggplus_mod` (tests use
+    them to make a client drop out mid-protocol).
+    """
+    app = ClientApp()
+    secure_app: ClientApp | None = None
+
+    def secure(config: Config) -> ClientApp:
+        nonlocal secure_app
+        if secure_app is None:
+            from fl_lightning.secure_aggregation import make_secure_client_app
+
+            secure_app = make_secure_client_app(cfg, secure_mods)
+        return secure_app
+
+    @app.train(mods=[_clipping_mod(cfg)])
     def train(msg: Message, context: Context) -> Message:
+        config = cfg or config_from_run_config(context.run_config)
+        if config.secure_aggregation.enabled:
+            return secure(config)(msg, context)
         from fl_lightning import (
             training,
         )  # torch and Lightning load on first message, not at import
 
-        config = cfg or config_from_run_config(context.run_config)
         round_config = msg.content.config_records["config"]
+        accountant = context.state.config_records.get(ACCOUNTANT_RECORD)
         result = training.fit(
             config,
             msg.content.array_records["arrays"].to_torch_state_dict(),
@@ -39,12 +85,15 @@ def make_client_app(cfg: Config | None = None) -> ClientApp:
             server_round=cast(int, round_config["server-round"]),
             lr=cast(float, round_config.get("lr", config.optimizer.lr)),
             proximal_mu=cast(float, round_config.get("proximal-mu", 0.0)),
+            accountant_state=cast(str, accountant["state"]) if accountant else None,
         )
         assert result.state_dict is not None
+        if result.accountant_state is not None:
+            context.state[ACCOUNTANT_RECORD] = ConfigRecord({"state": result.accountant_state})
         content = RecordDict(
             {
                 "arrays": ArrayRecord(result.state_dict),
-                "metrics": MetricRecord({**result.metrics, "num-examples": result.num_examples}),
+                "metrics": _metrics(result.metrics, result.num_examples),
                 "client": _identity(context),
             }
         )
@@ -55,17 +104,23 @@ def make_client_app(cfg: Config | None = None) -> ClientApp:
         from fl_lightning import training
 
         config = cfg or config_from_run_config(context.run_config)
+        if config.secure_aggregation.enabled:
+            return secure(config)(msg, context)
         state_dict = msg.content.array_records["arrays"].to_torch_state_dict()
         result = training.validate(config, state_dict, *_partition(context))
         content = RecordDict(
             {
-                "metrics": MetricRecord({**result.metrics, "num-examples": result.num_examples}),
+                "metrics": _metrics(result.metrics, result.num_examples),
                 "client": _identity(context),
             }
         )
         return Message(content=content, reply_to=msg)
 
     return app
+
+
+def _metrics(metrics: dict[str, float], num_examples: int) -> MetricRecord:
+    return MetricRecord({**metrics, "num-examples": num_examples, UNIFORM_WEIGHT: 1})
 
 
 # Entry point for `flwr run .` and SuperNodes ([tool.flwr.app.components] in pyproject.toml).

@@ -157,6 +157,41 @@ class StrategyConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """Differential privacy: per-sample (DP-SGD, Opacus) or per-client (DP-FedAvg, Flower)."""
+
+    mode: Literal["none", "dp_sgd", "client_dp"] = "none"
+    # Gaussian noise std / clipping norm. dp_sgd and client_dp: set this or target_epsilon.
+    noise_multiplier: float | None = None
+    # Calibrate noise_multiplier so that a client taking part in every round ends the run
+    # at this epsilon (at `delta`).
+    target_epsilon: float | None = None
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0  # dp_sgd: per-sample gradient clipping norm
+    # A round that would push a client's cumulative epsilon past this is not started.
+    max_epsilon: float | None = None
+    clipping: Literal["server", "client"] = "server"  # client_dp: who clips the updates
+    clipping_norm: float = 1.0  # client_dp: L2 bound on each client's model update
+
+
+@dataclass(frozen=True)
+class SecureAggregationConfig:
+    """Flower's SecAgg+: the server learns only the sum of the sampled clients' updates."""
+
+    enabled: bool = False
+    num_shares: int = 3  # clients each secret share goes to (including the owner), >= 3
+    # Shares needed to unmask a client (< num_shares): up to num_shares - threshold of a
+    # client's share holders may drop out, and fewer than threshold colluders learn nothing.
+    reconstruction_threshold: int = 2
+    # Each update coordinate (a delta from the global model, times its weight share) is
+    # clipped to +-clipping_range, then quantized into quantization_range levels.
+    clipping_range: float = 8.0
+    quantization_range: int = 4194304
+    # Largest client weight (its number of examples); null: the largest partition's size.
+    max_weight: float | None = None
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     """Where the run writes: `dir` exactly, else `<root>/<experiment>/<timestamp>/`."""
 
@@ -179,6 +214,8 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -433,6 +470,134 @@ def validate(cfg: Config) -> None:
         not (r.num_gpus > 0 and t.accelerator == "cpu"),
         "trainer.accelerator",
         "is 'cpu' while federation.client_resources.num_gpus > 0; set trainer.accelerator=gpu",
+    )
+    _validate_privacy(cfg)
+    _validate_secure_aggregation(cfg)
+
+
+# Strategies whose aggregate is the (weighted) mean of the updates: the only ones the DP
+# noise calibration and SecAgg+'s secure sum are defined for.
+MEAN_STRATEGIES = ("fedavg", "fedprox")
+
+
+def sampled_clients(f: FederationConfig) -> int:
+    """Clients Flower samples for training each round (fraction_train of num_clients, >= 1)."""
+    return max(int(f.num_clients * f.fraction_train), 1)
+
+
+def _validate_privacy(cfg: Config) -> None:
+    p, t, s = cfg.privacy, cfg.trainer, cfg.strategy
+    if p.mode == "none":
+        return
+    _check(0 < p.delta < 1, "privacy.delta", f"must be in (0, 1), got {p.delta}")
+    _check(
+        (p.noise_multiplier is None) != (p.target_epsilon is None),
+        "privacy.noise_multiplier",
+        f"privacy.mode={p.mode} needs exactly one of privacy.noise_multiplier and "
+        "privacy.target_epsilon",
+    )
+    _check(
+        p.noise_multiplier is None or p.noise_multiplier > 0,
+        "privacy.noise_multiplier",
+        f"must be > 0, got {p.noise_multiplier}",
+    )
+    _check(
+        p.target_epsilon is None or p.target_epsilon > 0,
+        "privacy.target_epsilon",
+        f"must be > 0, got {p.target_epsilon}",
+    )
+    _check(
+        p.max_epsilon is None or p.max_epsilon > 0,
+        "privacy.max_epsilon",
+        f"must be > 0 or null, got {p.max_epsilon}",
+    )
+    if p.mode == "dp_sgd":
+        _check(p.max_grad_norm > 0, "privacy.max_grad_norm", f"must be > 0, got {p.max_grad_norm}")
+        _check(
+            t.gradient_clip_val is None,
+            "trainer.gradient_clip_val",
+            "Lightning's gradient clipping does nothing under DP-SGD (Opacus clips each "
+            "sample's gradient to privacy.max_grad_norm); set trainer.gradient_clip_val=null",
+        )
+        _check(
+            t.accumulate_grad_batches == 1,
+            "trainer.accumulate_grad_batches",
+            "must be 1 under DP-SGD (each Poisson-sampled batch is one private step)",
+        )
+        _check(
+            t.limit_train_batches is None,
+            "trainer.limit_train_batches",
+            "must be null under DP-SGD (the privacy accounting assumes full epochs)",
+        )
+        _check(
+            t.devices in (1, "1", [0]) and t.strategy == "auto",
+            "trainer.devices",
+            "DP-SGD trains each client on one device; set trainer.devices=1 trainer.strategy=auto",
+        )
+        _check(
+            s.name != "fedprox",
+            "strategy.name",
+            "fedprox's proximal term is not a per-sample loss, so DP-SGD cannot clip it; "
+            "use fedavg",
+        )
+    if p.mode == "client_dp":
+        _check(p.clipping_norm > 0, "privacy.clipping_norm", f"must be > 0, got {p.clipping_norm}")
+        _check(
+            s.name in MEAN_STRATEGIES,
+            "strategy.name",
+            f"client_dp adds noise calibrated to a mean of clipped updates; {s.name} is not "
+            f"a mean (use one of {', '.join(MEAN_STRATEGIES)})",
+        )
+
+
+def _validate_secure_aggregation(cfg: Config) -> None:
+    a = cfg.secure_aggregation
+    if not a.enabled:
+        return
+    sampled = sampled_clients(cfg.federation)
+    # Flower reads an integer 1 as the fraction 1.0, so both counts start at 2 (and 3).
+    _check(a.num_shares >= 3, "secure_aggregation.num_shares", f"must be >= 3, got {a.num_shares}")
+    _check(
+        a.num_shares <= sampled,
+        "secure_aggregation.num_shares",
+        f"is {a.num_shares}, but only {sampled} clients are sampled per round",
+    )
+    _check(
+        a.num_shares % 2 == 1 or a.num_shares == sampled,
+        "secure_aggregation.num_shares",
+        f"is {a.num_shares}: SecAgg+ shares with neighbours on both sides of a ring, so it "
+        f"must be odd or equal to the clients sampled per round ({sampled})",
+    )
+    _check(
+        2 <= a.reconstruction_threshold < a.num_shares,
+        "secure_aggregation.reconstruction_threshold",
+        f"must be at least 2 and below secure_aggregation.num_shares ({a.num_shares}), "
+        f"got {a.reconstruction_threshold}",
+    )
+    _check(
+        a.clipping_range > 0,
+        "secure_aggregation.clipping_range",
+        f"must be > 0, got {a.clipping_range}",
+    )
+    _check(
+        0 < a.quantization_range < 2**32,
+        "secure_aggregation.quantization_range",
+        f"must be in (0, 2**32), got {a.quantization_range}",
+    )
+    _check(
+        a.max_weight is None or a.max_weight > 0,
+        "secure_aggregation.max_weight",
+        f"must be > 0 or null, got {a.max_weight}",
+    )
+    _check(
+        cfg.strategy.name == "fedavg",
+        "strategy.name",
+        f"secure aggregation runs FedAvg (the server only sees a sum); got {cfg.strategy.name}",
+    )
+    _check(
+        cfg.privacy.mode != "client_dp" or cfg.privacy.clipping == "client",
+        "privacy.clipping",
+        "must be 'client' with secure aggregation: the server cannot clip updates it cannot see",
     )
 
 

@@ -11,3 +11,7 @@ class ConfigError(FlLightningError):
 
 class DataError(FlLightningError):
     """A dataset is missing, incomplete or unreadable."""
+
+
+class PrivacyBudgetExceeded(FlLightningError):
+    """The next round would push a client's cumulative epsilon past `privacy.max_epsilon`."""

@@ -99,4 +99,10 @@ def build_model(cfg: Config, num_classes: int, lr: float | None = None) -> Image
     if cfg.model.name == "mlp":
         channels, height, width = input_shape(cfg.data)
         kwargs["in_features"] = channels * height * width
-    return MODELS[cfg.model.name](**kwargs)
+    model = MODELS[cfg.model.name](**kwargs)
+    if cfg.privacy.mode != "none":
+        # Server and clients build the same DP-compatible architecture (same state keys).
+        from fl_lightning.dp_sgd import make_private_compatible
+
+        model = make_private_compatible(model, cfg.model.name)
+    return model

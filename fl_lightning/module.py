@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -33,6 +34,10 @@ class ImageClassifier(L.LightningModule):
         # FedProx: weights of the global model this round started from, and the penalty.
         self.proximal_mu = 0.0
         self._proximal_anchor: list[torch.Tensor] = []
+        # DP-SGD: turns the optimizer into a private one (see dp_sgd.ClientDPSGD).
+        self.private_optimizer: (
+            Callable[[nn.Module, torch.optim.Optimizer], torch.optim.Optimizer] | None
+        ) = None
         self.net = self.build_network()
         # One metric object per stage: torchmetrics states must not mix stages.
         self.train_accuracy = MulticlassAccuracy(num_classes, average="micro")
@@ -96,6 +101,8 @@ class ImageClassifier(L.LightningModule):
         else:
             optimizer_cls = torch.optim.AdamW if hp.optimizer == "adamw" else torch.optim.Adam
             optimizer = optimizer_cls(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        if self.private_optimizer is not None:
+            optimizer = self.private_optimizer(self, optimizer)
         if hp.scheduler == "none":
             return optimizer
         # Cosine to zero over this fit's steps: in FL, over one round of local training.

@@ -54,6 +54,11 @@ class RunDir:
         """TensorBoard event files."""
         return self.path / "tensorboard"
 
+    @property
+    def stopped(self) -> Path:
+        """Why the run ended before its last round, when it did so by design (privacy budget)."""
+        return self.path / "stopped.txt"
+
     def last_round(self) -> int:
         """The last round recorded in metrics.jsonl (-1 if none)."""
         if not self.metrics.exists():

@@ -1,22 +1,39 @@
-"""Flower ServerApp: FedAvg over Lightning clients, with centralized evaluation and run logging."""
+"""Flower ServerApp: a strategy over Lightning clients, with centralized evaluation and logging."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 
 from fl_lightning.config import Config, config_from_run_config
+from fl_lightning.errors import PrivacyBudgetExceeded
 from fl_lightning.rundir import RunDir, create_run_dir
 
+if TYPE_CHECKING:  # torch and Lightning load when the ServerApp runs, not at import
+    import torch
 
-def run_federation(grid: Grid, cfg: Config, run: RunDir, console: bool = True) -> None:
-    """Run `federation.num_rounds` rounds of FedAvg and write the run directory."""
+    from fl_lightning.rounds import RoundRecorder
+
+
+def run_federation(
+    grid: Grid, cfg: Config, run: RunDir, context: Context | None = None, console: bool = True
+) -> None:
+    """Run `federation.num_rounds` rounds of the strategy and write the run directory.
+
+    With `secure_aggregation.enabled`, the rounds run Flower's SecAgg+ workflow (legacy
+    API, which needs the ServerApp's `context`). A run with `privacy.max_epsilon` ends
+    early, cleanly, before a round that would exceed it: the last completed round's
+    checkpoint is the run's model.
+    """
     import lightning as L
 
     from fl_lightning.client_report import client_report
     from fl_lightning.datamodule import label_counts
     from fl_lightning.evaluation import CentralEvaluator
-    from fl_lightning.strategy import build_strategy
+    from fl_lightning.rounds import RoundRecorder
     from fl_lightning.tracking import RunTracker
 
     L.seed_everything(cfg.seed, verbose=False)  # the initial global model
@@ -24,36 +41,69 @@ def run_federation(grid: Grid, cfg: Config, run: RunDir, console: bool = True) -
     initial = ArrayRecord(evaluator.model.state_dict())
     fed = cfg.federation
     tracker = RunTracker(run, fed.num_rounds, cfg.to_dict(), console=console)
+    counts = label_counts(cfg.data, fed.num_clients, cfg.seed)
+    tracker.log_label_histogram(counts.numpy(), evaluator.datamodule.splits.classes)
+    recorder = RoundRecorder(evaluator, tracker, run)
+    partition_sizes = [int(c.sum()) for c in counts]
+    if cfg.privacy.mode != "none":
+        import torch
+
+        from fl_lightning.privacy_ledger import PrivacyLedger
+
+        recorder.ledger = PrivacyLedger(cfg, partition_sizes)
+        if any(isinstance(m, torch.nn.GroupNorm) for m in evaluator.model.modules()):
+            tracker.note("privacy: BatchNorm replaced by GroupNorm (Opacus ModuleValidator.fix)")
+    try:
+        if cfg.secure_aggregation.enabled:
+            from fl_lightning.secure_aggregation import run_secure_rounds
+
+            assert context is not None, "SecAgg+ runs in a ServerApp (it needs its Context)"
+            final = run_secure_rounds(grid, context, cfg, recorder, initial, partition_sizes)
+        else:
+            final = _run_rounds(grid, cfg, recorder, initial)
+        if cfg.output.client_report:
+            tracker.log_clients(client_report(cfg, evaluator, initial.to_torch_state_dict(), final))
+    except PrivacyBudgetExceeded as stop:
+        tracker.note(f"privacy budget: {stop}")
+        run.stopped.write_text(f"{stop}\n")
+    finally:
+        tracker.close()
+
+
+def _run_rounds(
+    grid: Grid, cfg: Config, recorder: RoundRecorder, initial: ArrayRecord
+) -> dict[str, torch.Tensor]:
+    """The Message-API strategy's rounds; returns the final global state dict."""
+    from fl_lightning.strategy import build_strategy
+
+    fed = cfg.federation
     # No federated evaluation without local validation samples.
     fraction_evaluate = fed.fraction_evaluate if cfg.data.val_fraction > 0 else 0.0
     strategy = build_strategy(
         cfg,
-        evaluator,
-        tracker,
-        run,
+        recorder,
         fraction_train=fed.fraction_train,
         fraction_evaluate=fraction_evaluate,
         min_train_nodes=1,
         min_evaluate_nodes=1,
         min_available_nodes=fed.num_clients,
     )
-    counts = label_counts(cfg.data, fed.num_clients, cfg.seed)
-    tracker.log_label_histogram(counts.numpy(), evaluator.datamodule.splits.classes)
-    try:
-        result = strategy.start(
-            grid=grid,
-            initial_arrays=initial,
-            num_rounds=fed.num_rounds,
-            timeout=fed.round_timeout,
-            train_config=ConfigRecord(),
-            evaluate_config=ConfigRecord(),
-            evaluate_fn=strategy.evaluate,
-        )
-        if cfg.output.client_report:
-            final = result.arrays.to_torch_state_dict()
-            tracker.log_clients(client_report(cfg, evaluator, initial.to_torch_state_dict(), final))
-    finally:
-        tracker.close()
+    runner: Strategy = strategy
+    if cfg.privacy.mode == "client_dp":
+        from fl_lightning.client_dp import wrap_strategy
+
+        assert recorder.ledger is not None
+        runner = wrap_strategy(strategy, cfg, recorder.ledger)
+    result = runner.start(
+        grid=grid,
+        initial_arrays=initial,
+        num_rounds=fed.num_rounds,
+        timeout=fed.round_timeout,
+        train_config=ConfigRecord(),
+        evaluate_config=ConfigRecord(),
+        evaluate_fn=strategy.evaluate,
+    )
+    return result.arrays.to_torch_state_dict()
 
 
 def make_server_app(
@@ -65,7 +115,7 @@ def make_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         config = cfg or config_from_run_config(context.run_config)
-        run_federation(grid, config, run or create_run_dir(config), console=console)
+        run_federation(grid, config, run or create_run_dir(config), context, console=console)
 
     return app
 

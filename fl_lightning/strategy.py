@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 from logging import WARNING
 from typing import Any
@@ -30,10 +29,9 @@ from flwr.serverapp.strategy import (
     Krum,
 )
 
+from fl_lightning.client_app import UNIFORM_WEIGHT
 from fl_lightning.config import Config
-from fl_lightning.evaluation import CentralEvaluator
-from fl_lightning.rundir import RunDir
-from fl_lightning.tracking import RunTracker
+from fl_lightning.rounds import RoundRecorder, round_lr
 
 
 def restore_dtypes(aggregated: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
@@ -68,34 +66,27 @@ class LightningFedAvg(FedAvg):
     def __init__(
         self,
         cfg: Config,
-        evaluator: CentralEvaluator,
-        tracker: RunTracker,
-        run: RunDir,
+        recorder: RoundRecorder,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.cfg = cfg
-        self.evaluator = evaluator
-        self.tracker = tracker
-        self.run = run
-        self._round_metrics: dict[str, float] = {}
-        self._round_started = time.perf_counter()
+        self.recorder = recorder
         self._global: ArrayRecord | None = None
-
-    def round_lr(self, server_round: int) -> float:
-        """Client learning rate in `server_round` (1-based): warmup, then decay."""
-        o = self.cfg.optimizer
-        warmup = min(1.0, server_round / o.warmup_rounds) if o.warmup_rounds else 1.0
-        return o.lr * warmup * o.round_decay ** (server_round - 1)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Sample clients for training, set the round's lr and start the round's clock."""
-        self._round_started = time.perf_counter()
-        self._round_metrics = {}
+        """Sample clients for training, set the round's lr and start the round's clock.
+
+        Raises PrivacyBudgetExceeded, before any client trains, if the round would take a
+        client past `privacy.max_epsilon`.
+        """
+        if self.recorder.ledger is not None:
+            self.recorder.ledger.check_next_round(server_round)
+        self.recorder.start()
         self._global = arrays
-        config["lr"] = self.round_lr(server_round)
+        config["lr"] = round_lr(self.cfg.optimizer, server_round)
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
@@ -103,11 +94,14 @@ class LightningFedAvg(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate, restore the model's dtypes, and keep the train metrics for the round's log."""
         replies = _in_partition_order(_report_errors(list(replies), "train"))
+        ledger = self.recorder.ledger
+        if ledger is not None and self.cfg.privacy.mode == "dp_sgd":
+            ledger.record_dp_sgd(_client_epsilons(replies))
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is not None and self._global is not None:
             arrays = restore_dtypes(arrays, self._global)
         if metrics is not None:
-            self._round_metrics.update(_client_metrics(metrics, "train/", "train/"))
+            self.recorder.add(_client_metrics(metrics, "train/", "train/"))
         return arrays, metrics
 
     def aggregate_evaluate(
@@ -117,18 +111,14 @@ class LightningFedAvg(FedAvg):
         replies = _in_partition_order(_report_errors(list(replies), "evaluate"))
         metrics = super().aggregate_evaluate(server_round, replies)
         if metrics is not None:
-            self._round_metrics.update(_client_metrics(metrics, "val/", "distributed/"))
+            self.recorder.add(_client_metrics(metrics, "val/", "distributed/"))
         return metrics
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Centralized evaluation (Flower's `evaluate_fn`): test split, checkpoint, round record."""
         if server_round == 0:
-            self._round_started = time.perf_counter()
-        metrics = self.evaluator.evaluate(arrays.to_torch_state_dict())
-        self.evaluator.save_checkpoint(self.run.checkpoint(f"round_{server_round}"))
-        self.evaluator.save_checkpoint(self.run.checkpoint("last"))
-        elapsed = time.perf_counter() - self._round_started
-        self.tracker.log_round(server_round, {**self._round_metrics, **metrics, "seconds": elapsed})
+            self.recorder.start()
+        metrics = self.recorder.close(server_round, arrays.to_torch_state_dict())
         values: dict[str, MetricRecordValues] = dict(metrics)
         return MetricRecord(values)
 
@@ -167,9 +157,7 @@ class LightningKrum(LightningFedAvg, Krum):
     """Krum: the client model closest to its neighbours, robust to `num_malicious_nodes`."""
 
 
-def build_strategy(
-    cfg: Config, evaluator: CentralEvaluator, tracker: RunTracker, run: RunDir, **sampling: Any
-) -> LightningFedAvg:
+def build_strategy(cfg: Config, recorder: RoundRecorder, **sampling: Any) -> LightningFedAvg:
     """The strategy named by `strategy.name`, with its own parameters from the config."""
     s = cfg.strategy
     adaptive = {"eta": s.eta, "tau": s.tau}
@@ -189,7 +177,10 @@ def build_strategy(
         "krum": (LightningKrum, {"num_malicious_nodes": s.num_malicious_clients}),
     }
     cls, params = choices[s.name]
-    return cls(cfg=cfg, evaluator=evaluator, tracker=tracker, run=run, **params, **sampling)
+    if cfg.privacy.mode == "client_dp":
+        # DP-FedAvg's noise is calibrated to an unweighted mean of clipped updates.
+        params["weighted_by_key"] = UNIFORM_WEIGHT
+    return cls(cfg=cfg, recorder=recorder, **params, **sampling)
 
 
 def _report_errors(replies: list[Message], stage: str) -> list[Message]:
@@ -215,6 +206,17 @@ def _in_partition_order(replies: list[Message]) -> list[Message]:
         return int(reply.content.config_records["client"]["partition-id"])  # type: ignore[arg-type]
 
     return sorted(replies, key=partition)
+
+
+def _client_epsilons(replies: list[Message]) -> dict[int, float]:
+    """DP-SGD: partition id -> the cumulative epsilon each successful reply reports."""
+    epsilons = {}
+    for reply in replies:
+        if reply.has_error():
+            continue
+        partition = int(reply.content.config_records["client"]["partition-id"])  # type: ignore[arg-type]
+        epsilons[partition] = float(reply.content.metric_records["metrics"]["privacy/epsilon"])  # type: ignore[arg-type]
+    return epsilons
 
 
 def _client_metrics(metrics: MetricRecord, prefix: str, renamed: str) -> dict[str, float]:

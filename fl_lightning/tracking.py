@@ -20,6 +20,7 @@ SUMMARY_ROWS = (
     ("Distributed Loss", "distributed/loss"),
     ("Distributed Accuracy", "distributed/accuracy"),
     ("Train Loss", "train/loss"),
+    ("Epsilon (largest client)", "epsilon"),
 )
 # The tags shown on the console line of each round.
 CONSOLE_TAGS = (
@@ -28,6 +29,7 @@ CONSOLE_TAGS = (
     "distributed/accuracy",
     "centralized/loss",
     "centralized/accuracy",
+    "epsilon",
 )
 
 
@@ -52,6 +54,7 @@ class RunTracker:
         )
         self.console = console
         self.clients: list[dict[str, Any]] = []
+        self.notes: list[str] = []
 
     def log_round(self, server_round: int, metrics: dict[str, float]) -> None:
         """Record the metrics of a finished round (round 0: the initial model)."""
@@ -71,6 +74,12 @@ class RunTracker:
             )
             if server_round > 0:
                 self.progress.update(1)
+
+    def note(self, text: str) -> None:
+        """A line for the console and summary.md (why a run stopped early, what was changed)."""
+        self.notes.append(text)
+        if self.console:
+            self.progress.write(text)
 
     def log_label_histogram(self, counts: np.ndarray, classes: tuple[str, ...]) -> None:
         """Write each client's training-label counts (JSON, PNG, TensorBoard figure)."""
@@ -122,6 +131,8 @@ class RunTracker:
             "|---|" + "---|" * len(rounds),
         ]
         for label, tag in SUMMARY_ROWS:
+            if not any(tag in self.history[r] for r in rounds):
+                continue  # e.g. epsilon, in a run without differential privacy
             cells = [_format(tag, self.history[r].get(tag)) for r in rounds]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         initial = self.history.get(0, {}).get("centralized/accuracy")
@@ -131,6 +142,7 @@ class RunTracker:
             f"Initial centralized accuracy: {_format('centralized/accuracy', initial)}.",
             f"Wall time of the rounds: {total:.1f} s.",
         ]
+        lines += [f"{text}." if not text.endswith(".") else text for text in self.notes]
         if self.run.curves.exists():
             lines += ["", f"![accuracy and loss per round]({self.run.curves.name})"]
         if self.clients:
@@ -143,7 +155,9 @@ class RunTracker:
 def _format(tag: str, value: float | None) -> str:
     if value is None:
         return "-"
-    return f"{100 * value:.2f}%" if tag.endswith("accuracy") else f"{value:.4f}"
+    if tag.endswith("accuracy"):
+        return f"{100 * value:.2f}%"
+    return f"{value:.2f}" if tag == "epsilon" else f"{value:.4f}"
 
 
 def _finite_or_none(value: float) -> float | None:

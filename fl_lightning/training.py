@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from dataclasses import asdict, dataclass
@@ -25,6 +26,7 @@ class ClientResult:
     state_dict: dict[str, torch.Tensor] | None
     metrics: dict[str, float]
     num_examples: int
+    accountant_state: str | None = None  # DP-SGD: the client's accountant after this round
 
 
 def quiet_lightning() -> None:
@@ -72,11 +74,13 @@ def fit(
     lr: float | None = None,
     proximal_mu: float = 0.0,
     max_epochs: int | None = None,
+    accountant_state: str | None = None,
 ) -> ClientResult:
     """Train the global weights on one client's partition for `trainer.max_epochs` epochs.
 
     `lr` is the round's learning rate sent by the server (default: optimizer.lr),
     `proximal_mu` FedProx's penalty, `max_epochs` overrides trainer.max_epochs.
+    Under DP-SGD, `accountant_state` is the client's accountant from its previous round.
     """
     quiet_lightning()
     seed = client_seed(cfg.seed, server_round, partition_id)
@@ -86,10 +90,21 @@ def fit(
     model.set_proximal_anchor(proximal_mu)
     epochs = {} if max_epochs is None else {"max_epochs": max_epochs}
     trainer = make_trainer(cfg.trainer, limit_val_batches=0, **epochs)
-    trainer.fit(model, train_dataloaders=dm.train_dataloader())
+    loader = dm.train_dataloader()
+    dp = None
+    if cfg.privacy.mode == "dp_sgd":
+        from fl_lightning.dp_sgd import ClientDPSGD
+
+        dp = ClientDPSGD(cfg, len(dm.train_indices), accountant_state, seed)
+        loader = dp.loader(loader)
+        model.private_optimizer = functools.partial(dp.make_private, loader=loader)
+    trainer.fit(model, train_dataloaders=loader)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return ClientResult(state, metrics, num_examples=len(dm.train_indices))
+    if dp is None:
+        return ClientResult(state, metrics, num_examples=len(dm.train_indices))
+    metrics["privacy/epsilon"] = dp.epsilon()
+    return ClientResult(state, metrics, len(dm.train_indices), accountant_state=dp.state())
 
 
 def validate(

@@ -7,7 +7,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fl_lightning.client_app import app
+from fl_lightning.client_app import UNIFORM_WEIGHT, app
 from fl_lightning.config import Config
 from fl_lightning.models import build_model
 
@@ -55,4 +55,20 @@ def test_evaluate_handler_replies_with_val_metrics(tiny_mnist: Config, data_root
     assert not reply.has_error(), reply.error
     metrics = reply.content.metric_records["metrics"]
     assert metrics["num-examples"] == 15
-    assert {"val/loss", "val/accuracy"} == set(metrics.keys()) - {"num-examples"}
+    assert {"val/loss", "val/accuracy"} == set(metrics.keys()) - {"num-examples", UNIFORM_WEIGHT}
+
+
+def test_client_dp_clients_clip_their_update_with_flowers_mod(
+    tiny_mnist: Config, data_root: Path
+) -> None:
+    context = context_for(data_root, 0)
+    context.run_config["overrides"] += " privacy.mode=client_dp privacy.noise_multiplier=1.0"
+    context.run_config["overrides"] += " privacy.clipping=client"
+    sent = message(tiny_mnist, MessageType.TRAIN)
+    sent.content.config_records["config"]["clipping_norm"] = 0.01  # what the DP wrapper sends
+    before = sent.content.array_records["arrays"].to_torch_state_dict()
+    reply = app(sent, context)
+    assert not reply.has_error(), reply.error
+    after = reply.content.array_records["arrays"].to_torch_state_dict()
+    norm = torch.sqrt(sum(((after[k] - before[k]) ** 2).sum() for k in before))
+    assert 0.009 < norm <= 0.01 + 1e-6

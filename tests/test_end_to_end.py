@@ -15,6 +15,11 @@ from fl_lightning.models import MNISTNet
 REPO = Path(__file__).resolve().parents[1]
 
 
+def read_metrics(run: Path) -> list[dict]:
+    """The run's metrics.jsonl, one dict per round."""
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_simulation_writes_the_run_directory(tiny_overrides: list[str], tmp_path: Path) -> None:
     run = tmp_path / "run"  # tiny_overrides' output.dir
     noisy_client = ["data.noise.clients=[1]", "data.noise.std=0.3", "output.client_report=true"]
@@ -24,7 +29,7 @@ def test_simulation_writes_the_run_directory(tiny_overrides: list[str], tmp_path
     )
     assert result.returncode == 0, result.stderr[-3000:]
 
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run)
     assert [r["round"] for r in records] == [0, 1]
     final = records[1]
     for key in (

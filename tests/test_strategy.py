@@ -6,6 +6,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.supercore.task_identity import TaskIdentity
 
 from fl_lightning.config import load_config
+from fl_lightning.rounds import RoundRecorder, round_lr
 from fl_lightning.strategy import build_strategy, restore_dtypes
 from tests.test_config import MNIST
 
@@ -27,6 +28,11 @@ def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     """Flower stamps messages with the process's task identity, which a runtime sets."""
     for name in ("_run_id", "_node_id", "_task_id"):
         monkeypatch.setattr(TaskIdentity, name, 1)
+
+
+def recorder() -> RoundRecorder:
+    """A recorder for strategies whose rounds are aggregated but never closed here."""
+    return RoundRecorder(None, None, None)  # type: ignore[arg-type]
 
 
 def global_arrays() -> ArrayRecord:
@@ -62,7 +68,7 @@ def test_aggregates_get_the_models_dtypes_back() -> None:
 @pytest.mark.parametrize("name", STRATEGIES)
 def test_every_strategy_aggregates_and_keeps_the_metric_names(name: str) -> None:
     cfg = load_config(MNIST, [f"strategy.name={name}", "strategy.num_malicious_clients=1"])
-    strategy = build_strategy(cfg, None, None, None, min_available_nodes=5)  # type: ignore[arg-type]
+    strategy = build_strategy(cfg, recorder(), min_available_nodes=5)
     messages = list(strategy.configure_train(1, global_arrays(), ConfigRecord(), FakeGrid()))  # type: ignore[arg-type]
     assert len(messages) == 5
     sent = messages[0].content.config_records["config"]
@@ -76,7 +82,7 @@ def test_every_strategy_aggregates_and_keeps_the_metric_names(name: str) -> None
     assert counter.dtype == np.int64 and 10 <= counter <= 24
     weights = arrays["w"].numpy()
     assert weights.dtype == np.float32 and np.isfinite(weights).all()
-    loss = strategy._round_metrics["train/loss"]
+    loss = strategy.recorder.metrics["train/loss"]
     if name == "krum":  # Krum reports the metrics of the client it selects
         assert round(loss, 6) in {0.1, 0.2, 0.3, 0.4, 0.5}
     else:
@@ -87,15 +93,13 @@ def test_every_strategy_aggregates_and_keeps_the_metric_names(name: str) -> None
 
 def test_round_lr_warms_up_across_rounds() -> None:
     cfg = load_config(MNIST, ["optimizer.warmup_rounds=2", "optimizer.lr=0.04"])
-    strategy = build_strategy(cfg, None, None, None)  # type: ignore[arg-type]
-    assert [strategy.round_lr(r) for r in (1, 2, 3)] == pytest.approx([0.02, 0.04, 0.04])
+    assert [round_lr(cfg.optimizer, r) for r in (1, 2, 3)] == pytest.approx([0.02, 0.04, 0.04])
 
 
 def test_round_lr_decays_across_rounds() -> None:
     cfg = load_config(MNIST, ["optimizer.round_decay=0.5"])
-    strategy = build_strategy(cfg, None, None, None)  # type: ignore[arg-type]
     lr = cfg.optimizer.lr
-    assert [strategy.round_lr(r) for r in (1, 2, 3)] == pytest.approx([lr, lr / 2, lr / 4])
+    assert [round_lr(cfg.optimizer, r) for r in (1, 2, 3)] == pytest.approx([lr, lr / 2, lr / 4])
 
 
 def test_aggregate_does_not_depend_on_reply_order() -> None:
@@ -104,7 +108,7 @@ def test_aggregate_does_not_depend_on_reply_order() -> None:
     weights = [rng.standard_normal((50, 50)).astype(np.float32) for _ in range(5)]
 
     def aggregate(order: list[int]) -> np.ndarray:
-        strategy = build_strategy(cfg, None, None, None, min_available_nodes=5)  # type: ignore[arg-type]
+        strategy = build_strategy(cfg, recorder(), min_available_nodes=5)
         messages = list(
             strategy.configure_train(
                 1,

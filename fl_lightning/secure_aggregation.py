@@ -1,0 +1,345 @@
+"""Secure aggregation with Flower's SecAgg+: the server learns only the sum of the updates.
+
+Flower 1.41 has SecAgg+ for its legacy API only (`SecAggPlusWorkflow` on the server,
+`secaggplus_mod` on the client), so this module adapts the same Lightning training
+(`training.fit`), centralized evaluation and round log (`RoundRecorder`) to it:
+
+- Updates travel as deltas from the global model: SecAgg+ clips every coordinate (times
+  the client's weight share) to +-clipping_range before quantizing it, so small deltas
+  keep the quantization error small where full weights would lose precision or be clipped.
+- Only floating-point entries of the state dict are summed. Integer buffers (BatchNorm's
+  `num_batches_tracked`) stay out: SecAgg+ returns floats and mis-restores 0-d arrays.
+  Clients keep their own counters (they only matter for BatchNorm with momentum=None).
+- With client_dp, clients clip their delta to `privacy.clipping_norm` and send weight 1;
+  Flower's legacy `DifferentialPrivacyClientSideFixedClipping` adds the noise to the sum.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any, cast
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.client import Client, NumPyClient
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
+from flwr.common import (
+    FitRes,
+    NDArrays,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.serverapp import Grid
+
+from fl_lightning.config import Config, config_from_run_config, sampled_clients
+from fl_lightning.rounds import RoundRecorder, round_lr
+
+log = logging.getLogger(__name__)
+
+# Fit-metric counting coordinates SecAgg+ would clip (should stay 0: raise clipping_range).
+CLIPPED_KEY = "secure_aggregation/clipped"
+
+
+def secure_keys(state: dict[str, torch.Tensor]) -> list[str]:
+    """The state-dict entries that go through the secure sum: the floating-point ones."""
+    return [key for key, value in state.items() if value.is_floating_point()]
+
+
+def max_weight(cfg: Config, partition_sizes: Sequence[int]) -> float:
+    """SecAgg+'s `max_weight`: the configured one, or the largest client's weight."""
+    if cfg.secure_aggregation.max_weight is not None:
+        return cfg.secure_aggregation.max_weight
+    return 1.0 if cfg.privacy.mode == "client_dp" else float(max(partition_sizes))
+
+
+# --- client ---------------------------------------------------------------------------
+
+
+class LightningNumPyClient(NumPyClient):
+    """A legacy client around `training.fit` / `training.validate`, sending deltas."""
+
+    def __init__(self, cfg: Config, context: Context) -> None:
+        self.cfg = cfg
+        self.state = context.state
+        self.partition = (
+            int(context.node_config["partition-id"]),
+            int(context.node_config["num-partitions"]),
+        )
+
+    def _state_dict(self, parameters: NDArrays) -> tuple[list[str], dict[str, torch.Tensor]]:
+        from fl_lightning.data import load_splits
+        from fl_lightning.models import build_model
+
+        # Integer buffers are not sent: they come from a fresh model of the same architecture.
+        state = build_model(self.cfg, load_splits(self.cfg.data).num_classes).state_dict()
+        keys = secure_keys(state)
+        state.update(
+            {k: torch.from_numpy(np.asarray(p)) for k, p in zip(keys, parameters, strict=True)}
+        )
+        return keys, state
+
+    def fit(
+        self, parameters: NDArrays, config: dict[str, Scalar]
+    ) -> tuple[NDArrays, int, dict[str, Scalar]]:
+        """Train on the partition; return the delta from the global model and its weight."""
+        from fl_lightning import training
+        from fl_lightning.client_app import ACCOUNTANT_RECORD
+
+        keys, state = self._state_dict(parameters)
+        accountant = self.state.config_records.get(ACCOUNTANT_RECORD)
+        result = training.fit(
+            self.cfg,
+            state,
+            *self.partition,
+            server_round=int(cast(int, config["server-round"])),
+            lr=float(cast(float, config["lr"])),
+            accountant_state=cast(str, accountant["state"]) if accountant else None,
+        )
+        assert result.state_dict is not None
+        if result.accountant_state is not None:
+            self.state[ACCOUNTANT_RECORD] = ConfigRecord({"state": result.accountant_state})
+        delta = [
+            (result.state_dict[k].numpy() - p).astype(p.dtype)
+            for k, p in zip(keys, parameters, strict=True)
+        ]
+        weight = result.num_examples
+        if self.cfg.privacy.mode == "client_dp":
+            from flwr.supercore.differential_privacy import clip_inputs_inplace
+
+            clip_inputs_inplace(delta, self.cfg.privacy.clipping_norm)
+            weight = 1  # the noise is calibrated to an unweighted mean
+        metrics: dict[str, Scalar] = {**result.metrics, "partition-id": self.partition[0]}
+        metrics[CLIPPED_KEY] = self._clipped(delta, weight, config)
+        return delta, weight, metrics
+
+    def _clipped(self, delta: NDArrays, weight: int, config: dict[str, Scalar]) -> int:
+        """Coordinates SecAgg+ will clip: |delta| * weight / max_weight > clipping_range."""
+        a = self.cfg.secure_aggregation
+        bound = a.clipping_range * float(cast(float, config["max-weight"])) / weight
+        return int(sum(int((np.abs(d) > bound).sum()) for d in delta))
+
+    def evaluate(
+        self, parameters: NDArrays, config: dict[str, Scalar]
+    ) -> tuple[float, int, dict[str, Scalar]]:
+        """Validate the global model on the partition's held-out samples."""
+        from fl_lightning import training
+
+        _, state = self._state_dict(parameters)
+        result = training.validate(self.cfg, state, *self.partition)
+        return float(result.metrics["val/loss"]), result.num_examples, dict(result.metrics)
+
+
+def make_secure_client_app(cfg: Config | None, extra_mods: Sequence[Mod] = ()) -> ClientApp:
+    """The legacy ClientApp SecAgg+ talks to; `extra_mods` run first (tests inject dropouts)."""
+
+    def client_fn(context: Context) -> Client:
+        config = cfg or config_from_run_config(context.run_config)
+        return LightningNumPyClient(config, context).to_client()
+
+    return ClientApp(client_fn=client_fn, mods=[*extra_mods, secaggplus_mod])
+
+
+# --- server ---------------------------------------------------------------------------
+
+
+class SecureFedAvg(FedAvg):
+    """Legacy FedAvg over deltas whose rounds end like every other strategy's (RoundRecorder).
+
+    Under SecAgg+, every surviving result carries the same securely aggregated vector, so
+    FedAvg's weighted mean returns it unchanged; this adds it to the global model.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        recorder: RoundRecorder,
+        initial: dict[str, torch.Tensor],
+        max_weight: float,
+        **kwargs: Any,
+    ) -> None:
+        self.keys = secure_keys(initial)
+        self.template = initial
+        self.cfg = cfg
+        self.recorder = recorder
+        self.max_weight = max_weight
+        self._global: NDArrays = []
+        self._pending: dict[str, torch.Tensor] | None = None
+        super().__init__(
+            initial_parameters=ndarrays_to_parameters([initial[k].numpy() for k in self.keys]),
+            on_fit_config_fn=self._fit_config,
+            fit_metrics_aggregation_fn=_weighted_mean,
+            evaluate_metrics_aggregation_fn=_weighted_mean,
+            **kwargs,
+        )
+
+    def _fit_config(self, server_round: int) -> dict[str, Scalar]:
+        lr = round_lr(self.cfg.optimizer, server_round)
+        return {"server-round": server_round, "lr": lr, "max-weight": self.max_weight}
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list:
+        """Check the privacy budget, start the round's clock, remember the global model."""
+        if self.recorder.ledger is not None:
+            self.recorder.ledger.check_next_round(server_round)
+        self.recorder.start()
+        self._global = parameters_to_ndarrays(parameters)
+        return super().configure_fit(server_round, parameters, client_manager)
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """The global model plus the (securely) aggregated delta, in the model's dtypes."""
+        if failures:
+            log.warning(
+                "round %d: %d failure(s) during secure aggregation", server_round, len(failures)
+            )
+        ledger = self.recorder.ledger
+        if ledger is not None and self.cfg.privacy.mode == "dp_sgd":
+            ledger.record_dp_sgd(
+                {
+                    int(cast(int, r.metrics["partition-id"])): float(
+                        cast(float, r.metrics["privacy/epsilon"])
+                    )
+                    for _, r in results
+                }
+            )
+        aggregated, metrics = super().aggregate_fit(server_round, results, failures)
+        if aggregated is None:
+            return None, metrics
+        delta = parameters_to_ndarrays(aggregated)
+        updated = [(g + d).astype(g.dtype) for g, d in zip(self._global, delta, strict=True)]
+        self.recorder.add({k: float(v) for k, v in metrics.items() if k.startswith("train/")})
+        clipped = sum(int(cast(int, r.metrics.get(CLIPPED_KEY, 0))) for _, r in results)
+        self.recorder.add({CLIPPED_KEY: float(clipped)})
+        return ndarrays_to_parameters(updated), metrics
+
+    def evaluate(
+        self, server_round: int, parameters: Parameters
+    ) -> tuple[float, dict[str, Scalar]] | None:
+        """Centralized evaluation; the round is logged after the federated evaluation."""
+        arrays = parameters_to_ndarrays(parameters)
+        state = dict(self.template)
+        state.update(
+            {k: torch.from_numpy(np.asarray(a)) for k, a in zip(self.keys, arrays, strict=True)}
+        )
+        if server_round == 0:
+            self.recorder.start()
+        if server_round == 0 or self.fraction_evaluate == 0:
+            metrics = self.recorder.close(server_round, state)
+            return metrics["centralized/loss"], dict(metrics)
+        self._pending = state
+        return None
+
+    def aggregate_evaluate(
+        self, server_round: int, results: list, failures: list
+    ) -> tuple[float | None, dict[str, Scalar]]:
+        """Keep the clients' `val/*` means as `distributed/*`, then close the round."""
+        loss, metrics = super().aggregate_evaluate(server_round, results, failures)
+        self.recorder.add(
+            {"distributed/" + k[4:]: float(v) for k, v in metrics.items() if k.startswith("val/")}
+        )
+        if self._pending is not None:
+            self.recorder.close(server_round, self._pending)
+            self._pending = None
+        return loss, metrics
+
+
+class _AccountedClientSideClipping(DifferentialPrivacyClientSideFixedClipping):
+    """Flower's legacy client-side-clipping DP wrapper, adding each release to the ledger."""
+
+    ledger: Any
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Aggregate, add Flower's noise to the sum, account for the release."""
+        parameters, metrics = super().aggregate_fit(server_round, results, failures)
+        if parameters is not None:
+            self.ledger.record_release()
+        return parameters, metrics
+
+
+def _weighted_mean(results: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:
+    total = sum(n for n, _ in results) or 1
+    keys = {k for _, m in results for k in m if k.startswith(("train/", "val/"))}
+    return {
+        k: sum(n * float(cast(float, m[k])) for n, m in results if k in m) / total
+        for k in sorted(keys)
+    }
+
+
+def run_secure_rounds(
+    grid: Grid,
+    context: Context,
+    cfg: Config,
+    recorder: RoundRecorder,
+    initial: ArrayRecord,
+    partition_sizes: Sequence[int],
+) -> dict[str, torch.Tensor]:
+    """Run the rounds through Flower's SecAgg+ workflow; return the final global state dict."""
+    fed, a = cfg.federation, cfg.secure_aggregation
+    fraction_evaluate = fed.fraction_evaluate if cfg.data.val_fraction > 0 else 0.0
+    weight = max_weight(cfg, partition_sizes)
+    strategy: FedAvg | DifferentialPrivacyClientSideFixedClipping = SecureFedAvg(
+        cfg,
+        recorder,
+        initial.to_torch_state_dict(),
+        weight,
+        fraction_fit=fed.fraction_train,
+        fraction_evaluate=fraction_evaluate,
+        min_fit_clients=sampled_clients(fed),
+        min_evaluate_clients=1,
+        min_available_clients=fed.num_clients,
+    )
+    secure = cast(SecureFedAvg, strategy)
+    if cfg.privacy.mode == "client_dp":
+        assert recorder.ledger is not None
+        wrapper = _AccountedClientSideClipping(
+            strategy,
+            noise_multiplier=recorder.ledger.client_dp_noise_multiplier,
+            clipping_norm=cfg.privacy.clipping_norm,
+            num_sampled_clients=sampled_clients(fed),
+        )
+        wrapper.ledger = recorder.ledger
+        strategy = wrapper
+    legacy = LegacyContext(
+        context=context,
+        config=ServerConfig(num_rounds=fed.num_rounds, round_timeout=fed.round_timeout),
+        strategy=strategy,
+    )
+    workflow = DefaultWorkflow(
+        fit_workflow=SecAggPlusWorkflow(
+            num_shares=a.num_shares,
+            reconstruction_threshold=a.reconstruction_threshold,
+            max_weight=weight,
+            clipping_range=a.clipping_range,
+            quantization_range=a.quantization_range,
+            timeout=fed.round_timeout,
+        )
+    )
+    workflow(grid, legacy)
+    # DefaultWorkflow keeps the current global model in its state's "parameters" record.
+    final = legacy.state.array_records["parameters"].to_numpy_ndarrays()
+    state = dict(secure.template)
+    state.update(
+        {k: torch.from_numpy(np.asarray(v)) for k, v in zip(secure.keys, final, strict=True)}
+    )
+    return state

@@ -1,0 +1,121 @@
+"""SecAgg+ through Flower's legacy API: same training, exact-to-quantization sums, dropouts."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import Context, Message
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.simulation import run_simulation
+
+from fl_lightning.client_app import make_client_app
+from fl_lightning.config import load_config
+from fl_lightning.errors import ConfigError
+from fl_lightning.rundir import create_run_dir
+from fl_lightning.server_app import make_server_app
+from fl_lightning.simulation import backend_config
+from tests.test_config import REPO
+from tests.test_end_to_end import read_metrics
+
+SECAGG = REPO / "configs" / "mnist_secagg.yaml"
+THREE_CLIENTS = [
+    "federation.num_clients=3",
+    "secure_aggregation.num_shares=3",
+    "secure_aggregation.reconstruction_threshold=2",
+]
+
+
+def run_cli(overrides: list[str]) -> None:
+    command = [sys.executable, "-m", "fl_lightning.cli", "run", str(SECAGG), *overrides]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_secure_sum_matches_plain_fedavg_to_the_quantization_step(
+    tiny_overrides: list[str], tmp_path: Path
+) -> None:
+    plain, secure = tmp_path / "plain", tmp_path / "secure"
+    common = [*tiny_overrides, *THREE_CLIENTS]
+    run_cli([*common, "secure_aggregation.enabled=false", f"output.dir={plain}"])
+    run_cli([*common, f"output.dir={secure}"])
+
+    cfg = load_config(SECAGG, [*common])
+    a = cfg.secure_aggregation
+    step = 2 * a.clipping_range / a.quantization_range
+    # Clients train deterministically, so both runs aggregate the very same updates. Each
+    # of the 3 clients adds < 1 step of quantization error, scaled by max_weight / total
+    # weight (about 1/3 here): the sum stays within one step.
+    before = torch.load(plain / "checkpoints" / "round_0.ckpt", weights_only=False)["state_dict"]
+    p = torch.load(plain / "checkpoints" / "round_1.ckpt", weights_only=False)["state_dict"]
+    s = torch.load(secure / "checkpoints" / "round_1.ckpt", weights_only=False)["state_dict"]
+    assert p.keys() == s.keys()
+    moved = max((p[k] - before[k]).abs().max().item() for k in p)
+    error = max((p[k] - s[k]).abs().max().item() for k in p)
+    assert moved > 100 * step  # the models did change
+    assert error <= step, (error, step)
+    plain_metrics, secure_metrics = read_metrics(plain), read_metrics(secure)
+    assert [r["round"] for r in secure_metrics] == [0, 1]
+    assert secure_metrics[1]["secure_aggregation_clipped"] == 0.0
+    assert secure_metrics[1]["centralized_accuracy"] == pytest.approx(
+        plain_metrics[1]["centralized_accuracy"], abs=0.01
+    )
+
+
+def test_a_round_completes_when_a_client_drops_out_mid_protocol(
+    tiny_overrides: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = load_config(
+        SECAGG,
+        [
+            *tiny_overrides,
+            "federation.num_clients=4",
+            "secure_aggregation.num_shares=3",
+            "secure_aggregation.reconstruction_threshold=2",
+        ],
+    )
+
+    def drop_out(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        """Client 0 vanishes after the key exchange, before sending its masked update."""
+        stage = msg.content.config_records.get("secaggplus_configs", {}).get("stage")
+        if context.node_config["partition-id"] == 0 and stage == "collect_masked_vectors":
+            raise ConnectionError("client 0 dropped out")
+        return call_next(msg, context)
+
+    run = create_run_dir(cfg)
+    run_simulation(
+        server_app=make_server_app(cfg, run, console=False),
+        client_app=make_client_app(cfg, secure_mods=[drop_out]),
+        num_supernodes=cfg.federation.num_clients,
+        backend_config=backend_config(cfg),
+    )
+    records = read_metrics(run.path)
+    assert [r["round"] for r in records] == [0, 1]
+    assert records[1]["centralized_loss"] < records[0]["centralized_loss"]
+    assert "failure(s) during secure aggregation" in caplog.text  # the dropout did happen
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        (
+            "secure_aggregation.reconstruction_threshold=6",
+            "secure_aggregation.reconstruction_threshold",
+        ),
+        ("secure_aggregation.num_shares=4", "secure_aggregation.num_shares"),
+        ("secure_aggregation.num_shares=7", "secure_aggregation.num_shares"),
+        ("strategy.name=fedmedian", "strategy.name"),
+        ("secure_aggregation.clipping_range=0", "secure_aggregation.clipping_range"),
+    ],
+)
+def test_wrong_secure_aggregation_settings_fail_at_load(override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^{key}:"):
+        load_config(SECAGG, [override])
+
+
+def test_client_dp_with_secure_aggregation_needs_client_side_clipping() -> None:
+    client_dp = ["privacy.mode=client_dp", "privacy.noise_multiplier=1.0"]
+    with pytest.raises(ConfigError, match=r"^privacy\.clipping: must be 'client'"):
+        load_config(SECAGG, client_dp)
+    load_config(SECAGG, [*client_dp, "privacy.clipping=client"])
