@@ -26,7 +26,9 @@ class RoundRecorder:
     """Collects a round's client metrics and closes the round with the global model.
 
     Shared by the Message-API strategies and the SecAgg+ (legacy API) path, so both log
-    the same record: `train/*`, `distributed/*`, `centralized/*`, `epsilon`, `seconds`.
+    the same record: `train/*`, `distributed/*`, `centralized/*`, `epsilon`, `seconds`,
+    and where the round's seconds went (`time/client_training`, `time/aggregation`,
+    `time/client_evaluation`, `time/centralized_evaluation`, `time/checkpoint`).
     """
 
     def __init__(
@@ -41,12 +43,18 @@ class RoundRecorder:
         self.run = run
         self.ledger = ledger
         self.metrics: dict[str, float] = {}
-        self._started = time.perf_counter()
+        self._started = self._lap = time.perf_counter()
 
     def start(self) -> None:
         """A round (or the initial evaluation) begins: reset its metrics and clock."""
         self.metrics = {}
-        self._started = time.perf_counter()
+        self._started = self._lap = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        """Record the seconds since the previous lap as `time/<phase>` (where rounds go)."""
+        now = time.perf_counter()
+        self.metrics[f"time/{phase}"] = self.metrics.get(f"time/{phase}", 0.0) + now - self._lap
+        self._lap = now
 
     def add(self, metrics: dict[str, float]) -> None:
         """Client metrics aggregated this round (`train/*`, `distributed/*`, ...)."""
@@ -54,9 +62,12 @@ class RoundRecorder:
 
     def close(self, server_round: int, state_dict: dict[str, torch.Tensor]) -> dict[str, float]:
         """Evaluate the global model on the test split, checkpoint it, log the round record."""
+        self.lap("between")  # anything since the last lap (the strategy's own bookkeeping)
         metrics = self.evaluator.evaluate(state_dict)
+        self.lap("centralized_evaluation")
         self.evaluator.save_checkpoint(self.run.checkpoint(f"round_{server_round}"))
         self.evaluator.save_checkpoint(self.run.checkpoint("last"))
+        self.lap("checkpoint")
         elapsed = time.perf_counter() - self._started
         privacy = self.ledger.metrics() if self.ledger is not None else {}
         self.tracker.log_round(

@@ -204,6 +204,7 @@ class SecureFedAvg(FedAvg):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """The global model plus the (securely) aggregated delta, in the model's dtypes."""
+        self.recorder.lap("client_training")  # the whole SecAgg+ protocol
         if failures:
             log.warning(
                 "round %d: %d failure(s) during secure aggregation", server_round, len(failures)
@@ -226,6 +227,7 @@ class SecureFedAvg(FedAvg):
         self.recorder.add({k: float(v) for k, v in metrics.items() if k.startswith("train/")})
         clipped = sum(int(cast(int, r.metrics.get(CLIPPED_KEY, 0))) for _, r in results)
         self.recorder.add({CLIPPED_KEY: float(clipped)})
+        self.recorder.lap("aggregation")
         return ndarrays_to_parameters(updated), metrics
 
     def evaluate(
@@ -249,6 +251,7 @@ class SecureFedAvg(FedAvg):
         self, server_round: int, results: list, failures: list
     ) -> tuple[float | None, dict[str, Scalar]]:
         """Keep the clients' `val/*` means as `distributed/*`, then close the round."""
+        self.recorder.lap("client_evaluation")
         loss, metrics = super().aggregate_evaluate(server_round, results, failures)
         self.recorder.add(
             {"distributed/" + k[4:]: float(v) for k, v in metrics.items() if k.startswith("val/")}

@@ -93,6 +93,7 @@ class LightningFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate, restore the model's dtypes, and keep the train metrics for the round's log."""
+        self.recorder.lap("client_training")  # sending, training, receiving
         replies = _in_partition_order(_report_errors(list(replies), "train"))
         ledger = self.recorder.ledger
         if ledger is not None and self.cfg.privacy.mode == "dp_sgd":
@@ -102,12 +103,14 @@ class LightningFedAvg(FedAvg):
             arrays = restore_dtypes(arrays, self._global)
         if metrics is not None:
             self.recorder.add(_client_metrics(metrics, "train/", "train/"))
+        self.recorder.lap("aggregation")
         return arrays, metrics
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Example-weighted mean of the clients' `val/*` metrics, kept as `distributed/*`."""
+        self.recorder.lap("client_evaluation")
         replies = _in_partition_order(_report_errors(list(replies), "evaluate"))
         metrics = super().aggregate_evaluate(server_round, replies)
         if metrics is not None:

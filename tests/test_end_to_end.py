@@ -39,8 +39,15 @@ def test_simulation_writes_the_run_directory(tiny_overrides: list[str], tmp_path
         "distributed_accuracy",
         "train_loss",
         "seconds",
+        "time_client_training",
+        "time_aggregation",
+        "time_client_evaluation",
+        "time_centralized_evaluation",
+        "time_checkpoint",
     ):
         assert isinstance(final[key], float), key
+    phases = sum(v for k, v in final.items() if k.startswith("time_"))
+    assert phases == pytest.approx(final["seconds"], abs=0.05)  # the breakdown adds up
     assert 0.0 <= final["centralized_accuracy"] <= 1.0
     assert final["centralized_loss"] < records[0]["centralized_loss"]  # one round of training helps
 

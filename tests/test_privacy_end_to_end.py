@@ -26,7 +26,7 @@ def test_dp_sgd_run_stops_cleanly_before_exceeding_max_epsilon(
 ) -> None:
     config = REPO / "configs" / "mnist_dp_sgd.yaml"
     overrides = [*tiny_overrides, "federation.num_rounds=3", "privacy.noise_multiplier=1.5",
-                 "privacy.target_epsilon=null"]  # fmt: skip
+                 "privacy.target_epsilon=null", "data.batch_size=64"]  # fmt: skip
     cfg = load_config(config, overrides)
     sizes = [len(train) for train, _ in client_splits(cfg.data, 2, cfg.seed)]
     delta = cfg.privacy.delta

@@ -1,0 +1,150 @@
+"""Seconds per round and peak memory as the federation grows: 10, 100, 1000 clients.
+
+    python benchmarks/scale.py --data ../shared/data --record BENCHMARKS.md
+
+Runs configs/mnist.yaml with N clients for N in --clients, 10 of them sampled per round
+for training and 10 for evaluation, every client holding the same 60 samples' worth of
+data (data.max_train_samples = 60 N), so each round does the same work whatever N is:
+what grows with N is only what the product does per client in total. Prints the median
+seconds per round (after the first round, which starts the client processes) and the
+peak resident memory summed over every process of the run (driver, Ray's GCS and
+raylet, Ray workers), sampled from /proc every 0.2 s (Linux).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES_PER_CLIENT = 60
+SAMPLED = 10
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state
+        tree.setdefault(parent, []).append(int(entry))
+    return tree
+
+
+def tree_rss_mb(root: int) -> float:
+    """Resident memory of `root` and all its descendants, in MiB."""
+    tree, total, stack = _children(), 0, [root]
+    while stack:
+        pid = stack.pop()
+        stack.extend(tree.get(pid, []))
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total / 1024
+
+
+def run(clients: int, rounds: int, data: Path, workdir: Path) -> dict:
+    """One run with `clients` clients; its seconds per round and peak summed RSS."""
+    run_dir = workdir / f"clients-{clients}"
+    overrides = [
+        f"data.root={data}",
+        f"data.max_train_samples={SAMPLES_PER_CLIENT * clients}",
+        f"federation.num_clients={clients}",
+        f"federation.num_rounds={rounds}",
+        f"federation.fraction_train={SAMPLED / clients}",
+        f"federation.fraction_evaluate={SAMPLED / clients}",
+        "trainer.max_epochs=1",
+    ]
+    command = [sys.executable, "-m", "fl_lightning.cli", "run", "configs/mnist.yaml", *overrides]
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        [*command, f"output.dir={run_dir}"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    peak = 0.0
+    while process.poll() is None:
+        peak = max(peak, tree_rss_mb(process.pid))
+        time.sleep(0.2)
+    if process.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed with exit code {process.returncode}")
+    wall = time.perf_counter() - started
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    seconds = [r["seconds"] for r in records if r["round"] > 0]
+    return {
+        "clients": clients,
+        "command": " ".join(["fl-lightning run configs/mnist.yaml", *overrides]),
+        "rounds": rounds,
+        "wall_seconds": wall,
+        "round_seconds": seconds,
+        "seconds_per_round": statistics.median(seconds[1:] or seconds),
+        "peak_rss_mb": peak,
+    }
+
+
+def markdown(results: list[dict], invocation: str) -> str:
+    """The table, each row relative to the smallest federation too."""
+    base = results[0]
+    lines = [
+        f"Measured {date.today().isoformat()} on {platform.machine()} ({os.cpu_count()} cores, "
+        f"CPU only) with `python benchmarks/scale.py {invocation}`.",
+        "",
+        "| clients | seconds per round | vs first | peak RSS, all processes (MiB) | vs first |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['clients']} | {r['seconds_per_round']:.2f} | "
+            f"{r['seconds_per_round'] / base['seconds_per_round']:.2f}x | "
+            f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x |"
+        )
+    lines += ["", "Commands:", ""] + [f"- `{r['command']}`" for r in results]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """Parse arguments, run each federation size, print (and record) the table."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--json", type=Path, help="write the figures here as JSON")
+    parser.add_argument("--record", type=Path, help="markdown file to write the table into")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="fl-scale-") as workdir:
+        results = []
+        for clients in args.clients:
+            results.append(run(clients, args.rounds, args.data.resolve(), Path(workdir)))
+            print(json.dumps(results[-1]), file=sys.stderr)
+    clients = " ".join(str(c) for c in args.clients)
+    table = markdown(results, f"--clients {clients} --rounds {args.rounds} --data <data>")
+    print(table)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    if args.record:
+        from accuracy import record
+
+        record(args.record, "scale", table)
+
+
+if __name__ == "__main__":
+    main()
