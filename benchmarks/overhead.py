@@ -35,7 +35,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-from scale import tree_rss_mb  # a sibling script: benchmarks/ is on sys.path when run
+from scale import watch  # a sibling script: benchmarks/ is on sys.path when run
 
 REPO = Path(__file__).resolve().parents[1]
 SETUPS = {
@@ -139,10 +139,7 @@ def run_federated(config: str, overrides: list[str], workdir: Path) -> dict[str,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    peak = 0.0
-    while process.poll() is None:
-        peak = max(peak, tree_rss_mb(process.pid))
-        time.sleep(0.2)
+    peak_rss, peak_pss = watch(process)
     wall = time.perf_counter() - started
     if process.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed with exit code {process.returncode}")
@@ -153,7 +150,8 @@ def run_federated(config: str, overrides: list[str], workdir: Path) -> dict[str,
         "round_seconds": sum(r["seconds"] for r in rounds),
         "startup_seconds": wall - sum(r["seconds"] for r in records),
         "accuracy": rounds[-1]["centralized_accuracy"],
-        "peak_rss_mb": peak,
+        "peak_rss_mb": peak_rss,
+        "peak_pss_mb": peak_pss,
     }
     for phase in PHASES:
         figures[phase] = sum(r.get(f"time_{phase}", 0.0) for r in records)
@@ -190,6 +188,7 @@ def measure(setup: str, data: Path, repeats: int, workdir: Path) -> dict:
             **{phase: median(federated, phase) for phase in PHASES},
         },
         "federated_peak_rss_mb": max(r["peak_rss_mb"] for r in federated),
+        "federated_peak_pss_mb": max(r["peak_pss_mb"] for r in federated),
         "federated_accuracy": median(federated, "accuracy"),
         "plain_accuracy": median(plain, "accuracy"),
         "samples_per_pass": plain[0]["samples"],
@@ -205,7 +204,8 @@ def markdown(results: list[dict], invocation: str) -> str:
         f"{results[0]['repeats']} alternating runs each.",
         "",
         "| setup | federated (s) | plain (s) | ratio_total | federated rounds (s) "
-        "| plain loop (s) | ratio_rounds | accuracy federated / plain | peak RSS (MiB) |",
+        "| plain loop (s) | ratio_rounds | accuracy federated / plain "
+        "| peak summed RSS / PSS (MiB) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -214,7 +214,7 @@ def markdown(results: list[dict], invocation: str) -> str:
             f"{r['ratio_total']:.3f} | {r['federated_round_seconds']:.1f} | "
             f"{r['plain_loop_seconds']:.1f} | {r['ratio_rounds']:.3f} | "
             f"{r['federated_accuracy']:.4f} / {r['plain_accuracy']:.4f} | "
-            f"{r['federated_peak_rss_mb']:.0f} |"
+            f"{r['federated_peak_rss_mb']:.0f} / {r['federated_peak_pss_mb']:.0f} |"
         )
     lines += [
         "",

@@ -7,8 +7,9 @@ for training and 10 for evaluation, every client holding the same 60 samples' wo
 data (data.max_train_samples = 60 N), so each round does the same work whatever N is:
 what grows with N is only what the product does per client in total. Prints the median
 seconds per round (after the first round, which starts the client processes) and the
-peak resident memory summed over every process of the run (driver, Ray's GCS and
-raylet, Ray workers), sampled from /proc every 0.2 s (Linux).
+peak memory summed over every process of the run (driver, Ray's GCS and raylet, Ray
+workers), as RSS (shared library pages counted once per process) and PSS (shared pages
+split between the processes sharing them), sampled from /proc every 0.2 s (Linux).
 """
 
 from __future__ import annotations
@@ -44,19 +45,36 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
-def tree_rss_mb(root: int) -> float:
-    """Resident memory of `root` and all its descendants, in MiB."""
-    tree, total, stack = _children(), 0, [root]
+def tree_memory_mb(root: int) -> tuple[float, float]:
+    """(RSS, PSS) of `root` and all its descendants, summed, in MiB.
+
+    RSS counts a page shared by several processes (torch's libraries, mapped by every
+    worker) once per process; PSS splits it between them, so its sum is what the
+    processes occupy together.
+    """
+    tree, rss, pss, stack = _children(), 0, 0, [root]
     while stack:
         pid = stack.pop()
         stack.extend(tree.get(pid, []))
         try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Rss:"):
+                    rss += int(line.split()[1])
+                elif line.startswith("Pss:"):
+                    pss += int(line.split()[1])
         except OSError:
             continue
-    return total / 1024
+    return rss / 1024, pss / 1024
+
+
+def watch(process: subprocess.Popen) -> tuple[float, float]:
+    """Wait for `process`; return the peaks of its tree's summed RSS and PSS (MiB)."""
+    peak_rss = peak_pss = 0.0
+    while process.poll() is None:
+        rss, pss = tree_memory_mb(process.pid)
+        peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+        time.sleep(0.2)
+    return peak_rss, peak_pss
 
 
 def run(clients: int, rounds: int, data: Path, workdir: Path) -> dict:
@@ -79,10 +97,7 @@ def run(clients: int, rounds: int, data: Path, workdir: Path) -> dict:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    peak = 0.0
-    while process.poll() is None:
-        peak = max(peak, tree_rss_mb(process.pid))
-        time.sleep(0.2)
+    peak_rss, peak_pss = watch(process)
     if process.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed with exit code {process.returncode}")
     wall = time.perf_counter() - started
@@ -95,7 +110,8 @@ def run(clients: int, rounds: int, data: Path, workdir: Path) -> dict:
         "wall_seconds": wall,
         "round_seconds": seconds,
         "seconds_per_round": statistics.median(seconds[1:] or seconds),
-        "peak_rss_mb": peak,
+        "peak_rss_mb": peak_rss,
+        "peak_pss_mb": peak_pss,
     }
 
 
@@ -106,14 +122,16 @@ def markdown(results: list[dict], invocation: str) -> str:
         f"Measured {date.today().isoformat()} on {platform.machine()} ({os.cpu_count()} cores, "
         f"CPU only) with `python benchmarks/scale.py {invocation}`.",
         "",
-        "| clients | seconds per round | vs first | peak RSS, all processes (MiB) | vs first |",
-        "|---|---|---|---|---|",
+        "| clients | seconds per round | vs first | peak summed RSS (MiB) | vs first "
+        "| peak summed PSS (MiB) | vs first |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r['clients']} | {r['seconds_per_round']:.2f} | "
             f"{r['seconds_per_round'] / base['seconds_per_round']:.2f}x | "
-            f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x |"
+            f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x | "
+            f"{r['peak_pss_mb']:.0f} | {r['peak_pss_mb'] / base['peak_pss_mb']:.2f}x |"
         )
     lines += ["", "Commands:", ""] + [f"- `{r['command']}`" for r in results]
     return "\n".join(lines)
