@@ -119,3 +119,27 @@ def test_client_dp_with_secure_aggregation_needs_client_side_clipping() -> None:
     with pytest.raises(ConfigError, match=r"^privacy\.clipping: must be 'client'"):
         load_config(SECAGG, client_dp)
     load_config(SECAGG, [*client_dp, "privacy.clipping=client"])
+
+
+def test_client_dp_on_top_of_secure_aggregation_clips_on_clients_and_accounts(
+    tiny_overrides: list[str], tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    clipping_norm = 0.05
+    run_cli(
+        [
+            *tiny_overrides,
+            *THREE_CLIENTS,
+            "privacy.mode=client_dp",
+            "privacy.clipping=client",
+            f"privacy.clipping_norm={clipping_norm}",
+            "privacy.noise_multiplier=0.0001",  # negligible noise: the clipping shows
+        ]
+    )
+    before = torch.load(run / "checkpoints" / "round_0.ckpt", weights_only=False)["state_dict"]
+    after = torch.load(run / "checkpoints" / "round_1.ckpt", weights_only=False)["state_dict"]
+    update = torch.sqrt(sum(((after[k] - before[k]) ** 2).sum() for k in before))
+    # The mean of three deltas each clipped to 0.05, plus noise of std 0.0001 * 0.05 / 3.
+    assert 0.01 < update <= clipping_norm * 1.01
+    records = read_metrics(run)
+    assert records[1]["epsilon"] > 0
