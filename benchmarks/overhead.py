@@ -82,7 +82,9 @@ def plain_loop(config: str, overrides: list[str]) -> dict[str, float]:
         images("train", train), batch_size=batch, shuffle=True, collate_fn=collate_batch
     )
     test = DataLoader(
-        images("test", torch.arange(len(data.test))), batch_size=batch, collate_fn=collate_batch
+        images("test", torch.arange(len(data.test))),
+        batch_size=cfg.data.eval_batch_size,  # as the federated run's evaluation
+        collate_fn=collate_batch,
     )
     net = build_model(cfg, data.num_classes).net  # the bare nn.Module
     o = cfg.optimizer

@@ -99,22 +99,28 @@ class FederatedDataModule(L.LightningDataModule):
         )
 
     def _loader(
-        self, split: str, indices: torch.Tensor, shuffle: bool, noisy: bool, augment: str = "none"
+        self,
+        split: str,
+        indices: torch.Tensor,
+        noisy: bool,
+        training: bool = False,
     ) -> DataLoader:
+        """Batches of `indices` into `split`; training ones shuffled, augmented, smaller."""
         dataset = IndexedImages(
             getattr(self.splits, split),
             indices,
             self.splits.mean,
             self.splits.std,
             noise=self.corruption(split) if noisy else None,
-            augment=augment,
+            augment=self.data.augment if training else "none",
         )
-        generator = torch.Generator().manual_seed(self.shuffle_seed) if shuffle else None
+        generator = torch.Generator().manual_seed(self.shuffle_seed) if training else None
         # num_workers=0: batches are tensor slices already in memory; workers only add IPC.
         return DataLoader(
             dataset,
-            batch_size=self.data.batch_size,
-            shuffle=shuffle,
+            # Training batches are the optimisation's; evaluation ones only need to be fast.
+            batch_size=self.data.batch_size if training else self.data.eval_batch_size,
+            shuffle=training,
             generator=generator,
             collate_fn=collate_batch,
             num_workers=0,
@@ -122,18 +128,16 @@ class FederatedDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled (and, with data.augment, augmented) batches of the client's partition."""
-        return self._loader(
-            "train", self.train_indices, True, self.noisy, augment=self.data.augment
-        )
+        return self._loader("train", self.train_indices, self.noisy, training=True)
 
     def val_dataloader(self) -> DataLoader:
         """The client's held-out validation samples."""
-        return self._loader("train", self.val_indices, False, self.noisy)
+        return self._loader("train", self.val_indices, self.noisy)
 
     def test_dataloader(self) -> DataLoader:
         """The full (or capped) clean test split, for the server's centralized evaluation."""
-        return self._loader("test", self.test_indices, False, noisy=False)
+        return self._loader("test", self.test_indices, noisy=False)
 
     def noisy_test_dataloader(self) -> DataLoader:
         """The test split with `data.noise` applied: what a noisy client's data looks like."""
-        return self._loader("test", self.test_indices, False, noisy=True)
+        return self._loader("test", self.test_indices, noisy=True)

@@ -55,3 +55,11 @@ def test_label_counts_cover_each_clients_training_samples(tiny_mnist: Config) ->
 def test_partition_id_outside_the_federation_is_refused(tiny_mnist: Config) -> None:
     with pytest.raises(ConfigError, match=r"partition-id 2 is outside 0\.\.1"):
         FederatedDataModule(tiny_mnist.data, tiny_mnist.seed, partition_id=2, num_partitions=2)
+
+
+def test_evaluation_batches_are_larger_than_training_ones(tiny_mnist: Config) -> None:
+    client = FederatedDataModule(tiny_mnist.data, tiny_mnist.seed, 0, 2)
+    server = FederatedDataModule(tiny_mnist.data, tiny_mnist.seed)
+    assert client.train_dataloader().batch_size == tiny_mnist.data.batch_size == 32
+    assert client.val_dataloader().batch_size == tiny_mnist.data.eval_batch_size == 256
+    assert server.test_dataloader().batch_size == 256
