@@ -35,7 +35,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-from scale import watch  # a sibling script: benchmarks/ is on sys.path when run
+from scale import run_watched  # a sibling script: benchmarks/ is on sys.path when run
 
 REPO = Path(__file__).resolve().parents[1]
 SETUPS = {
@@ -134,17 +134,7 @@ def run_federated(config: str, overrides: list[str], workdir: Path) -> dict[str,
     """(a): `fl-lightning run` in a fresh process; wall time and the run's own breakdown."""
     run_dir = workdir / f"run-{time.monotonic_ns()}"
     command = [sys.executable, "-m", "fl_lightning.cli", "run", config, *overrides]
-    started = time.perf_counter()
-    process = subprocess.Popen(
-        [*command, f"output.dir={run_dir}"],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    peak_rss, peak_pss = watch(process)
-    wall = time.perf_counter() - started
-    if process.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed with exit code {process.returncode}")
+    wall, peak_rss, peak_pss = run_watched([*command, f"output.dir={run_dir}"])
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rounds = [r for r in records if r["round"] > 0]
     figures = {

@@ -67,14 +67,20 @@ def tree_memory_mb(root: int) -> tuple[float, float]:
     return rss / 1024, pss / 1024
 
 
-def watch(process: subprocess.Popen) -> tuple[float, float]:
-    """Wait for `process`; return the peaks of its tree's summed RSS and PSS (MiB)."""
+def run_watched(command: list[str]) -> tuple[float, float, float]:
+    """Run `command` from the repository; return its wall seconds and peak summed RSS, PSS."""
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     peak_rss = peak_pss = 0.0
     while process.poll() is None:
         rss, pss = tree_memory_mb(process.pid)
         peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
         time.sleep(0.2)
-    return peak_rss, peak_pss
+    if process.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed with exit code {process.returncode}")
+    return time.perf_counter() - started, peak_rss, peak_pss
 
 
 def run(clients: int, rounds: int, data: Path, workdir: Path) -> dict:
@@ -90,17 +96,7 @@ def run(clients: int, rounds: int, data: Path, workdir: Path) -> dict:
         "trainer.max_epochs=1",
     ]
     command = [sys.executable, "-m", "fl_lightning.cli", "run", "configs/mnist.yaml", *overrides]
-    started = time.perf_counter()
-    process = subprocess.Popen(
-        [*command, f"output.dir={run_dir}"],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    peak_rss, peak_pss = watch(process)
-    if process.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed with exit code {process.returncode}")
-    wall = time.perf_counter() - started
+    wall, peak_rss, peak_pss = run_watched([*command, f"output.dir={run_dir}"])
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     seconds = [r["seconds"] for r in records if r["round"] > 0]
     return {

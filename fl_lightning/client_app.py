@@ -59,7 +59,7 @@ def make_client_app(cfg: Config | None = None, secure_mods: Sequence[Mod] = ()) 
     app = ClientApp()
     secure_app: ClientApp | None = None
 
-    def secure(config: Config) -> ClientApp:
+    def secure() -> ClientApp:
         nonlocal secure_app
         if secure_app is None:
             from fl_lightning.secure_aggregation import make_secure_client_app
@@ -71,10 +71,9 @@ def make_client_app(cfg: Config | None = None, secure_mods: Sequence[Mod] = ()) 
     def train(msg: Message, context: Context) -> Message:
         config = cfg or config_from_run_config(context.run_config)
         if config.secure_aggregation.enabled:
-            return secure(config)(msg, context)
-        from fl_lightning import (
-            training,
-        )  # torch and Lightning load on first message, not at import
+            return secure()(msg, context)
+        # torch and Lightning load on the first message, not when the app is imported.
+        from fl_lightning import training
 
         round_config = msg.content.config_records["config"]
         accountant = context.state.config_records.get(ACCOUNTANT_RECORD)
@@ -105,7 +104,7 @@ def make_client_app(cfg: Config | None = None, secure_mods: Sequence[Mod] = ()) 
 
         config = cfg or config_from_run_config(context.run_config)
         if config.secure_aggregation.enabled:
-            return secure(config)(msg, context)
+            return secure()(msg, context)
         state_dict = msg.content.array_records["arrays"].to_torch_state_dict()
         result = training.validate(config, state_dict, *_partition(context))
         content = RecordDict(
