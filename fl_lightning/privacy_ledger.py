@@ -28,39 +28,24 @@ class PrivacyLedger:
         self.delta = cfg.privacy.delta
         self.max_epsilon = cfg.privacy.max_epsilon
         dp_sgd = cfg.privacy.mode == "dp_sgd"
-        self.plans: list[DPSGDPlan] = (
-            [plan(cfg, size) for size in partition_sizes] if dp_sgd else []
-        )
+        # One plan per distinct partition size: calibrating a noise multiplier is a search,
+        # and with IID partitions thousands of clients share a handful of sizes.
+        by_size = {size: plan(cfg, size) for size in set(partition_sizes)} if dp_sgd else {}
+        self.plans: list[DPSGDPlan] = [by_size[size] for size in partition_sizes] if dp_sgd else []
         self.rounds_taken = [0] * len(partition_sizes)
         self.reported: dict[int, float] = {}
         self.releases = RDPAccountant()
-
-    @property
-    def client_dp_noise_multiplier(self) -> float:
-        """client_dp: noise std over clipping norm (calibrated if `target_epsilon` is set)."""
-        p = self.cfg.privacy
-        if p.noise_multiplier is not None:
-            return p.noise_multiplier
-        from opacus.accountants.utils import get_noise_multiplier
-
-        assert p.target_epsilon is not None
-        return float(
-            get_noise_multiplier(
-                target_epsilon=p.target_epsilon,
-                target_delta=p.delta,
-                sample_rate=1.0,
-                steps=self.cfg.federation.num_rounds,
-                accountant="rdp",
-            )
+        # client_dp: noise std over clipping norm (calibrated once if target_epsilon is set).
+        self.client_dp_noise_multiplier = (
+            _client_dp_noise_multiplier(cfg) if cfg.privacy.mode == "client_dp" else 0.0
         )
 
     def projected_epsilon(self) -> float:
         """The largest client epsilon after one more round."""
         if self.cfg.privacy.mode == "dp_sgd":
-            return max(
-                p.epsilon(taken + 1, self.delta)
-                for p, taken in zip(self.plans, self.rounds_taken, strict=True)
-            )
+            # Clients with the same plan and participation share an epsilon: compute each once.
+            cases = set(zip(self.plans, self.rounds_taken, strict=True))
+            return max(p.epsilon(taken + 1, self.delta) for p, taken in cases)
         accountant = RDPAccountant()
         accountant.history = [*self.releases.history]
         accountant.step(noise_multiplier=self.client_dp_noise_multiplier, sample_rate=1.0)
@@ -98,3 +83,22 @@ class PrivacyLedger:
         if not self.releases.history:
             return {"epsilon": 0.0}
         return {"epsilon": float(self.releases.get_epsilon(self.delta))}
+
+
+def _client_dp_noise_multiplier(cfg: Config) -> float:
+    """client_dp's noise multiplier: configured, or calibrated to target_epsilon over the run."""
+    p = cfg.privacy
+    if p.noise_multiplier is not None:
+        return p.noise_multiplier
+    from opacus.accountants.utils import get_noise_multiplier
+
+    assert p.target_epsilon is not None  # enforced by config validation
+    return float(
+        get_noise_multiplier(
+            target_epsilon=p.target_epsilon,
+            target_delta=p.delta,
+            sample_rate=1.0,
+            steps=cfg.federation.num_rounds,
+            accountant="rdp",
+        )
+    )

@@ -301,7 +301,7 @@ def run_secure_rounds(
     fed, a = cfg.federation, cfg.secure_aggregation
     fraction_evaluate = fed.fraction_evaluate if cfg.data.val_fraction > 0 else 0.0
     weight = max_weight(cfg, partition_sizes)
-    strategy: FedAvg | DifferentialPrivacyClientSideFixedClipping = SecureFedAvg(
+    secure = SecureFedAvg(
         cfg,
         recorder,
         initial.to_torch_state_dict(),
@@ -312,11 +312,11 @@ def run_secure_rounds(
         min_evaluate_clients=1,
         min_available_clients=fed.num_clients,
     )
-    secure = cast(SecureFedAvg, strategy)
+    strategy: FedAvg | DifferentialPrivacyClientSideFixedClipping = secure
     if cfg.privacy.mode == "client_dp":
         assert recorder.ledger is not None
         wrapper = _AccountedClientSideClipping(
-            strategy,
+            secure,
             noise_multiplier=recorder.ledger.client_dp_noise_multiplier,
             clipping_norm=cfg.privacy.clipping_norm,
             num_sampled_clients=sampled_clients(fed),
