@@ -42,6 +42,9 @@ STRATEGY_PARAMS = {
     "krum": ["strategy.num_malicious_clients=2"],
 }
 
+GPU = ["trainer.accelerator=gpu", "federation.client_resources.num_gpus=1"]
+GPU_SHARED = ["trainer.accelerator=gpu", "federation.client_resources.num_gpus=0.2"]
+
 # name -> (config, overrides, data sub-folder)
 EXPERIMENTS: dict[str, tuple[str, list[str], str]] = {
     "mnist_seed_recipe": ("configs/mnist_seed_recipe.yaml", [], ""),
@@ -60,6 +63,11 @@ EXPERIMENTS: dict[str, tuple[str, list[str], str]] = {
     "client_dp_off": ("configs/mnist_client_dp.yaml", ["privacy.mode=none"], ""),
     "mnist_secagg": ("configs/mnist_secagg.yaml", [], ""),
     "mnist_secagg_off": ("configs/mnist_secagg.yaml", ["secure_aggregation.enabled=false"], ""),
+    # CUDA (run where a GPU is): each client on the whole GPU, or 5 clients sharing one.
+    "mnist_gpu": ("configs/mnist.yaml", GPU, ""),
+    "mnist_gpu_shared": ("configs/mnist.yaml", GPU_SHARED, ""),
+    "cifar10_gpu": ("configs/cifar10.yaml", GPU, "cifar10"),
+    "cifar10_gpu_shared": ("configs/cifar10.yaml", GPU_SHARED, "cifar10"),
     **{
         f"dirichlet_{name}": (
             "configs/mnist.yaml",
@@ -77,6 +85,8 @@ GROUPS = {
     "dp_sgd": ["mnist_dp_sgd"],
     "client_dp": ["client_dp_off", "client_dp_z0.5", "client_dp_z1.0"],
     "secagg": ["mnist_secagg_off", "mnist_secagg"],
+    "gpu_mnist": ["mnist_gpu", "mnist_gpu_shared"],
+    "gpu_cifar10": ["cifar10_gpu", "cifar10_gpu_shared"],
 }
 
 
@@ -116,8 +126,7 @@ def markdown(results: list[dict], invocation: str, script: str = "benchmarks/acc
     """Tables of the results, with the machine and date they were measured on."""
     command = " ".join(["python", script, *invocation.split(), "--data <data>"])
     lines = [
-        f"Measured {date.today().isoformat()} on {platform.machine()} ({_cores()} cores, "
-        f"CPU only) with `{command}`.",
+        f"Measured {date.today().isoformat()} on {machine()} with `{command}`.",
         "",
         "| experiment | rounds | wall time (s) | final | best | final epsilon "
         "| centralized accuracy per round |",
@@ -156,8 +165,19 @@ def markdown(results: list[dict], invocation: str, script: str = "benchmarks/acc
     return "\n".join(lines)
 
 
-def _cores() -> int:
-    return os.cpu_count() or 1
+def machine() -> str:
+    """This machine in words: architecture, cores and GPU (nvidia-smi's name), if any."""
+    try:
+        names = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split("\n")
+        gpus = ", ".join(n.strip() for n in names if n.strip()) or "no GPU"
+    except (OSError, subprocess.CalledProcessError):
+        gpus = "CPU only"
+    return f"{platform.machine()} ({os.cpu_count() or 1} cores, {gpus})"
 
 
 def record(path: Path, block: str, table: str) -> None:

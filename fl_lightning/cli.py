@@ -4,6 +4,23 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fl_lightning.config import Config
+    from fl_lightning.rundir import RunDir
+
+
+def _gpu_list(text: str) -> list[int]:
+    try:
+        gpus = [int(g) for g in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected CUDA device indices like 0,1; got {text!r}"
+        ) from None
+    if any(g < 0 for g in gpus):
+        raise argparse.ArgumentTypeError(f"device indices are >= 0; got {text!r}")
+    return gpus
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -13,25 +30,43 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run a federated simulation from a YAML config")
-    run.add_argument("config", help="YAML config, e.g. configs/mnist.yaml")
-    run.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="KEY=VALUE",
-        help="dotted overrides, e.g. federation.num_rounds=2",
+    deploy = commands.add_parser(
+        "deploy-local",
+        help="run a YAML config on Flower's Deployment Engine on this machine: "
+        "a TLS SuperLink and N authenticated SuperNodes, all stopped at the end",
     )
-    run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's own logs")
+    for command in (run, deploy):
+        command.add_argument("config", help="YAML config, e.g. configs/mnist.yaml")
+        command.add_argument(
+            "overrides",
+            nargs="*",
+            metavar="KEY=VALUE",
+            help="dotted overrides, e.g. federation.num_rounds=2",
+        )
+        command.add_argument(
+            "--verbose", action="store_true", help="show Flower's (and Ray's) own logs"
+        )
+    deploy.add_argument(
+        "--nodes",
+        type=int,
+        help="SuperNodes to start, one client each (default and override: federation.num_clients)",
+    )
+    deploy.add_argument(
+        "--gpus",
+        type=_gpu_list,
+        default=[],
+        help="CUDA devices to spread the SuperNodes over, one each, e.g. 0,1 "
+        "(sets node-config gpus; default: the trainer.* keys decide)",
+    )
     return parser
 
 
-def run_command(args: argparse.Namespace) -> int:
-    """Load and validate the config, check the data, then simulate."""
+def _prepare(path: str, overrides: list[str]) -> Config:
+    """Load and validate the config and check data and model, before any process starts."""
     from fl_lightning.config import load_config
     from fl_lightning.datamodule import client_splits
-    from fl_lightning.rundir import create_run_dir
-    from fl_lightning.simulation import run_simulation
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(path, overrides)
     # Fail on missing data or impossible partitions here, with one line, not inside Ray.
     client_splits(cfg.data, cfg.federation.num_clients, cfg.seed)
     if cfg.privacy.mode != "none":
@@ -39,9 +74,11 @@ def run_command(args: argparse.Namespace) -> int:
         from fl_lightning.models import build_model
 
         build_model(cfg, load_splits(cfg.data).num_classes)  # can Opacus train this model?
-    run = create_run_dir(cfg)
-    print(f"fl-lightning: writing {run.path}", file=sys.stderr)
-    run_simulation(cfg, run, verbose=args.verbose)
+    return cfg
+
+
+def _report(cfg: Config, run: RunDir) -> int:
+    """Print how the run ended and its summary; the exit code."""
     finished = run.last_round()
     if run.stopped.exists():
         print(f"fl-lightning: stopped early: {run.stopped.read_text().strip()}", file=sys.stderr)
@@ -56,13 +93,58 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_command(args: argparse.Namespace) -> int:
+    """Load and validate the config, check the data, then simulate."""
+    from fl_lightning.rundir import create_run_dir
+    from fl_lightning.simulation import backend_config, run_simulation
+
+    cfg = _prepare(args.config, args.overrides)
+    backend_config(cfg)  # Ray's settings are valid before any directory is made
+    run = create_run_dir(cfg)
+    print(f"fl-lightning: writing {run.path}", file=sys.stderr)
+    run_simulation(cfg, run, verbose=args.verbose)
+    return _report(cfg, run)
+
+
+def deploy_command(args: argparse.Namespace) -> int:
+    """Validate as `run` does, then run on a local TLS SuperLink and `--nodes` SuperNodes."""
+    from fl_lightning.deployment import deploy_local
+    from fl_lightning.rundir import RunDir, check_free, run_dir_path
+
+    overrides = list(args.overrides)
+    if args.nodes is not None:
+        overrides.append(f"federation.num_clients={args.nodes}")
+    cfg = _prepare(args.config, overrides)
+    path = run_dir_path(cfg).resolve()
+    check_free(path)
+    config = cfg.to_dict()
+    config["output"]["dir"] = str(path)  # the ServerApp writes exactly here
+    print(f"fl-lightning: writing {path}", file=sys.stderr)
+    deploy_local(
+        config,
+        cfg.federation.num_clients,
+        args.gpus,
+        keep=path,
+        verbose=args.verbose,
+        # Each SuperNode's threads, like each simulated client's CPUs under Ray.
+        threads_per_node=max(1, int(cfg.federation.client_resources.num_cpus)),
+    )
+    return _report(cfg, RunDir(path))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `fl-lightning` console script."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # KEY=VALUE overrides may also follow options (`deploy-local CONFIG --nodes 2 a.b=1`).
+    args, extra = parser.parse_known_args(argv)
+    unknown = [item for item in extra if item.startswith("-") or "=" not in item]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [*args.overrides, *extra]
     from fl_lightning.errors import FlLightningError
 
     try:
-        return run_command(args)
+        return deploy_command(args) if args.command == "deploy-local" else run_command(args)
     except FlLightningError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -9,7 +9,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
-from fl_lightning.config import Config, config_from_run_config
+from fl_lightning.config import Config, apply_node_config, config_from_run_config
 
 # Metric every reply carries with value 1: the aggregation weight under client_dp, whose
 # noise is calibrated to an unweighted mean of clipped updates.
@@ -21,6 +21,11 @@ ACCOUNTANT_RECORD = "dp-sgd-accountant"
 def _partition(context: Context) -> tuple[int, int]:
     """(partition-id, num-partitions) from the node config (Simulation Engine or SuperNode)."""
     return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+
+
+def _node_config(cfg: Config | None, context: Context) -> Config:
+    """The run's config (bound, or named by the run config) as this SuperNode runs it."""
+    return apply_node_config(cfg or config_from_run_config(context.run_config), context.node_config)
 
 
 def _identity(context: Context) -> ConfigRecord:
@@ -69,7 +74,7 @@ def make_client_app(cfg: Config | None = None, secure_mods: Sequence[Mod] = ()) 
 
     @app.train(mods=[_clipping_mod(cfg)])
     def train(msg: Message, context: Context) -> Message:
-        config = cfg or config_from_run_config(context.run_config)
+        config = _node_config(cfg, context)
         if config.secure_aggregation.enabled:
             return secure()(msg, context)
         # torch and Lightning load on the first message, not when the app is imported.
@@ -102,7 +107,7 @@ def make_client_app(cfg: Config | None = None, secure_mods: Sequence[Mod] = ()) 
     def evaluate(msg: Message, context: Context) -> Message:
         from fl_lightning import training
 
-        config = cfg or config_from_run_config(context.run_config)
+        config = _node_config(cfg, context)
         if config.secure_aggregation.enabled:
             return secure()(msg, context)
         state_dict = msg.content.array_records["arrays"].to_torch_state_dict()

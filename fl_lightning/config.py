@@ -622,3 +622,39 @@ def _load_named_config(path: str, overrides: str) -> Config:
     if not candidate.is_absolute() and not candidate.exists():
         candidate = Path(__file__).resolve().parent.parent / path
     return load_config(candidate, shlex.split(overrides))
+
+
+def apply_node_config(cfg: Config, node_config: typing.Mapping[str, Any]) -> Config:
+    """`cfg` as one SuperNode runs it: its partition checked, its `gpus` (e.g. "0,1") applied.
+
+    `partition-id` and `num-partitions` come from the Simulation Engine or from
+    `flower-supernode --node-config`; `gpus`, where a SuperNode's config names it, puts that
+    node's Trainer on those CUDA devices.
+    """
+    for key in ("partition-id", "num-partitions"):
+        if key not in node_config:
+            raise ConfigError(
+                f"node-config '{key}' is missing: start the SuperNode with "
+                f"--node-config 'partition-id=K num-partitions=N'"
+            )
+    partition, partitions = int(node_config["partition-id"]), int(node_config["num-partitions"])
+    if partitions != cfg.federation.num_clients:
+        raise ConfigError(
+            f"node-config 'num-partitions' is {partitions} but federation.num_clients is "
+            f"{cfg.federation.num_clients}; start one SuperNode per client with matching values"
+        )
+    if not 0 <= partition < partitions:
+        raise ConfigError(
+            f"node-config 'partition-id' is {partition}; it must be in 0..{partitions - 1}"
+        )
+    gpus = str(node_config.get("gpus", "")).strip()
+    if not gpus:
+        return cfg
+    try:
+        devices = [int(g) for g in gpus.split(",")]
+    except ValueError:
+        raise ConfigError(
+            f'node-config \'gpus\' must list CUDA device indices like "0" or "0,1", got {gpus!r}'
+        ) from None
+    trainer = dataclasses.replace(cfg.trainer, accelerator="gpu", devices=devices)
+    return dataclasses.replace(cfg, trainer=trainer)

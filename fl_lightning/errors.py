@@ -15,3 +15,7 @@ class DataError(FlLightningError):
 
 class PrivacyBudgetExceeded(FlLightningError):
     """The next round would push a client's cumulative epsilon past `privacy.max_epsilon`."""
+
+
+class DeploymentError(FlLightningError):
+    """A SuperLink or SuperNode of a local deployment failed to start or to answer."""

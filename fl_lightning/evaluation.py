@@ -11,7 +11,7 @@ from fl_lightning.config import Config
 from fl_lightning.datamodule import FederatedDataModule
 from fl_lightning.models import build_model
 from fl_lightning.module import ImageClassifier
-from fl_lightning.training import make_trainer, quiet_lightning
+from fl_lightning.training import make_trainer, one_device, quiet_lightning
 
 
 class CentralEvaluator:
@@ -22,7 +22,7 @@ class CentralEvaluator:
         self.datamodule = FederatedDataModule(cfg.data, cfg.seed)
         self.model: ImageClassifier = build_model(cfg, self.datamodule.splits.num_classes)
         # Evaluation needs one device; DDP would shard (and pad) the test set.
-        self.trainer = make_trainer(cfg.trainer, devices=1, strategy="auto")
+        self.trainer = make_trainer(cfg.trainer, devices=one_device(cfg.trainer), strategy="auto")
         self.loader = self.datamodule.test_dataloader()
         self.noisy_loader = self.datamodule.noisy_test_dataloader()
 

@@ -71,21 +71,28 @@ class RunDir:
         return self.path / "checkpoints" / f"{name}.ckpt"
 
 
-def create_run_dir(cfg: Config) -> RunDir:
-    """Make the run directory (`output.dir`, else `<root>/<experiment>/<timestamp>`), save config.
-
-    Refuses a directory that already holds a run, so no earlier results are overwritten.
-    """
+def run_dir_path(cfg: Config) -> Path:
+    """Where a run of `cfg` writes: `output.dir`, else `<root>/<experiment>/<timestamp>`."""
     if cfg.output.dir is not None:
-        path = Path(cfg.output.dir)
-    else:
-        stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
-        path = Path(cfg.output.root) / (cfg.output.experiment or "run") / stamp
+        return Path(cfg.output.dir)
+    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
+    return Path(cfg.output.root) / (cfg.output.experiment or "run") / stamp
+
+
+def check_free(path: Path) -> None:
+    """Refuse a directory that already holds a run, so no earlier results are overwritten."""
     run = RunDir(path)
     if run.metrics.exists() or run.config.exists():
         raise ConfigError(
             f"output.dir: {path} already holds a run; choose another directory or remove it"
         )
+
+
+def create_run_dir(cfg: Config) -> RunDir:
+    """Make the run directory (see `run_dir_path`) and save the resolved config in it."""
+    path = run_dir_path(cfg)
+    check_free(path)
     path.mkdir(parents=True, exist_ok=True)
+    run = RunDir(path)
     run.config.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return run

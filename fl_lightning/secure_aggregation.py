@@ -42,7 +42,7 @@ from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping, Fed
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
-from fl_lightning.config import Config, config_from_run_config, sampled_clients
+from fl_lightning.config import Config, apply_node_config, config_from_run_config, sampled_clients
 from fl_lightning.rounds import RoundRecorder, round_lr
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,9 @@ def make_secure_client_app(cfg: Config | None, extra_mods: Sequence[Mod] = ()) -
 
     def client_fn(context: Context) -> Client:
         config = cfg or config_from_run_config(context.run_config)
-        return LightningNumPyClient(config, context).to_client()
+        return LightningNumPyClient(
+            apply_node_config(config, context.node_config), context
+        ).to_client()
 
     return ClientApp(client_fn=client_fn, mods=[*extra_mods, secaggplus_mod])
 

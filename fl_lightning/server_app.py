@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from flwr.app import ArrayRecord, ConfigRecord, Context
@@ -114,6 +115,9 @@ def make_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        if cfg is None and not context.run_config.get("verbose", False):
+            # As `fl-lightning run` without --verbose: our one line per round, not Flower's.
+            logging.getLogger("flwr").setLevel(logging.WARNING)
         config = cfg or config_from_run_config(context.run_config)
         run_federation(grid, config, run or create_run_dir(config), context, console=console)
 

@@ -7,12 +7,19 @@ import os
 import warnings
 
 from fl_lightning.config import Config
+from fl_lightning.errors import ConfigError
 from fl_lightning.rundir import RunDir
 
 
 def backend_config(cfg: Config) -> dict:
     """Ray backend settings: each client reserves `federation.client_resources`."""
     resources = cfg.federation.client_resources
+    if cfg.trainer.accelerator in ("gpu", "cuda") and resources.num_gpus == 0:
+        raise ConfigError(
+            "federation.client_resources.num_gpus: is 0 while trainer.accelerator is "
+            f"{cfg.trainer.accelerator!r}, and Ray hides the GPUs from clients that reserve "
+            "none; set 1 (a GPU per client) or a fraction such as 0.2 (clients share one)"
+        )
     return {
         "client_resources": {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus},
         "init_args": {"num_cpus": os.cpu_count() or 1, "logging_level": logging.WARNING},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from typing import Any
 
 import numpy as np
@@ -49,8 +50,13 @@ class RunTracker:
         self.history: dict[int, dict[str, float]] = {}
         self.tensorboard = TensorBoardLogger(save_dir=run.path, name="tensorboard", version="")
         self.tensorboard.log_hyperparams(_flatten(hparams))
+        # A bar only on a terminal: in a log (a deployment's stream, CI) it is noise.
         self.progress = tqdm(
-            total=num_rounds, unit="round", desc="federated", disable=not console, leave=False
+            total=num_rounds,
+            unit="round",
+            desc="federated",
+            disable=not (console and sys.stderr.isatty()),
+            leave=False,
         )
         self.console = console
         self.clients: list[dict[str, Any]] = []

@@ -49,6 +49,11 @@ def make_trainer(cfg: TrainerConfig, **overrides: Any) -> L.Trainer:
     return L.Trainer(**kwargs)
 
 
+def one_device(cfg: TrainerConfig) -> int | list[int]:
+    """`devices` for evaluation: the first of the configured ones (DDP would shard the data)."""
+    return [cfg.devices[0]] if isinstance(cfg.devices, list) else 1
+
+
 def client_seed(seed: int, server_round: int, partition_id: int) -> int:
     """A seed for one client in one round, independent of every other (client, round)."""
     return int(np.random.SeedSequence([seed, server_round, partition_id]).generate_state(1)[0])
@@ -117,6 +122,6 @@ def validate(
     quiet_lightning()
     dm = FederatedDataModule(cfg.data, cfg.seed, partition_id, num_partitions)
     model = _load(cfg, dm, state_dict)
-    trainer = make_trainer(cfg.trainer, devices=1, strategy="auto")
+    trainer = make_trainer(cfg.trainer, devices=one_device(cfg.trainer), strategy="auto")
     (metrics,) = trainer.validate(model, dataloaders=dm.val_dataloader(), verbose=False)
     return ClientResult(None, {k: float(v) for k, v in metrics.items()}, len(dm.val_indices))

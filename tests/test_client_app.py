@@ -20,7 +20,10 @@ def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def context_for(data_root: Path, partition_id: int) -> Context:
-    overrides = f"data.root={data_root} data.max_train_samples=300 data.max_test_samples=200"
+    overrides = (
+        f"data.root={data_root} data.max_train_samples=300 data.max_test_samples=200 "
+        "federation.num_clients=2"
+    )
     return Context(
         run_id=1,
         node_id=partition_id + 1,
