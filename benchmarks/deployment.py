@@ -23,7 +23,7 @@ from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import machine, record  # noqa: E402
+from accuracy import machine, record
 
 REPO = Path(__file__).resolve().parents[1]
 

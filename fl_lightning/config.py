@@ -131,6 +131,9 @@ class FederationConfig:
     fraction_evaluate: float = 1.0
     round_timeout: float = 3600.0
     client_resources: ClientResourcesConfig = field(default_factory=ClientResourcesConfig)
+    # A running Ray cluster (`ray start --head`; "auto" finds a local head) to spread the
+    # simulated clients over; None starts Ray on this machine alone.
+    ray_address: str | None = None
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,10 @@ def backend_config(cfg: Config) -> dict:
         )
     return {
         "client_resources": {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus},
-        "init_args": {"num_cpus": os.cpu_count() or 1, "logging_level": logging.WARNING},
+        # On a cluster, Ray counts every node's CPUs and GPUs itself.
+        "init_args": {"address": cfg.federation.ray_address, "logging_level": logging.WARNING}
+        if cfg.federation.ray_address
+        else {"num_cpus": os.cpu_count() or 1, "logging_level": logging.WARNING},
     }
 
 

@@ -30,10 +30,22 @@ def fl_lightning(*args: str) -> subprocess.CompletedProcess[str]:
             ["data.root=/nonexistent", "data.download=false"],
             "error: MNIST not found under data.root=/nonexistent",
         ),
+        (
+            ["trainer.accelerator=gpu"],
+            "error: federation.client_resources.num_gpus: is 0 while trainer.accelerator",
+        ),
     ],
 )
-def test_bad_input_exits_with_one_line(overrides: list[str], message: str, tmp_path: Path) -> None:
-    result = fl_lightning("run", "configs/mnist.yaml", *overrides, f"output.dir={tmp_path / 'run'}")
+def test_bad_input_exits_with_one_line(
+    overrides: list[str], message: str, tmp_path: Path, data_root: Path
+) -> None:
+    result = fl_lightning(
+        "run",
+        "configs/mnist.yaml",
+        f"data.root={data_root}",
+        *overrides,
+        f"output.dir={tmp_path / 'run'}",
+    )
     assert result.returncode == 2
     assert result.stderr.startswith(message)
     assert len(result.stderr.strip().splitlines()) == 1
@@ -64,3 +76,16 @@ def test_help_does_not_import_torch() -> None:
     assert (
         time.perf_counter() - started < 10
     )  # generous: a loaded CI machine; the real figure is ~0.1 s
+
+
+def test_deploy_local_checks_its_input_before_starting_anything(tmp_path: Path) -> None:
+    result = fl_lightning("deploy-local", "configs/mnist.yaml", "--gpus", "zero")
+    assert result.returncode == 2
+    assert "argument --gpus: expected CUDA device indices like 0,1" in result.stderr
+    # Overrides may follow options; a bad one fails at load, before any process starts.
+    result = fl_lightning(
+        "deploy-local", "configs/mnist.yaml", "--nodes", "0", f"output.dir={tmp_path / 'run'}"
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: federation.num_clients: must be >= 1, got 0")
+    assert not (tmp_path / "run").exists()

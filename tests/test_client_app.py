@@ -1,5 +1,7 @@
 """The module-level ClientApp (what `flwr run .` and SuperNodes load) on real messages."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,3 +77,15 @@ def test_client_dp_clients_clip_their_update_with_flowers_mod(
     after = reply.content.array_records["arrays"].to_torch_state_dict()
     norm = torch.sqrt(sum(((after[k] - before[k]) ** 2).sum() for k in before))
     assert 0.009 < norm <= 0.01 + 1e-6
+
+
+def test_loading_the_client_app_imports_neither_torch_nor_lightning() -> None:
+    # Deployment starts a fresh ClientApp process per message: loading the app stays cheap,
+    # torch and Lightning load inside the handler that needs them.
+    code = (
+        "import sys, fl_lightning.client_app; "
+        "print(sorted(m for m in ('torch', 'lightning') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -2,7 +2,12 @@ from pathlib import Path
 
 import pytest
 
-from fl_lightning.config import apply_override, config_from_run_config, load_config
+from fl_lightning.config import (
+    apply_node_config,
+    apply_override,
+    config_from_run_config,
+    load_config,
+)
 from fl_lightning.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,3 +122,18 @@ def test_flower_run_config_names_the_yaml_and_overrides() -> None:
     assert relative.model.name == "mnist_net"
     with pytest.raises(ConfigError, match="config-path"):
         config_from_run_config({})
+
+
+def test_node_config_checks_the_partition_and_puts_the_trainer_on_its_gpus() -> None:
+    cfg = load_config("configs/mnist.yaml", ["federation.num_clients=2"])
+    assert apply_node_config(cfg, {"partition-id": 1, "num-partitions": 2}) == cfg
+    on_gpus = apply_node_config(cfg, {"partition-id": 0, "num-partitions": 2, "gpus": "1,3"})
+    assert (on_gpus.trainer.accelerator, on_gpus.trainer.devices) == ("gpu", [1, 3])
+    with pytest.raises(ConfigError, match="node-config 'num-partitions' is 5 but federation"):
+        apply_node_config(cfg, {"partition-id": 0, "num-partitions": 5})
+    with pytest.raises(ConfigError, match=r"node-config 'partition-id' is 2; it must be in 0\.\.1"):
+        apply_node_config(cfg, {"partition-id": 2, "num-partitions": 2})
+    with pytest.raises(ConfigError, match="node-config 'gpus' must list CUDA device indices"):
+        apply_node_config(cfg, {"partition-id": 0, "num-partitions": 2, "gpus": "cuda:0"})
+    with pytest.raises(ConfigError, match="node-config 'partition-id' is missing"):
+        apply_node_config(cfg, {})

@@ -1,0 +1,113 @@
+"""Flower's Deployment Engine on localhost: TLS SuperLink, authenticated SuperNodes, cleanup."""
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fl_lightning.certificates import make_node_key, make_server_credentials
+from fl_lightning.cli import main
+from fl_lightning.config import load_config
+from fl_lightning.deployment import MARKER, LocalDeployment, marked_processes
+
+TINY = ["data.max_train_samples=300", "data.max_test_samples=200", "federation.num_rounds=1"]
+
+
+def any_deployment_process() -> list[int]:
+    """Live processes of any deployment (tests run one at a time)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and f"{MARKER}=".encode() in environ:
+            pids.append(int(entry.name))
+    return pids
+
+
+def test_deploy_local_runs_a_round_over_tls_with_two_authenticated_supernodes(
+    data_root: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    code = main(
+        [
+            "deploy-local",
+            "configs/mnist.yaml",
+            "--nodes",
+            "2",
+            f"data.root={data_root}",
+            *TINY,
+            f"output.dir={run}",
+        ]
+    )
+    assert code == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [0, 1]
+    assert 0.0 <= records[-1]["centralized_accuracy"] <= 1.0
+    assert records[-1]["distributed_accuracy"] is not None  # both SuperNodes evaluated
+    assert (run / "checkpoints" / "last.ckpt").stat().st_size > 0
+    config = load_config(run / "config.yaml")
+    assert config.federation.num_clients == 2  # --nodes sets it
+    superlink = (run / "deployment" / "superlink.log").read_text()
+    assert "https://127.0.0.1" in superlink  # TLS on
+    assert "SuperNode authentication is disabled" not in superlink
+    assert (run / "deployment" / "supernode-1.log").exists()
+    assert any_deployment_process() == []
+
+
+def refused(proc: subprocess.Popen[bytes], log: Path) -> str:
+    """Wait for a SuperNode that should give up; its log."""
+    assert proc.wait(timeout=120) != 0
+    return log.read_text(errors="replace")
+
+
+def test_supernodes_with_a_wrong_certificate_or_an_unregistered_key_are_refused(
+    tmp_path: Path,
+) -> None:
+    with LocalDeployment(1, tmp_path / "deployment") as fed:
+        (registered,) = fed.online_nodes()
+        stranger = make_node_key(tmp_path / "keys", "stranger")
+        log = refused(
+            fed.start_supernode(
+                "stranger",
+                stranger.private,
+                "partition-id=0 num-partitions=1",
+                fed.credentials.ca_cert,
+            ),
+            fed.logs / "stranger.log",
+        )
+        assert "Failed to activate SuperNode" in log
+        # A registered key, but the node trusts another CA: the TLS handshake fails.
+        impostor = make_node_key(tmp_path / "keys", "impostor")
+        fed.register(impostor.public)
+        other_ca = make_server_credentials(tmp_path / "other-ca").ca_cert
+        log = refused(
+            fed.start_supernode(
+                "impostor", impostor.private, "partition-id=0 num-partitions=1", other_ca
+            ),
+            fed.logs / "impostor.log",
+        )
+        assert "CERTIFICATE_VERIFY_FAILED" in log
+        assert fed.online_nodes() == {registered}
+    assert marked_processes(str(tmp_path / "deployment")) == []
+
+
+def test_a_failed_run_and_an_interrupted_deployment_leave_no_process_behind(
+    data_root: Path, tmp_path: Path
+) -> None:
+    workdir = tmp_path / "deployment"
+    cfg = load_config("configs/mnist.yaml", [*TINY, f"data.root={data_root}"]).to_dict()
+    cfg["federation"]["num_clients"] = 1
+    cfg["data"]["root"] = str(tmp_path / "no-such-data")  # the ServerApp fails on it
+    cfg["output"]["dir"] = str(tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt), LocalDeployment(1, workdir) as fed:
+        fed.submit(cfg)
+        assert not (tmp_path / "run" / "metrics.jsonl").exists()
+        assert marked_processes(str(workdir)) != []  # SuperLink and SuperNode still up
+        raise KeyboardInterrupt  # the user's Ctrl-C while the deployment runs
+    assert marked_processes(str(workdir)) == []
