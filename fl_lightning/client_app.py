@@ -53,15 +53,19 @@ def _clipping_mod(cfg: Config | None) -> Mod:
     return mod
 
 
-def make_client_app(cfg: Config | None = None, secure_mods: Sequence[Mod] = ()) -> ClientApp:
+def make_client_app(
+    cfg: Config | None = None, secure_mods: Sequence[Mod] = (), mods: Sequence[Mod] = ()
+) -> ClientApp:
     """A ClientApp bound to `cfg`, or reading it from the run config when `cfg` is None.
+
+    `mods` wrap every message (tests inject client faults with them).
 
     Runs with `secure_aggregation.enabled` speak Flower's legacy API (SecAgg+ exists only
     there): their messages go to the legacy ClientApp of `secure_aggregation`, which calls
     the same Lightning training. `secure_mods` run before its `secaggplus_mod` (tests use
     them to make a client drop out mid-protocol).
     """
-    app = ClientApp()
+    app = ClientApp(mods=list(mods))
     secure_app: ClientApp | None = None
 
     def secure() -> ClientApp:
@@ -119,6 +123,11 @@ def make_client_app(cfg: Config | None = None, secure_mods: Sequence[Mod] = ()) 
             }
         )
         return Message(content=content, reply_to=msg)
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        """Which partition this node holds (the server orders its sampling by it)."""
+        return Message(content=RecordDict({"client": _identity(context)}), reply_to=msg)
 
     return app
 

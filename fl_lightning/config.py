@@ -130,6 +130,9 @@ class FederationConfig:
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
     round_timeout: float = 3600.0
+    # A round aggregates only if at least this many sampled clients sent a usable update;
+    # otherwise it is skipped (the global model stays) with a warning.
+    min_train_clients: int = 1
     client_resources: ClientResourcesConfig = field(default_factory=ClientResourcesConfig)
     # A running Ray cluster (`ray start --head`; "auto" finds a local head) to spread the
     # simulated clients over; None starts Ray on this machine alone.
@@ -468,6 +471,12 @@ def validate(cfg: Config) -> None:
         f"must be in [0, 1], got {f.fraction_evaluate}",
     )
     _check(f.round_timeout > 0, "federation.round_timeout", f"must be > 0, got {f.round_timeout}")
+    _check(
+        1 <= f.min_train_clients <= sampled_clients(f),
+        "federation.min_train_clients",
+        f"must be between 1 and the {sampled_clients(f)} clients sampled per round, "
+        f"got {f.min_train_clients}",
+    )
     r = f.client_resources
     _check(r.num_cpus > 0, "federation.client_resources.num_cpus", f"must be > 0, got {r.num_cpus}")
     _check(

@@ -56,6 +56,11 @@ class RoundRecorder:
         self.metrics[f"time/{phase}"] = self.metrics.get(f"time/{phase}", 0.0) + now - self._lap
         self._lap = now
 
+    def count(self, **counts: int) -> None:
+        """Add to this round's counters (`failures`, `rejected`), logged even when zero."""
+        for name, n in counts.items():
+            self.metrics[name] = self.metrics.get(name, 0) + n
+
     def add(self, metrics: dict[str, float]) -> None:
         """Client metrics aggregated this round (`train/*`, `distributed/*`, ...)."""
         self.metrics.update(metrics)

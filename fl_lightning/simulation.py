@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Sequence
+
+from flwr.clientapp.typing import Mod
 
 from fl_lightning.config import Config
 from fl_lightning.errors import ConfigError
@@ -35,8 +38,20 @@ def _drop_run_simulation_deprecation(record: logging.LogRecord) -> bool:
     return "`run_simulation` function is deprecated" not in record.getMessage()
 
 
-def run_simulation(cfg: Config, run: RunDir, verbose: bool = False) -> None:
-    """Simulate `federation.num_clients` SuperNodes running the ClientApp against the ServerApp."""
+def _drop_client_tracebacks(record: logging.LogRecord) -> bool:
+    # Flower logs every failed client message with Ray's full traceback; the strategy says
+    # each distinct client error once, readably (fl_lightning.replies). --verbose keeps both.
+    return not (record.levelno >= logging.ERROR and record.pathname.endswith("vce_api.py"))
+
+
+def run_simulation(
+    cfg: Config, run: RunDir, verbose: bool = False, client_mods: Sequence[Mod] = ()
+) -> None:
+    """Simulate `federation.num_clients` SuperNodes running the ClientApp against the ServerApp.
+
+    `client_mods` wrap every client message: a hook for tests that inject faults, not
+    reachable from a config.
+    """
     from flwr.simulation import run_simulation as flwr_run_simulation
 
     from fl_lightning.client_app import make_client_app
@@ -47,10 +62,11 @@ def run_simulation(cfg: Config, run: RunDir, verbose: bool = False) -> None:
         flwr_logger = logging.getLogger("flwr")
         flwr_logger.setLevel(logging.WARNING)
         flwr_logger.addFilter(_drop_run_simulation_deprecation)
+        flwr_logger.addFilter(_drop_client_tracebacks)
         warnings.filterwarnings("ignore", message="Tip: In future versions of Ray")
     flwr_run_simulation(
         server_app=make_server_app(cfg, run),
-        client_app=make_client_app(cfg),
+        client_app=make_client_app(cfg, mods=client_mods),
         num_supernodes=cfg.federation.num_clients,
         backend_config=backend_config(cfg),
         verbose_logging=verbose,

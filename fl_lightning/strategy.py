@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import random
+from collections.abc import Iterable, Iterator
 from logging import WARNING
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from flwr.app import (
@@ -12,8 +14,10 @@ from flwr.app import (
     ArrayRecord,
     ConfigRecord,
     Message,
+    MessageType,
     MetricRecord,
     MetricRecordValues,
+    RecordDict,
 )
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -31,6 +35,7 @@ from flwr.serverapp.strategy import (
 
 from fl_lightning.client_app import UNIFORM_WEIGHT
 from fl_lightning.config import Config
+from fl_lightning.replies import ReplyScreen, partition_of
 from fl_lightning.rounds import RoundRecorder, round_lr
 
 
@@ -72,7 +77,9 @@ class LightningFedAvg(FedAvg):
         super().__init__(**kwargs)
         self.cfg = cfg
         self.recorder = recorder
+        self.screen = ReplyScreen()
         self._global: ArrayRecord | None = None
+        self._node_partitions: dict[int, int] | None = None  # node id -> partition id
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -87,17 +94,62 @@ class LightningFedAvg(FedAvg):
         self.recorder.start()
         self._global = arrays
         config["lr"] = round_lr(self.cfg.optimizer, server_round)
-        return super().configure_train(server_round, arrays, config, grid)
+        with self._sampling(grid, server_round, "train") as ordered:
+            return list(super().configure_train(server_round, arrays, config, ordered))
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample clients for federated evaluation, reproducibly (see `_sampling`)."""
+        with self._sampling(grid, server_round, "evaluate") as ordered:
+            return list(super().configure_evaluate(server_round, arrays, config, ordered))
+
+    @contextlib.contextmanager
+    def _sampling(self, grid: Grid, server_round: int, stage: str) -> Iterator[Grid]:
+        """Make Flower's client sampling depend on (seed, round, stage) alone.
+
+        Flower draws `random.sample` from Python's global RNG over node ids that are random
+        per run; the same seed would sample other partitions in every run, and a resumed run
+        others than the run it continues. With partial participation, nodes are put in
+        partition order (asked once, with a query message) and the draw is seeded; the
+        global RNG is restored afterwards.
+        """
+        f = self.cfg.federation
+        if f.fraction_train == 1.0 and f.fraction_evaluate in (0.0, 1.0):
+            yield grid  # everybody takes part: nothing to reproduce
+            return
+        if self._node_partitions is None:
+            self._node_partitions = query_partitions(grid, f.round_timeout)
+        state = random.getstate()
+        random.seed(f"{self.cfg.seed}/{server_round}/{stage}")
+        try:
+            yield cast(Grid, _PartitionOrderedGrid(grid, self._node_partitions))
+        finally:
+            random.setstate(state)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate, restore the model's dtypes, and keep the train metrics for the round's log."""
         self.recorder.lap("client_training")  # sending, training, receiving
-        replies = _in_partition_order(_report_errors(list(replies), "train"))
+        screened = self.screen.screen(list(replies), "train", reference=self._global)
+        self.recorder.count(failures=screened.failures, rejected=screened.rejected)
+        replies = screened.valid
         ledger = self.recorder.ledger
         if ledger is not None and self.cfg.privacy.mode == "dp_sgd":
             ledger.record_dp_sgd(_client_epsilons(replies))
+        needed = self.cfg.federation.min_train_clients
+        if len(replies) < needed:
+            log(
+                WARNING,
+                "round %d skipped: %d usable updates, federation.min_train_clients is %d; "
+                "the global model stays as it was",
+                server_round,
+                len(replies),
+                needed,
+            )
+            self.recorder.lap("aggregation")
+            return None, None
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is not None and self._global is not None:
             arrays = restore_dtypes(arrays, self._global)
@@ -111,8 +163,9 @@ class LightningFedAvg(FedAvg):
     ) -> MetricRecord | None:
         """Example-weighted mean of the clients' `val/*` metrics, kept as `distributed/*`."""
         self.recorder.lap("client_evaluation")
-        replies = _in_partition_order(_report_errors(list(replies), "evaluate"))
-        metrics = super().aggregate_evaluate(server_round, replies)
+        screened = self.screen.screen(list(replies), "evaluate")
+        self.recorder.count(failures=screened.failures)
+        metrics = super().aggregate_evaluate(server_round, screened.valid)
         if metrics is not None:
             self.recorder.add(_client_metrics(metrics, "val/", "distributed/"))
         return metrics
@@ -186,29 +239,36 @@ def build_strategy(cfg: Config, recorder: RoundRecorder, **sampling: Any) -> Lig
     return cls(cfg=cfg, recorder=recorder, **params, **sampling)
 
 
-def _report_errors(replies: list[Message], stage: str) -> list[Message]:
-    """Warn about each failed client reply (Flower itself logs them at INFO only)."""
-    for reply in replies:
-        if reply.has_error():
-            log(
-                WARNING,
-                "client %s failed in %s: %s",
-                reply.metadata.src_node_id,
-                stage,
-                reply.error.reason,
-            )
-    return replies
+class _PartitionOrderedGrid:
+    """A Grid whose node ids come in partition order (what Flower's sampling draws from)."""
+
+    def __init__(self, grid: Grid, partitions: dict[int, int]) -> None:
+        self._grid = grid
+        self._partitions = partitions
+
+    def get_node_ids(self) -> list[int]:
+        """Connected node ids, sorted by partition id (unknown nodes last, by id)."""
+        return sorted(
+            self._grid.get_node_ids(),
+            key=lambda node: (self._partitions.get(node, len(self._partitions)), node),
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
 
 
-def _in_partition_order(replies: list[Message]) -> list[Message]:
-    """Replies sorted by partition id: float sums then do not depend on arrival order."""
-
-    def partition(reply: Message) -> int:
-        if reply.has_error() or "client" not in reply.content.config_records:
-            return -1
-        return int(reply.content.config_records["client"]["partition-id"])  # type: ignore[arg-type]
-
-    return sorted(replies, key=partition)
+def query_partitions(grid: Grid, timeout: float) -> dict[int, int]:
+    """Node id -> partition id of every connected node (one query message each)."""
+    messages = [
+        Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY)
+        for node in grid.get_node_ids()
+    ]
+    partitions = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        partition = partition_of(reply)
+        if partition >= 0:
+            partitions[reply.metadata.src_node_id] = partition
+    return partitions
 
 
 def _client_epsilons(replies: list[Message]) -> dict[int, float]:
