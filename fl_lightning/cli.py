@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -46,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--verbose", action="store_true", help="show Flower's (and Ray's) own logs"
         )
+    run.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue a killed run of the same config from its last completed round",
+    )
     deploy.add_argument(
         "--nodes",
         type=int,
@@ -95,14 +101,27 @@ def _report(cfg: Config, run: RunDir) -> int:
 
 def run_command(args: argparse.Namespace) -> int:
     """Load and validate the config, check the data, then simulate."""
+    from fl_lightning.errors import ConfigError
     from fl_lightning.rundir import create_run_dir
     from fl_lightning.simulation import backend_config, run_simulation
 
     cfg = _prepare(args.config, args.overrides)
     backend_config(cfg)  # Ray's settings are valid before any directory is made
-    run = create_run_dir(cfg)
-    print(f"fl-lightning: writing {run.path}", file=sys.stderr)
-    run_simulation(cfg, run, verbose=args.verbose)
+    if args.resume is None:
+        run = create_run_dir(cfg)
+        print(f"fl-lightning: writing {run.path}", file=sys.stderr)
+        run_simulation(cfg, run, verbose=args.verbose)
+        return _report(cfg, run)
+    from fl_lightning import resume
+
+    if cfg.privacy.mode != "none" or cfg.secure_aggregation.enabled:
+        raise ConfigError(
+            "--resume: runs with privacy or secure aggregation cannot be resumed yet "
+            "(their clients' privacy accountants are not saved); start the run again"
+        )
+    run, state = resume.load(cfg, Path(args.resume))
+    print(f"fl-lightning: resuming {run.path} after round {state.round}", file=sys.stderr)
+    run_simulation(cfg, run, verbose=args.verbose, resume=state)
     return _report(cfg, run)
 
 

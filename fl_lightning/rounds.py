@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from fl_lightning import resume
 from fl_lightning.config import OptimizerConfig
 from fl_lightning.evaluation import CentralEvaluator
 from fl_lightning.rundir import RunDir
@@ -42,6 +43,7 @@ class RoundRecorder:
         self.tracker = tracker
         self.run = run
         self.ledger = ledger
+        self.strategy: object | None = None  # whose cross-round state --resume restores
         self.metrics: dict[str, float] = {}
         self._started = self._lap = time.perf_counter()
 
@@ -77,5 +79,15 @@ class RoundRecorder:
         privacy = self.ledger.metrics() if self.ledger is not None else {}
         self.tracker.log_round(
             server_round, {**self.metrics, **metrics, **privacy, "seconds": elapsed}
+        )
+        # Last: a round counts as completed for --resume once everything above is written.
+        resume.save(
+            self.run,
+            resume.ResumeState(
+                server_round,
+                {k: v.detach().cpu() for k, v in state_dict.items()},
+                resume.strategy_state(self.strategy) if self.strategy is not None else {},
+                self.tracker.history,
+            ),
         )
         return metrics

@@ -16,18 +16,24 @@ from fl_lightning.rundir import RunDir, create_run_dir
 if TYPE_CHECKING:  # torch and Lightning load when the ServerApp runs, not at import
     import torch
 
+    from fl_lightning.resume import ResumeState
     from fl_lightning.rounds import RoundRecorder
 
 
 def run_federation(
-    grid: Grid, cfg: Config, run: RunDir, context: Context | None = None, console: bool = True
+    grid: Grid,
+    cfg: Config,
+    run: RunDir,
+    context: Context | None = None,
+    console: bool = True,
+    resume: ResumeState | None = None,
 ) -> None:
     """Run `federation.num_rounds` rounds of the strategy and write the run directory.
 
     With `secure_aggregation.enabled`, the rounds run Flower's SecAgg+ workflow (legacy
     API, which needs the ServerApp's `context`). A run with `privacy.max_epsilon` ends
     early, cleanly, before a round that would exceed it: the last completed round's
-    checkpoint is the run's model.
+    checkpoint is the run's model. With `resume`, the rounds continue after its round.
     """
     import lightning as L
 
@@ -42,6 +48,11 @@ def run_federation(
     initial = ArrayRecord(evaluator.model.state_dict())
     fed = cfg.federation
     tracker = RunTracker(run, fed.num_rounds, cfg.to_dict(), console=console)
+    start = initial
+    if resume is not None:
+        tracker.history.update(resume.history)
+        tracker.progress.update(resume.round)
+        start = ArrayRecord(resume.weights)
     counts = label_counts(cfg.data, fed.num_clients, cfg.seed)
     tracker.log_label_histogram(counts.numpy(), evaluator.datamodule.splits.classes)
     recorder = RoundRecorder(evaluator, tracker, run)
@@ -61,7 +72,7 @@ def run_federation(
             assert context is not None, "SecAgg+ runs in a ServerApp (it needs its Context)"
             final = run_secure_rounds(grid, context, cfg, recorder, initial, partition_sizes)
         else:
-            final = _run_rounds(grid, cfg, recorder, initial)
+            final = _run_rounds(grid, cfg, recorder, start, resume)
         if cfg.output.client_report:
             tracker.log_clients(client_report(cfg, evaluator, initial.to_torch_state_dict(), final))
     except PrivacyBudgetExceeded as stop:
@@ -72,9 +83,13 @@ def run_federation(
 
 
 def _run_rounds(
-    grid: Grid, cfg: Config, recorder: RoundRecorder, initial: ArrayRecord
+    grid: Grid,
+    cfg: Config,
+    recorder: RoundRecorder,
+    initial: ArrayRecord,
+    resume: ResumeState | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The Message-API strategy's rounds; returns the final global state dict."""
+    """The Message-API strategy's rounds (those after `resume`'s); the final global weights."""
     from fl_lightning.strategy import build_strategy
 
     fed = cfg.federation
@@ -89,6 +104,12 @@ def _run_rounds(
         min_evaluate_nodes=1,
         min_available_nodes=fed.num_clients,
     )
+    recorder.strategy = strategy
+    done = 0
+    if resume is not None:
+        done = strategy.round_offset = resume.round
+        for name, value in resume.strategy.items():
+            setattr(strategy, name, value)
     runner: Strategy = strategy
     if cfg.privacy.mode == "client_dp":
         from fl_lightning.client_dp import wrap_strategy
@@ -98,7 +119,7 @@ def _run_rounds(
     result = runner.start(
         grid=grid,
         initial_arrays=initial,
-        num_rounds=fed.num_rounds,
+        num_rounds=fed.num_rounds - done,
         timeout=fed.round_timeout,
         train_config=ConfigRecord(),
         evaluate_config=ConfigRecord(),
@@ -108,7 +129,10 @@ def _run_rounds(
 
 
 def make_server_app(
-    cfg: Config | None = None, run: RunDir | None = None, console: bool = True
+    cfg: Config | None = None,
+    run: RunDir | None = None,
+    console: bool = True,
+    resume: ResumeState | None = None,
 ) -> ServerApp:
     """A ServerApp bound to `cfg` and `run`, or reading the config from the run config when None."""
     app = ServerApp()
@@ -119,7 +143,9 @@ def make_server_app(
             # As `fl-lightning run` without --verbose: our one line per round, not Flower's.
             logging.getLogger("flwr").setLevel(logging.WARNING)
         config = cfg or config_from_run_config(context.run_config)
-        run_federation(grid, config, run or create_run_dir(config), context, console=console)
+        run_federation(
+            grid, config, run or create_run_dir(config), context, console=console, resume=resume
+        )
 
     return app
 

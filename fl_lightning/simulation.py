@@ -6,12 +6,16 @@ import logging
 import os
 import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from flwr.clientapp.typing import Mod
 
 from fl_lightning.config import Config
 from fl_lightning.errors import ConfigError
 from fl_lightning.rundir import RunDir
+
+if TYPE_CHECKING:
+    from fl_lightning.resume import ResumeState
 
 
 def backend_config(cfg: Config) -> dict:
@@ -45,7 +49,11 @@ def _drop_client_tracebacks(record: logging.LogRecord) -> bool:
 
 
 def run_simulation(
-    cfg: Config, run: RunDir, verbose: bool = False, client_mods: Sequence[Mod] = ()
+    cfg: Config,
+    run: RunDir,
+    verbose: bool = False,
+    client_mods: Sequence[Mod] = (),
+    resume: ResumeState | None = None,
 ) -> None:
     """Simulate `federation.num_clients` SuperNodes running the ClientApp against the ServerApp.
 
@@ -65,7 +73,7 @@ def run_simulation(
         flwr_logger.addFilter(_drop_client_tracebacks)
         warnings.filterwarnings("ignore", message="Tip: In future versions of Ray")
     flwr_run_simulation(
-        server_app=make_server_app(cfg, run),
+        server_app=make_server_app(cfg, run, resume=resume),
         client_app=make_client_app(cfg, mods=client_mods),
         num_supernodes=cfg.federation.num_clients,
         backend_config=backend_config(cfg),

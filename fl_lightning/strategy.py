@@ -80,6 +80,8 @@ class LightningFedAvg(FedAvg):
         self.screen = ReplyScreen()
         self._global: ArrayRecord | None = None
         self._node_partitions: dict[int, int] | None = None  # node id -> partition id
+        # Rounds already completed by the run this one resumes: Flower counts from 1 again.
+        self.round_offset = 0
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -89,6 +91,7 @@ class LightningFedAvg(FedAvg):
         Raises PrivacyBudgetExceeded, before any client trains, if the round would take a
         client past `privacy.max_epsilon`.
         """
+        server_round += self.round_offset
         if self.recorder.ledger is not None:
             self.recorder.ledger.check_next_round(server_round)
         self.recorder.start()
@@ -101,6 +104,7 @@ class LightningFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample clients for federated evaluation, reproducibly (see `_sampling`)."""
+        server_round += self.round_offset
         with self._sampling(grid, server_round, "evaluate") as ordered:
             return list(super().configure_evaluate(server_round, arrays, config, ordered))
 
@@ -131,6 +135,7 @@ class LightningFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate, restore the model's dtypes, and keep the train metrics for the round's log."""
+        server_round += self.round_offset
         self.recorder.lap("client_training")  # sending, training, receiving
         screened = self.screen.screen(list(replies), "train", reference=self._global)
         self.recorder.count(failures=screened.failures, rejected=screened.rejected)
@@ -162,6 +167,7 @@ class LightningFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Example-weighted mean of the clients' `val/*` metrics, kept as `distributed/*`."""
+        server_round += self.round_offset
         self.recorder.lap("client_evaluation")
         screened = self.screen.screen(list(replies), "evaluate")
         self.recorder.count(failures=screened.failures)
@@ -170,8 +176,11 @@ class LightningFedAvg(FedAvg):
             self.recorder.add(_client_metrics(metrics, "val/", "distributed/"))
         return metrics
 
-    def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Centralized evaluation (Flower's `evaluate_fn`): test split, checkpoint, round record."""
+        if server_round == 0 and self.round_offset:
+            return None  # a resumed run: its starting model was evaluated before the kill
+        server_round += self.round_offset
         if server_round == 0:
             self.recorder.start()
         metrics = self.recorder.close(server_round, arrays.to_torch_state_dict())

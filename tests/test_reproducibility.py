@@ -1,8 +1,16 @@
-"""Same seed, same numbers: two runs of one config write the same metrics.jsonl."""
+"""Same seed, same numbers: a rerun, and a killed run resumed, write the same metrics."""
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Any
 
-from tests.test_end_to_end import read_metrics
+import torch
+
+from tests.test_end_to_end import REPO, read_metrics
 from tests.test_faults import simulate
 
 
@@ -20,3 +28,68 @@ def test_the_same_config_twice_gives_identical_metrics(data_root: Path, tmp_path
     second = read_metrics(simulate(data_root, tmp_path / "b", overrides, [], clients=4).path)
     assert [r["round"] for r in first] == [0, 1, 2]
     assert without_timings(first) == without_timings(second)
+
+
+def fl_lightning(*args: str, **kwargs: Any) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "fl_lightning.cli", "run", *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # the kill below takes Ray's processes with the driver
+        **kwargs,
+    )
+
+
+def completed_round(run: Path) -> int:
+    try:
+        return int(torch.load(run / "checkpoints" / "resume.pt", weights_only=False)["round"])
+    except (FileNotFoundError, EOFError, RuntimeError):
+        return -1
+
+
+def test_a_run_killed_after_round_2_of_4_resumes_to_the_same_result(
+    data_root: Path, tmp_path: Path
+) -> None:
+    # FedAvgM: its server momentum must survive the kill too.
+    args = [
+        "configs/mnist.yaml",
+        f"data.root={data_root}",
+        "data.max_train_samples=300",
+        "data.max_test_samples=200",
+        "federation.num_clients=2",
+        "federation.num_rounds=4",
+        "trainer.max_epochs=1",
+        "strategy.name=fedavgm",
+    ]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert fl_lightning(*args, f"output.dir={full}").wait(timeout=600) == 0
+
+    proc = fl_lightning(*args, f"output.dir={killed}")
+    deadline = time.monotonic() + 600
+    while completed_round(killed) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 2 <= completed_round(killed) < 4  # killed mid-run
+
+    resumed = fl_lightning(*args, f"output.dir={killed}", "--resume", str(killed))
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
+    assert [r["round"] for r in read_metrics(killed)] == [0, 1, 2, 3, 4]
+    assert without_timings(read_metrics(killed)) == without_timings(read_metrics(full))
+
+
+def test_resume_refuses_a_run_of_another_config(data_root: Path, tmp_path: Path) -> None:
+    run = simulate(data_root, tmp_path / "run", ["federation.num_rounds=1"], [])
+    before = run.metrics.read_text()
+    proc = fl_lightning(
+        "configs/mnist.yaml",
+        f"data.root={data_root}",
+        "optimizer.lr=0.5",
+        "--resume",
+        str(run.path),
+    )
+    assert proc.wait(timeout=120) == 2
+    error = proc.stderr.read().decode()  # type: ignore[union-attr]
+    assert error.startswith("error: --resume:") and "another config" in error
+    assert run.metrics.read_text() == before  # nothing touched
