@@ -106,14 +106,18 @@ def markdown(results: list[dict]) -> str:
         f"Measured {date.today().isoformat()} on {machine()} with "
         "`python benchmarks/faults.py --data <data>`.",
         "",
-        "| scenario | injected | failures counted | updates rejected | centralized accuracy "
-        "per round | final |",
-        "|---|---|---|---|---|---|",
+        "| scenario | injected | what the run did | failures counted | updates rejected "
+        "| centralized accuracy per round | final |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in results:
         per_round = ", ".join(f"{a:.4f}" for a in r["accuracy_per_round"])
+        aggregated = sum(loss is not None for loss in r["train_loss"])
+        did = f"completed {r['rounds']} rounds, aggregated {aggregated}"
+        if aggregated < r["rounds"]:
+            did += f", skipped {r['rounds'] - aggregated} (too few usable updates)"
         lines.append(
-            f"| {r['scenario']} | {r['injected']} | {r['failures']} | {r['rejected']} | "
+            f"| {r['scenario']} | {r['injected']} | {did} | {r['failures']} | {r['rejected']} | "
             f"{per_round} | {r['final_accuracy']:.4f} |"
         )
     return "\n".join(lines)

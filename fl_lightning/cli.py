@@ -114,10 +114,10 @@ def run_command(args: argparse.Namespace) -> int:
         return _report(cfg, run)
     from fl_lightning import resume
 
-    if cfg.privacy.mode != "none" or cfg.secure_aggregation.enabled:
+    if cfg.secure_aggregation.enabled:
         raise ConfigError(
-            "--resume: runs with privacy or secure aggregation cannot be resumed yet "
-            "(their clients' privacy accountants are not saved); start the run again"
+            "--resume: runs with secure_aggregation.enabled cannot be resumed yet "
+            "(Flower's SecAgg+ workflow has no round offset); start the run again"
         )
     run, state = resume.load(cfg, Path(args.resume))
     print(f"fl-lightning: resuming {run.path} after round {state.round}", file=sys.stderr)

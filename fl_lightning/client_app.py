@@ -86,6 +86,10 @@ def make_client_app(
 
         round_config = msg.content.config_records["config"]
         accountant = context.state.config_records.get(ACCOUNTANT_RECORD)
+        partition = _partition(context)[0]
+        # After --resume the server resends the accountants the killed run's clients held.
+        resent = round_config.get(f"accountant-{partition}")
+        accountant_state = cast(str, accountant["state"]) if accountant else resent
         result = training.fit(
             config,
             msg.content.array_records["arrays"].to_torch_state_dict(),
@@ -93,11 +97,9 @@ def make_client_app(
             server_round=cast(int, round_config["server-round"]),
             lr=cast(float, round_config.get("lr", config.optimizer.lr)),
             proximal_mu=cast(float, round_config.get("proximal-mu", 0.0)),
-            accountant_state=cast(str, accountant["state"]) if accountant else None,
+            accountant_state=cast(str | None, accountant_state),
         )
         assert result.state_dict is not None
-        if result.accountant_state is not None:
-            context.state[ACCOUNTANT_RECORD] = ConfigRecord({"state": result.accountant_state})
         content = RecordDict(
             {
                 "arrays": ArrayRecord(result.state_dict),
@@ -105,6 +107,10 @@ def make_client_app(
                 "client": _identity(context),
             }
         )
+        if result.accountant_state is not None:
+            record = ConfigRecord({"state": result.accountant_state})
+            context.state[ACCOUNTANT_RECORD] = record
+            content[ACCOUNTANT_RECORD] = record  # the server keeps it for --resume
         return Message(content=content, reply_to=msg)
 
     @app.evaluate()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from opacus.accountants import RDPAccountant
 
 from fl_lightning.config import Config
@@ -72,6 +74,20 @@ class PrivacyLedger:
     def record_release(self) -> None:
         """client_dp: one noised aggregate was released."""
         self.releases.step(noise_multiplier=self.client_dp_noise_multiplier, sample_rate=1.0)
+
+    def state(self) -> dict[str, Any]:
+        """What the ledger has recorded so far (for --resume)."""
+        return {
+            "rounds_taken": list(self.rounds_taken),
+            "reported": dict(self.reported),
+            "releases": list(self.releases.history),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Continue from `state()` of a killed run."""
+        self.rounds_taken = list(state["rounds_taken"])
+        self.reported = dict(state["reported"])
+        self.releases.history = list(state["releases"])
 
     def metrics(self) -> dict[str, float]:
         """`epsilon` (the largest client's) and, for dp_sgd, `epsilon_mean` over clients."""

@@ -1,19 +1,22 @@
 """What a killed run needs to continue: `checkpoints/resume.pt`, written after every round.
 
 It holds the last completed round, the global weights, the strategy's own state (FedAdam's
-moments, FedAvgM's momentum, ...) and the round records behind summary.md. Nothing else
-is needed to reproduce the rest of the run: every other random draw (client shuffles,
-dropout, augmentation, client sampling) is seeded by (seed, round, client).
+moments, FedAvgM's momentum, DP-SGD clients' accountants), the privacy ledger, the
+server's global RNG states (Flower's DP wrappers draw noise from NumPy's) and the round
+records behind summary.md. Every client-side random draw (shuffles, dropout,
+augmentation, DP-SGD noise) and client sampling is seeded by (seed, round, client).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 
@@ -22,7 +25,7 @@ from fl_lightning.errors import ConfigError
 from fl_lightning.rundir import RunDir
 
 # Attributes in which Flower's strategies keep state across rounds.
-STRATEGY_STATE = ("current_arrays", "m_t", "v_t", "momentum_vector")
+STRATEGY_STATE = ("current_arrays", "m_t", "v_t", "momentum_vector", "accountants")
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,25 @@ class ResumeState:
     weights: dict[str, torch.Tensor]
     strategy: dict[str, Any]
     history: dict[int, dict[str, float]]
+    ledger: dict[str, Any] | None = None  # the server's privacy ledger
+    # The server process's global RNGs (Flower's DP wrappers draw their noise from numpy's).
+    rng: dict[str, Any] | None = None
+
+
+def capture_rng() -> dict[str, Any]:
+    """This process's global Python, NumPy and torch RNG states."""
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+
+
+def restore_rng(rng: dict[str, Any]) -> None:
+    """Put back what `capture_rng` saw."""
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
 
 
 def resume_path(run: RunDir) -> Path:
@@ -60,6 +82,8 @@ def save(run: RunDir, state: ResumeState) -> None:
             "weights": state.weights,
             "strategy": state.strategy,
             "history": state.history,
+            "ledger": state.ledger,
+            "rng": state.rng,
         },
         partial,
     )
@@ -90,7 +114,9 @@ def load(cfg: Config, path: Path) -> tuple[RunDir, ResumeState]:
             f"--resume: {path} has no completed round to continue from; start it again instead"
         )
     raw = torch.load(resume_path(run), map_location="cpu", weights_only=False)
-    state = ResumeState(raw["round"], raw["weights"], raw["strategy"], raw["history"])
+    state = ResumeState(
+        raw["round"], raw["weights"], raw["strategy"], raw["history"], raw["ledger"], raw["rng"]
+    )
     if state.round >= cfg.federation.num_rounds:
         raise ConfigError(
             f"--resume: {path} already finished all {cfg.federation.num_rounds} rounds"

@@ -88,6 +88,8 @@ class RoundRecorder:
                 {k: v.detach().cpu() for k, v in state_dict.items()},
                 resume.strategy_state(self.strategy) if self.strategy is not None else {},
                 self.tracker.history,
+                self.ledger.state() if self.ledger is not None else None,
+                resume.capture_rng(),
             ),
         )
         return metrics

@@ -65,6 +65,12 @@ def run_federation(
         recorder.ledger = PrivacyLedger(cfg, partition_sizes)
         if any(isinstance(m, torch.nn.GroupNorm) for m in evaluator.model.modules()):
             tracker.note("privacy: BatchNorm replaced by GroupNorm (Opacus ModuleValidator.fix)")
+        if resume is not None and resume.ledger is not None:
+            recorder.ledger.load_state(resume.ledger)
+    if resume is not None and resume.rng is not None:
+        from fl_lightning.resume import restore_rng
+
+        restore_rng(resume.rng)  # last: everything above may draw from the global RNGs
     try:
         if cfg.secure_aggregation.enabled:
             from fl_lightning.secure_aggregation import run_secure_rounds
@@ -110,6 +116,7 @@ def _run_rounds(
         done = strategy.round_offset = resume.round
         for name, value in resume.strategy.items():
             setattr(strategy, name, value)
+        strategy.resent_accountants = bool(strategy.accountants)
     runner: Strategy = strategy
     if cfg.privacy.mode == "client_dp":
         from fl_lightning.client_dp import wrap_strategy

@@ -33,7 +33,7 @@ from flwr.serverapp.strategy import (
     Krum,
 )
 
-from fl_lightning.client_app import UNIFORM_WEIGHT
+from fl_lightning.client_app import ACCOUNTANT_RECORD, UNIFORM_WEIGHT
 from fl_lightning.config import Config
 from fl_lightning.replies import ReplyScreen, partition_of
 from fl_lightning.rounds import RoundRecorder, round_lr
@@ -82,6 +82,10 @@ class LightningFedAvg(FedAvg):
         self._node_partitions: dict[int, int] | None = None  # node id -> partition id
         # Rounds already completed by the run this one resumes: Flower counts from 1 again.
         self.round_offset = 0
+        self._sent = {"train": 0, "evaluate": 0}  # messages sent this round
+        # DP-SGD: each client's accountant (JSON) as last reported, kept for --resume.
+        self.accountants: dict[int, str] = {}
+        self.resent_accountants = False
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -97,8 +101,14 @@ class LightningFedAvg(FedAvg):
         self.recorder.start()
         self._global = arrays
         config["lr"] = round_lr(self.cfg.optimizer, server_round)
+        if self.resent_accountants:
+            # A resumed DP-SGD run: clients' own accountants died with the killed run.
+            for partition, state in self.accountants.items():
+                config[f"accountant-{partition}"] = state
         with self._sampling(grid, server_round, "train") as ordered:
-            return list(super().configure_train(server_round, arrays, config, ordered))
+            messages = list(super().configure_train(server_round, arrays, config, ordered))
+        self._sent["train"] = len(messages)
+        return messages
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -106,7 +116,9 @@ class LightningFedAvg(FedAvg):
         """Sample clients for federated evaluation, reproducibly (see `_sampling`)."""
         server_round += self.round_offset
         with self._sampling(grid, server_round, "evaluate") as ordered:
-            return list(super().configure_evaluate(server_round, arrays, config, ordered))
+            messages = list(super().configure_evaluate(server_round, arrays, config, ordered))
+        self._sent["evaluate"] = len(messages)
+        return messages
 
     @contextlib.contextmanager
     def _sampling(self, grid: Grid, server_round: int, stage: str) -> Iterator[Grid]:
@@ -137,9 +149,13 @@ class LightningFedAvg(FedAvg):
         """Aggregate, restore the model's dtypes, and keep the train metrics for the round's log."""
         server_round += self.round_offset
         self.recorder.lap("client_training")  # sending, training, receiving
-        screened = self.screen.screen(list(replies), "train", reference=self._global)
-        self.recorder.count(failures=screened.failures, rejected=screened.rejected)
+        replies = list(replies)
+        screened = self.screen.screen(replies, "train", reference=self._global)
+        # Clients that never replied (round_timeout, dropped out) failed too.
+        missing = max(0, self._sent["train"] - len(replies))
+        self.recorder.count(failures=screened.failures + missing, rejected=screened.rejected)
         replies = screened.valid
+        self.accountants.update(_accountant_states(replies))
         ledger = self.recorder.ledger
         if ledger is not None and self.cfg.privacy.mode == "dp_sgd":
             ledger.record_dp_sgd(_client_epsilons(replies))
@@ -169,8 +185,10 @@ class LightningFedAvg(FedAvg):
         """Example-weighted mean of the clients' `val/*` metrics, kept as `distributed/*`."""
         server_round += self.round_offset
         self.recorder.lap("client_evaluation")
-        screened = self.screen.screen(list(replies), "evaluate")
-        self.recorder.count(failures=screened.failures)
+        replies = list(replies)
+        screened = self.screen.screen(replies, "evaluate")
+        missing = max(0, self._sent["evaluate"] - len(replies))
+        self.recorder.count(failures=screened.failures + missing)
         metrics = super().aggregate_evaluate(server_round, screened.valid)
         if metrics is not None:
             self.recorder.add(_client_metrics(metrics, "val/", "distributed/"))
@@ -278,6 +296,16 @@ def query_partitions(grid: Grid, timeout: float) -> dict[int, int]:
         if partition >= 0:
             partitions[reply.metadata.src_node_id] = partition
     return partitions
+
+
+def _accountant_states(replies: list[Message]) -> dict[int, str]:
+    """DP-SGD: partition id -> the accountant state each reply carries (if any)."""
+    states = {}
+    for reply in replies:
+        record = reply.content.config_records.get(ACCOUNTANT_RECORD)
+        if record is not None:
+            states[partition_of(reply)] = str(record["state"])
+    return states
 
 
 def _client_epsilons(replies: list[Message]) -> dict[int, float]:

@@ -6,6 +6,7 @@ config key turns them on. Each acts on the clients whose partition id it names.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Collection
 
 import numpy as np
@@ -92,3 +93,14 @@ def random_weights(partitions: Collection[int], std: float, seed: int = 0) -> Mo
         }
 
     return _train_arrays_mod(partitions, change)
+
+
+def stalling(partitions: Collection[int], seconds: float) -> Mod:
+    """The named clients take `seconds` longer to answer train messages (a timeout)."""
+
+    def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        if msg.metadata.message_type == MessageType.TRAIN and _partition(context) in partitions:
+            time.sleep(seconds)
+        return call_next(msg, context)
+
+    return mod

@@ -132,3 +132,19 @@ def test_plain_fedavg_is_wrecked_by_random_weights(data_root: Path, tmp_path: Pa
         data_root, tmp_path / "run", LEARN_MORE, [RANDOM], clients=10, per_client=400
     )
     assert read_metrics(attacked.path)[-1]["centralized_accuracy"] < 0.5
+
+
+def test_a_client_past_the_round_timeout_counts_as_failed(data_root: Path, tmp_path: Path) -> None:
+    run = simulate(
+        data_root,
+        tmp_path / "run",
+        ["federation.round_timeout=10", "federation.num_rounds=1"],
+        [faults.stalling([2], 30.0)],
+        clients=3,
+    )
+    _, record = read_metrics(run.path)
+    # Its train reply never came: the round went on without it after 10 s. (Its evaluate
+    # reply may be late too: the stalled Ray worker holds the messages queued behind it.)
+    assert record["failures"] >= 1
+    assert 10 <= record["time_client_training"] < 25
+    assert record["train_loss"] is not None  # the other two clients' updates were aggregated

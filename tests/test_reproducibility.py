@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from tests.test_end_to_end import REPO, read_metrics
@@ -48,34 +49,52 @@ def completed_round(run: Path) -> int:
         return -1
 
 
-def test_a_run_killed_after_round_2_of_4_resumes_to_the_same_result(
-    data_root: Path, tmp_path: Path
+@pytest.mark.parametrize(
+    ("config", "extra", "rounds", "kill_after"),
+    [
+        # FedAvgM: its server momentum must survive the kill.
+        ("configs/mnist.yaml", ["strategy.name=fedavgm"], 4, 2),
+        # DP-SGD: the clients' accountants and the server's ledger must survive it.
+        ("configs/mnist_dp_sgd.yaml", ["data.batch_size=64"], 3, 1),
+        # Client-level DP: Flower's wrapper draws its noise from the server's NumPy RNG.
+        (
+            "configs/mnist.yaml",
+            ["privacy.mode=client_dp", "privacy.noise_multiplier=0.3"],
+            3,
+            1,
+        ),
+    ],
+    ids=["fedavgm", "dp_sgd", "client_dp"],
+)
+def test_a_killed_run_resumes_to_the_same_result(
+    config: str, extra: list[str], rounds: int, kill_after: int, data_root: Path, tmp_path: Path
 ) -> None:
-    # FedAvgM: its server momentum must survive the kill too.
     args = [
-        "configs/mnist.yaml",
+        config,
         f"data.root={data_root}",
         "data.max_train_samples=300",
         "data.max_test_samples=200",
         "federation.num_clients=2",
-        "federation.num_rounds=4",
+        f"federation.num_rounds={rounds}",
         "trainer.max_epochs=1",
-        "strategy.name=fedavgm",
+        *extra,
     ]
     full, killed = tmp_path / "full", tmp_path / "killed"
     assert fl_lightning(*args, f"output.dir={full}").wait(timeout=600) == 0
 
     proc = fl_lightning(*args, f"output.dir={killed}")
     deadline = time.monotonic() + 600
-    while completed_round(killed) < 2 and time.monotonic() < deadline and proc.poll() is None:
+    while (
+        completed_round(killed) < kill_after and time.monotonic() < deadline and proc.poll() is None
+    ):
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert 2 <= completed_round(killed) < 4  # killed mid-run
+    assert kill_after <= completed_round(killed) < rounds  # killed mid-run
 
     resumed = fl_lightning(*args, f"output.dir={killed}", "--resume", str(killed))
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
-    assert [r["round"] for r in read_metrics(killed)] == [0, 1, 2, 3, 4]
+    assert [r["round"] for r in read_metrics(killed)] == list(range(rounds + 1))
     assert without_timings(read_metrics(killed)) == without_timings(read_metrics(full))
 
 
