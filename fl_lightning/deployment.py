@@ -80,9 +80,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def marked_processes(marker: str) -> list[int]:
-    """PIDs of live processes whose environment carries `MARKER=marker`."""
-    needle = f"{MARKER}={marker}".encode()
+def marked_processes(marker: str | None = None) -> list[int]:
+    """PIDs of live processes whose environment carries `MARKER=marker` (any value: None)."""
+    needle = f"{MARKER}={marker or ''}".encode()
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -92,7 +92,11 @@ def marked_processes(marker: str) -> list[int]:
             state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:  # gone, or not ours to read
             continue
-        if state != "Z" and needle in environ.split(b"\0"):
+        variables = environ.split(b"\0")
+        found = (
+            any(v.startswith(needle) for v in variables) if marker is None else needle in variables
+        )
+        if state != "Z" and found:
             pids.append(int(entry.name))
     return pids
 

@@ -65,7 +65,9 @@ class LightningFedAvg(FedAvg):
     Every round it sends clients their learning rate (`lr`, decayed across rounds by
     `optimizer.round_decay`). Client train replies carry `train/*` metrics, evaluate
     replies `val/*`; their example-weighted means are logged as `train/*` and
-    `distributed/*`. The other strategies below inherit all of this unchanged.
+    `distributed/*`. Failed replies and bad updates are counted and left out
+    (`fl_lightning.replies`), client sampling is reproducible, and `round_offset` lets a
+    resumed run continue its round numbers. The other strategies below inherit all of this.
     """
 
     def __init__(
@@ -102,7 +104,8 @@ class LightningFedAvg(FedAvg):
         self._global = arrays
         config["lr"] = round_lr(self.cfg.optimizer, server_round)
         if self.resent_accountants:
-            # A resumed DP-SGD run: clients' own accountants died with the killed run.
+            # A resumed DP-SGD run: clients' own accountants died with the killed run. Sent
+            # every round: a client first sampled later needs its state then.
             for partition, state in self.accountants.items():
                 config[f"accountant-{partition}"] = state
         with self._sampling(grid, server_round, "train") as ordered:

@@ -9,25 +9,9 @@ import pytest
 from fl_lightning.certificates import make_node_key, make_server_credentials
 from fl_lightning.cli import main
 from fl_lightning.config import load_config
-from fl_lightning.deployment import MARKER, LocalDeployment, marked_processes
+from fl_lightning.deployment import LocalDeployment, marked_processes
 
 TINY = ["data.max_train_samples=300", "data.max_test_samples=200", "federation.num_rounds=1"]
-
-
-def any_deployment_process() -> list[int]:
-    """Live processes of any deployment (tests run one at a time)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z" and f"{MARKER}=".encode() in environ:
-            pids.append(int(entry.name))
-    return pids
 
 
 def test_deploy_local_runs_a_round_over_tls_with_two_authenticated_supernodes(
@@ -57,7 +41,7 @@ def test_deploy_local_runs_a_round_over_tls_with_two_authenticated_supernodes(
     assert "https://127.0.0.1" in superlink  # TLS on
     assert "SuperNode authentication is disabled" not in superlink
     assert (run / "deployment" / "supernode-1.log").exists()
-    assert any_deployment_process() == []
+    assert marked_processes() == []  # of any deployment: tests run one at a time
 
 
 def refused(proc: subprocess.Popen[bytes], log: Path) -> str:
