@@ -13,15 +13,12 @@ if TYPE_CHECKING:
 
 
 def _gpu_list(text: str) -> list[int]:
+    from fl_lightning.config import parse_devices
+
     try:
-        gpus = [int(g) for g in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected CUDA device indices like 0,1; got {text!r}"
-        ) from None
-    if any(g < 0 for g in gpus):
-        raise argparse.ArgumentTypeError(f"device indices are >= 0; got {text!r}")
-    return gpus
+        return parse_devices(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -16,6 +16,8 @@ from fl_lightning.config import Config, apply_node_config, config_from_run_confi
 UNIFORM_WEIGHT = "uniform-weight"
 # Where a DP-SGD client keeps its privacy accountant between rounds (Context.state).
 ACCOUNTANT_RECORD = "dp-sgd-accountant"
+# Query action (message type "query.batchnorm_statistics") of strategy.batchnorm=recompute.
+BATCHNORM_ACTION = "batchnorm_statistics"
 
 
 def _partition(context: Context) -> tuple[int, int]:
@@ -124,6 +126,29 @@ def make_client_app(
         result = training.validate(config, state_dict, *_partition(context))
         content = RecordDict(
             {
+                "metrics": _metrics(result.metrics, result.num_examples),
+                "client": _identity(context),
+            }
+        )
+        return Message(content=content, reply_to=msg)
+
+    @app.query(BATCHNORM_ACTION)
+    def batchnorm_statistics(msg: Message, context: Context) -> Message:
+        """BatchNorm statistics of the global model on this client's data (strategy.batchnorm)."""
+        from fl_lightning import training
+
+        config = _node_config(cfg, context)
+        round_config = msg.content.config_records["config"]
+        result = training.batchnorm_statistics(
+            config,
+            msg.content.array_records["arrays"].to_torch_state_dict(),
+            *_partition(context),
+            server_round=cast(int, round_config["server-round"]),
+        )
+        assert result.state_dict is not None
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord(result.state_dict),
                 "metrics": _metrics(result.metrics, result.num_examples),
                 "client": _identity(context),
             }

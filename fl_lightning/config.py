@@ -30,6 +30,8 @@ MODEL_INPUT_SHAPES: dict[str, tuple[int, int, int] | None] = {
     "cifar10_net": (3, 32, 32),
     "mlp": None,
 }
+# Models with BatchNorm layers (the only ones `strategy.batchnorm=recompute` changes).
+MODELS_WITH_BATCHNORM = ("cifar10_net",)
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,10 @@ class OptimizerConfig:
     # from a random model from drifting apart before the first average.
     warmup_rounds: int = 0
     round_decay: float = 1.0
+    # A client sends the exponential moving average of its weights over its local steps
+    # (Lightning's EMAWeightAveraging, this decay per step) instead of its last iterate;
+    # null: the last iterate.
+    ema_decay: float | None = None
 
 
 @dataclass(frozen=True)
@@ -163,6 +169,13 @@ class StrategyConfig:
     server_momentum: float = 0.9  # fedavgm
     beta: float = 0.2  # fedtrimmedavg: share of updates cut at each end
     num_malicious_clients: int = 0  # krum
+    # BatchNorm statistics of the aggregated model. "average": the mean of the clients'
+    # running statistics (what FedAvg does to every array), which describe the clients'
+    # models, not their average. "recompute": after each aggregation the round's clients
+    # run the new global model over `batchnorm_batches` of their training batches
+    # (torch's update_bn) and the server averages the statistics they measured.
+    batchnorm: Literal["average", "recompute"] = "average"
+    batchnorm_batches: int = 100
 
 
 @dataclass(frozen=True)
@@ -444,6 +457,11 @@ def validate(cfg: Config) -> None:
     _check(
         0 < o.round_decay <= 1, "optimizer.round_decay", f"must be in (0, 1], got {o.round_decay}"
     )
+    _check(
+        o.ema_decay is None or 0 < o.ema_decay < 1,
+        "optimizer.ema_decay",
+        f"must be in (0, 1) or null, got {o.ema_decay}",
+    )
     s = cfg.strategy
     _check(s.proximal_mu >= 0, "strategy.proximal_mu", f"must be >= 0, got {s.proximal_mu}")
     _check(0 <= s.beta < 0.5, "strategy.beta", f"must be in [0, 0.5), got {s.beta}")
@@ -451,6 +469,17 @@ def validate(cfg: Config) -> None:
         s.num_malicious_clients >= 0,
         "strategy.num_malicious_clients",
         f"must be >= 0, got {s.num_malicious_clients}",
+    )
+    _check(
+        s.batchnorm_batches >= 1,
+        "strategy.batchnorm_batches",
+        f"must be >= 1, got {s.batchnorm_batches}",
+    )
+    _check(
+        s.batchnorm == "average" or cfg.model.name in MODELS_WITH_BATCHNORM,
+        "strategy.batchnorm",
+        f"recompute changes only BatchNorm statistics, and model.name={cfg.model.name} has "
+        f"no BatchNorm layers; use strategy.batchnorm=average",
     )
     _check(t.max_epochs >= 1, "trainer.max_epochs", f"must be >= 1, got {t.max_epochs}")
     _check(
@@ -526,6 +555,12 @@ def _validate_privacy(cfg: Config) -> None:
         p.max_epsilon is None or p.max_epsilon > 0,
         "privacy.max_epsilon",
         f"must be > 0 or null, got {p.max_epsilon}",
+    )
+    _check(
+        p.mode == "none" or s.batchnorm == "average",
+        "strategy.batchnorm",
+        f"recompute sends statistics of the clients' data that privacy.mode={p.mode} does "
+        f"not cover; use strategy.batchnorm=average",
     )
     if p.mode == "dp_sgd":
         _check(p.max_grad_norm > 0, "privacy.max_grad_norm", f"must be > 0, got {p.max_grad_norm}")
@@ -611,6 +646,12 @@ def _validate_secure_aggregation(cfg: Config) -> None:
         f"secure aggregation runs FedAvg (the server only sees a sum); got {cfg.strategy.name}",
     )
     _check(
+        cfg.strategy.batchnorm == "average",
+        "strategy.batchnorm",
+        "recompute sends each client's statistics in the clear, outside the secure sum; "
+        "use strategy.batchnorm=average",
+    )
+    _check(
         cfg.privacy.mode != "client_dp" or cfg.privacy.clipping == "client",
         "privacy.clipping",
         "must be 'client' with secure aggregation: the server cannot clip updates it cannot see",
@@ -634,6 +675,17 @@ def _load_named_config(path: str, overrides: str) -> Config:
     if not candidate.is_absolute() and not candidate.exists():
         candidate = Path(__file__).resolve().parent.parent / path
     return load_config(candidate, shlex.split(overrides))
+
+
+def parse_devices(text: str) -> list[int]:
+    """CUDA device indices from "0" or "0,1"; ValueError says what is wrong."""
+    try:
+        devices = [int(g) for g in text.split(",")]
+    except ValueError:
+        raise ValueError(f"expected CUDA device indices like 0 or 0,1; got {text!r}") from None
+    if any(d < 0 for d in devices):
+        raise ValueError(f"CUDA device indices are >= 0; got {text!r}")
+    return devices
 
 
 def apply_node_config(cfg: Config, node_config: typing.Mapping[str, Any]) -> Config:
@@ -663,10 +715,8 @@ def apply_node_config(cfg: Config, node_config: typing.Mapping[str, Any]) -> Con
     if not gpus:
         return cfg
     try:
-        devices = [int(g) for g in gpus.split(",")]
-    except ValueError:
-        raise ConfigError(
-            f'node-config \'gpus\' must list CUDA device indices like "0" or "0,1", got {gpus!r}'
-        ) from None
+        devices = parse_devices(gpus)
+    except ValueError as error:
+        raise ConfigError(f"node-config 'gpus': {error}") from None
     trainer = dataclasses.replace(cfg.trainer, accelerator="gpu", devices=devices)
     return dataclasses.replace(cfg, trainer=trainer)

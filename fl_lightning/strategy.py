@@ -33,10 +33,12 @@ from flwr.serverapp.strategy import (
     Krum,
 )
 
-from fl_lightning.client_app import ACCOUNTANT_RECORD, UNIFORM_WEIGHT
+from fl_lightning.client_app import ACCOUNTANT_RECORD, BATCHNORM_ACTION, UNIFORM_WEIGHT
 from fl_lightning.config import Config
 from fl_lightning.replies import ReplyScreen, partition_of
 from fl_lightning.rounds import RoundRecorder, round_lr
+
+BATCHNORM_MESSAGE_TYPE = f"{MessageType.QUERY}.{BATCHNORM_ACTION}"
 
 
 def restore_dtypes(aggregated: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
@@ -81,6 +83,7 @@ class LightningFedAvg(FedAvg):
         self.recorder = recorder
         self.screen = ReplyScreen()
         self._global: ArrayRecord | None = None
+        self._grid: Grid | None = None
         self._node_partitions: dict[int, int] | None = None  # node id -> partition id
         # Rounds already completed by the run this one resumes: Flower counts from 1 again.
         self.round_offset = 0
@@ -102,6 +105,7 @@ class LightningFedAvg(FedAvg):
             self.recorder.ledger.check_next_round(server_round)
         self.recorder.start()
         self._global = arrays
+        self._grid = grid  # strategy.batchnorm=recompute messages the round's clients again
         config["lr"] = round_lr(self.cfg.optimizer, server_round)
         if self.resent_accountants:
             # A resumed DP-SGD run: clients' own accountants died with the killed run. Sent
@@ -177,10 +181,62 @@ class LightningFedAvg(FedAvg):
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is not None and self._global is not None:
             arrays = restore_dtypes(arrays, self._global)
+        if arrays is not None and self.cfg.strategy.batchnorm == "recompute":
+            self.recorder.lap("aggregation")
+            nodes = [reply.metadata.src_node_id for reply in replies]
+            arrays = self._recompute_batchnorm(server_round, arrays, nodes)
+            self.recorder.lap("batchnorm_statistics")
         if metrics is not None:
             self.recorder.add(_client_metrics(metrics, "train/", "train/"))
         self.recorder.lap("aggregation")
         return arrays, metrics
+
+    def _recompute_batchnorm(
+        self, server_round: int, arrays: ArrayRecord, nodes: list[int]
+    ) -> ArrayRecord:
+        """`strategy.batchnorm=recompute`: BatchNorm statistics measured on the new model.
+
+        The clients that trained this round run `arrays` over some of their training
+        batches; the example-weighted mean of what they measured replaces the average of
+        their old running statistics. Failed or malformed replies are counted and left
+        out; if none is usable the averaged statistics stay.
+        """
+        keys = [k for k in arrays if k.endswith((".running_mean", ".running_var"))]
+        if not keys or self._grid is None:
+            return arrays
+        content = RecordDict(
+            {"arrays": arrays, "config": ConfigRecord({"server-round": server_round})}
+        )
+        messages = [
+            Message(content, dst_node_id=node, message_type=BATCHNORM_MESSAGE_TYPE)
+            for node in nodes
+        ]
+        replies = list(
+            self._grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout)
+        )
+        reference = ArrayRecord({k: arrays[k] for k in keys})
+        screened = self.screen.screen(replies, "batchnorm statistics", reference=reference)
+        missing = max(0, len(messages) - len(replies))
+        self.recorder.count(failures=screened.failures + missing, rejected=screened.rejected)
+        if not screened.valid:
+            log(
+                WARNING,
+                "round %d: no client measured BatchNorm statistics; the averaged ones stay",
+                server_round,
+            )
+            return arrays
+        weights = np.array(
+            [float(r.content.metric_records["metrics"]["num-examples"]) for r in screened.valid]  # type: ignore[arg-type]
+        )
+        weights /= weights.sum()
+        updated = ArrayRecord()
+        for key, array in arrays.items():
+            if key in keys:
+                measured = [r.content.array_records["arrays"][key].numpy() for r in screened.valid]
+                mean = sum(w * m for w, m in zip(weights, measured, strict=True))
+                array = Array(np.asarray(mean, dtype=array.numpy().dtype))
+            updated[key] = array
+        return updated
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -312,14 +368,11 @@ def _accountant_states(replies: list[Message]) -> dict[int, str]:
 
 
 def _client_epsilons(replies: list[Message]) -> dict[int, float]:
-    """DP-SGD: partition id -> the cumulative epsilon each successful reply reports."""
-    epsilons = {}
-    for reply in replies:
-        if reply.has_error():
-            continue
-        partition = int(reply.content.config_records["client"]["partition-id"])  # type: ignore[arg-type]
-        epsilons[partition] = float(reply.content.metric_records["metrics"]["privacy/epsilon"])  # type: ignore[arg-type]
-    return epsilons
+    """DP-SGD: partition id -> the cumulative epsilon each (screened) reply reports."""
+    return {
+        partition_of(reply): float(reply.content.metric_records["metrics"]["privacy/epsilon"])  # type: ignore[arg-type]
+        for reply in replies
+    }
 
 
 def _client_metrics(metrics: MetricRecord, prefix: str, renamed: str) -> dict[str, float]:

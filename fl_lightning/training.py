@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import warnings
 from dataclasses import asdict, dataclass
@@ -11,7 +12,9 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
+from torch.optim.swa_utils import update_bn
 
 from fl_lightning.config import Config, TrainerConfig
 from fl_lightning.datamodule import FederatedDataModule
@@ -94,7 +97,11 @@ def fit(
     model = _load(cfg, dm, state_dict, lr=lr)
     model.set_proximal_anchor(proximal_mu)
     epochs = {} if max_epochs is None else {"max_epochs": max_epochs}
-    trainer = make_trainer(cfg.trainer, limit_val_batches=0, **epochs)
+    callbacks = []
+    if cfg.optimizer.ema_decay is not None:
+        # The average (buffers included) starts at the first step's weights; fit ends with it.
+        callbacks.append(EMAWeightAveraging(decay=cfg.optimizer.ema_decay))
+    trainer = make_trainer(cfg.trainer, limit_val_batches=0, callbacks=callbacks, **epochs)
     loader = dm.train_dataloader()
     dp = None
     if cfg.privacy.mode == "dp_sgd":
@@ -110,6 +117,45 @@ def fit(
         return ClientResult(state, metrics, num_examples=len(dm.train_indices))
     metrics["privacy/epsilon"] = dp.epsilon()
     return ClientResult(state, metrics, len(dm.train_indices), accountant_state=dp.state())
+
+
+def batchnorm_statistics(
+    cfg: Config,
+    state_dict: dict[str, torch.Tensor],
+    partition_id: int,
+    num_partitions: int,
+    server_round: int,
+) -> ClientResult:
+    """BatchNorm running statistics of the global weights, measured on the client's data.
+
+    A forward pass in training mode, without gradients, over up to
+    `strategy.batchnorm_batches` training batches (torch's `update_bn`: a cumulative
+    average over the batches). The reply holds only the BatchNorm running means and
+    variances; `num_examples` counts the samples behind them.
+    """
+    quiet_lightning()
+    seed = client_seed(cfg.seed, server_round, partition_id)
+    L.seed_everything(seed, verbose=False)  # augmentation, as in training
+    dm = FederatedDataModule(cfg.data, cfg.seed, partition_id, num_partitions, shuffle_seed=seed)
+    model = _load(cfg, dm, state_dict)
+    device = _first_device(cfg.trainer)
+    model.to(device)
+    batches = list(itertools.islice(dm.train_dataloader(), cfg.strategy.batchnorm_batches))
+    update_bn(batches, model, device=device)
+    keys = [k for k in state_dict if k.endswith((".running_mean", ".running_var"))]
+    state = model.state_dict()
+    statistics = {k: state[k].detach().cpu() for k in keys}
+    return ClientResult(statistics, {}, num_examples=sum(len(labels) for _, labels in batches))
+
+
+def _first_device(cfg: TrainerConfig) -> torch.device:
+    """The device evaluation runs on (see `one_device`), as a torch.device."""
+    if cfg.accelerator in ("gpu", "cuda") or (
+        cfg.accelerator == "auto" and torch.cuda.is_available()
+    ):
+        index = cfg.devices[0] if isinstance(cfg.devices, list) else 0
+        return torch.device("cuda", index)
+    return torch.device("cpu")
 
 
 def validate(

@@ -81,7 +81,7 @@ def test_help_does_not_import_torch() -> None:
 def test_deploy_local_checks_its_input_before_starting_anything(tmp_path: Path) -> None:
     result = fl_lightning("deploy-local", "configs/mnist.yaml", "--gpus", "zero")
     assert result.returncode == 2
-    assert "argument --gpus: expected CUDA device indices like 0,1" in result.stderr
+    assert "argument --gpus: expected CUDA device indices like 0 or 0,1" in result.stderr
     # Overrides may follow options; a bad one fails at load, before any process starts.
     result = fl_lightning(
         "deploy-local", "configs/mnist.yaml", "--nodes", "0", f"output.dir={tmp_path / 'run'}"

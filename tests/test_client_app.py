@@ -10,8 +10,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.supercore.task_identity import TaskIdentity
 
 from fl_lightning.client_app import UNIFORM_WEIGHT, app
-from fl_lightning.config import Config
+from fl_lightning.config import Config, config_from_run_config
 from fl_lightning.models import build_model
+from fl_lightning.strategy import BATCHNORM_MESSAGE_TYPE
 
 
 @pytest.fixture(autouse=True)
@@ -35,9 +36,9 @@ def context_for(data_root: Path, partition_id: int) -> Context:
     )
 
 
-def message(cfg: Config, message_type: str) -> Message:
+def message(cfg: Config, message_type: str, num_classes: int = 10) -> Message:
     torch.manual_seed(0)
-    arrays = ArrayRecord(build_model(cfg, 10).state_dict())
+    arrays = ArrayRecord(build_model(cfg, num_classes).state_dict())
     content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})})
     return Message(content=content, dst_node_id=1, message_type=message_type)
 
@@ -77,6 +78,24 @@ def test_client_dp_clients_clip_their_update_with_flowers_mod(
     after = reply.content.array_records["arrays"].to_torch_state_dict()
     norm = torch.sqrt(sum(((after[k] - before[k]) ** 2).sum() for k in before))
     assert 0.009 < norm <= 0.01 + 1e-6
+
+
+def test_batchnorm_query_replies_with_the_statistics_only(
+    tiny_image_folder: Path, tmp_path: Path
+) -> None:
+    context = context_for(tiny_image_folder, 0)
+    context.run_config["overrides"] = (
+        f"data.dataset=cifar10 data.root={tiny_image_folder} data.cache_dir={tmp_path} "
+        "model.name=cifar10_net federation.num_clients=2 strategy.batchnorm=recompute"
+    )
+    cfg = config_from_run_config(context.run_config)
+    reply = app(message(cfg, BATCHNORM_MESSAGE_TYPE, num_classes=3), context)
+    assert not reply.has_error(), reply.error
+    arrays = reply.content.array_records["arrays"]
+    assert all(key.endswith((".running_mean", ".running_var")) for key in arrays)
+    assert len(arrays) == 6  # 3 BatchNorm layers
+    assert reply.content.metric_records["metrics"]["num-examples"] == 27
+    assert reply.content.config_records["client"]["partition-id"] == 0
 
 
 def test_loading_the_client_app_imports_neither_torch_nor_lightning() -> None:

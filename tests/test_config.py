@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,8 @@ def test_relative_data_root_is_resolved() -> None:
         ("no_equals_sign", "is not KEY=VALUE"),
         ("data.dataset=imagefolder", "data.image_size: is required"),
         ("federation.client_resources.num_gpus=1", "trainer.accelerator: is 'cpu' while"),
+        ("optimizer.ema_decay=1.0", "optimizer.ema_decay: must be in (0, 1) or null, got 1.0"),
+        ("strategy.batchnorm=recompute", "strategy.batchnorm: recompute changes only BatchNorm"),
     ],
 )
 def test_bad_keys_and_values_name_the_key(override: str, message: str) -> None:
@@ -92,6 +95,29 @@ def test_bad_keys_and_values_name_the_key(override: str, message: str) -> None:
         load_config(MNIST, [override])
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["strategy.batchnorm_batches=0"], "strategy.batchnorm_batches: must be >= 1"),
+        (
+            ["privacy.mode=client_dp", "privacy.noise_multiplier=1.0"],
+            "strategy.batchnorm: recompute sends statistics of the clients' data",
+        ),
+        (
+            ["secure_aggregation.enabled=true", "secure_aggregation.num_shares=5"],
+            "strategy.batchnorm: recompute sends each client's statistics in the clear",
+        ),
+    ],
+)
+def test_recomputed_batchnorm_statistics_stay_out_of_private_runs(
+    overrides: list[str], message: str
+) -> None:
+    cifar = REPO / "configs" / "cifar10.yaml"
+    assert load_config(cifar, ["strategy.batchnorm=recompute"]).strategy.batchnorm == "recompute"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(cifar, ["strategy.batchnorm=recompute", *overrides])
 
 
 def test_malformed_yaml_and_missing_file(tmp_path: Path) -> None:
@@ -133,7 +159,9 @@ def test_node_config_checks_the_partition_and_puts_the_trainer_on_its_gpus() -> 
         apply_node_config(cfg, {"partition-id": 0, "num-partitions": 5})
     with pytest.raises(ConfigError, match=r"node-config 'partition-id' is 2; it must be in 0\.\.1"):
         apply_node_config(cfg, {"partition-id": 2, "num-partitions": 2})
-    with pytest.raises(ConfigError, match="node-config 'gpus' must list CUDA device indices"):
+    with pytest.raises(ConfigError, match="node-config 'gpus': expected CUDA device indices"):
         apply_node_config(cfg, {"partition-id": 0, "num-partitions": 2, "gpus": "cuda:0"})
+    with pytest.raises(ConfigError, match="node-config 'gpus': CUDA device indices are >= 0"):
+        apply_node_config(cfg, {"partition-id": 0, "num-partitions": 2, "gpus": "0,-1"})
     with pytest.raises(ConfigError, match="node-config 'partition-id' is missing"):
         apply_node_config(cfg, {})

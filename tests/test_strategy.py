@@ -2,13 +2,21 @@ from collections.abc import Iterable
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.supercore.task_identity import TaskIdentity
 
 from fl_lightning.config import load_config
 from fl_lightning.rounds import RoundRecorder, round_lr
 from fl_lightning.strategy import build_strategy, restore_dtypes
-from tests.test_config import MNIST
+from tests.test_config import MNIST, REPO
 
 STRATEGIES = [
     "fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad",
@@ -132,3 +140,67 @@ def test_aggregate_does_not_depend_on_reply_order() -> None:
         return arrays["w"].numpy()
 
     np.testing.assert_array_equal(aggregate([0, 1, 2, 3, 4]), aggregate([4, 2, 0, 3, 1]))
+
+
+class BatchNormGrid(FakeGrid):
+    """Clients 1-3 measure statistics (mean = id, var = 10 x id, 100 x id samples); 4 sends
+    NaN, 5 fails."""
+
+    def __init__(self) -> None:
+        self.sent: list[Message] = []
+
+    def send_and_receive(self, messages: Iterable[Message], timeout: float) -> list[Message]:
+        self.sent = list(messages)
+        replies = []
+        for message in self.sent:
+            node = message.metadata.dst_node_id
+            if node == 5:
+                replies.append(Message(Error(0, "RuntimeError: out of memory"), reply_to=message))
+                continue
+            mean = np.full(2, np.nan if node == 4 else node, np.float32)
+            arrays = ArrayRecord(
+                {"bn.running_mean": Array(mean), "bn.running_var": Array(10 * mean)}
+            )
+            content = RecordDict(
+                {
+                    "arrays": arrays,
+                    "metrics": MetricRecord({"num-examples": 100 * node}),
+                    "client": ConfigRecord({"partition-id": node - 1}),
+                }
+            )
+            replies.append(Message(content=content, reply_to=message))
+        return replies
+
+
+def test_recompute_replaces_averaged_batchnorm_statistics_with_measured_ones() -> None:
+    cfg = load_config(REPO / "configs" / "cifar10.yaml", ["strategy.batchnorm=recompute"])
+    strategy = build_strategy(cfg, recorder(), min_available_nodes=5)
+    grid = BatchNormGrid()
+    start = ArrayRecord(
+        {
+            "w": Array(np.zeros(2, np.float32)),
+            "bn.running_mean": Array(np.zeros(2, np.float32)),
+            "bn.running_var": Array(np.ones(2, np.float32)),
+        }
+    )
+    messages = list(strategy.configure_train(1, start, ConfigRecord(), grid))  # type: ignore[arg-type]
+    replies = []
+    for message in messages:
+        arrays = ArrayRecord({key: Array(np.full(2, 7.0, np.float32)) for key in start})
+        metrics = MetricRecord({"train/loss": 1.0, "num-examples": 10})
+        replies.append(
+            Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=message)
+        )
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    # Every client that trained was asked, with the new (averaged) model.
+    assert sorted(m.metadata.dst_node_id for m in grid.sent) == [1, 2, 3, 4, 5]
+    assert {m.metadata.message_type for m in grid.sent} == {"query.batchnorm_statistics"}
+    np.testing.assert_array_equal(grid.sent[0].content.array_records["arrays"]["w"].numpy(), 7.0)
+    # Example-weighted mean of clients 1-3 (100, 200, 300 samples); 4 and 5 left out.
+    expected = (1 * 100 + 2 * 200 + 3 * 300) / 600
+    np.testing.assert_allclose(arrays["bn.running_mean"].numpy(), expected, rtol=1e-6)
+    np.testing.assert_allclose(arrays["bn.running_var"].numpy(), 10 * expected, rtol=1e-6)
+    np.testing.assert_array_equal(arrays["w"].numpy(), 7.0)  # weights as aggregated
+    assert list(arrays.keys()) == list(start.keys())
+    assert (strategy.recorder.metrics["failures"], strategy.recorder.metrics["rejected"]) == (1, 1)
