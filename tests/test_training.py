@@ -15,6 +15,21 @@ def initial_state(cfg: Config) -> dict[str, torch.Tensor]:
     return build_model(cfg, 10).state_dict()
 
 
+def tiny_cifar(image_folder: Path, cache: Path, *overrides: str) -> Config:
+    """CIFAR10Net on the 3-class JPEG tree of conftest, split between 2 clients."""
+    return load_config(
+        MNIST,
+        [
+            "data.dataset=cifar10",
+            f"data.root={image_folder}",
+            f"data.cache_dir={cache}",
+            "model.name=cifar10_net",
+            "federation.num_clients=2",
+            *overrides,
+        ],
+    )
+
+
 def test_fit_trains_and_is_deterministic(tiny_mnist: Config) -> None:
     state = initial_state(tiny_mnist)
     a = training.fit(tiny_mnist, state, partition_id=0, num_partitions=2, server_round=1)
@@ -59,17 +74,7 @@ def test_validate_reports_val_metrics(tiny_mnist: Config) -> None:
 
 
 def test_batchnorm_counters_stay_integers(tiny_image_folder: Path, tmp_path: Path) -> None:
-    cfg = load_config(
-        MNIST,
-        [
-            "data.dataset=cifar10",
-            f"data.root={tiny_image_folder}",
-            f"data.cache_dir={tmp_path}",
-            "model.name=cifar10_net",
-            "trainer.max_epochs=1",
-            "federation.num_clients=2",
-        ],
-    )
+    cfg = tiny_cifar(tiny_image_folder, tmp_path, "trainer.max_epochs=1")
     state = build_model(cfg, 3).state_dict()
     result = training.fit(cfg, state, partition_id=0, num_partitions=2, server_round=1)
     assert result.state_dict is not None
@@ -80,17 +85,8 @@ def test_batchnorm_counters_stay_integers(tiny_image_folder: Path, tmp_path: Pat
 def test_batchnorm_statistics_are_measured_on_the_clients_batches(
     tiny_image_folder: Path, tmp_path: Path
 ) -> None:
-    cfg = load_config(
-        MNIST,
-        [
-            "data.dataset=cifar10",
-            f"data.root={tiny_image_folder}",
-            f"data.cache_dir={tmp_path}",
-            "model.name=cifar10_net",
-            "federation.num_clients=2",
-            "strategy.batchnorm=recompute",
-            "data.augment=none",
-        ],
+    cfg = tiny_cifar(
+        tiny_image_folder, tmp_path, "strategy.batchnorm=recompute", "data.augment=none"
     )
     torch.manual_seed(0)
     model = build_model(cfg, 3)
