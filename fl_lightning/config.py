@@ -32,6 +32,8 @@ MODEL_INPUT_SHAPES: dict[str, tuple[int, int, int] | None] = {
 }
 # Models with BatchNorm layers (the only ones `strategy.batchnorm=recompute` changes).
 MODELS_WITH_BATCHNORM = ("cifar10_net",)
+# State-dict keys (by suffix) of the BatchNorm statistics that recompute measures anew.
+BATCHNORM_STATISTICS = (".running_mean", ".running_var")
 
 
 @dataclass(frozen=True)

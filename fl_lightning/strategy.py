@@ -34,7 +34,7 @@ from flwr.serverapp.strategy import (
 )
 
 from fl_lightning.client_app import ACCOUNTANT_RECORD, BATCHNORM_ACTION, UNIFORM_WEIGHT
-from fl_lightning.config import Config
+from fl_lightning.config import BATCHNORM_STATISTICS, Config
 from fl_lightning.replies import ReplyScreen, partition_of
 from fl_lightning.rounds import RoundRecorder, round_lr
 
@@ -201,7 +201,7 @@ class LightningFedAvg(FedAvg):
         their old running statistics. Failed or malformed replies are counted and left
         out; if none is usable the averaged statistics stay.
         """
-        keys = [k for k in arrays if k.endswith((".running_mean", ".running_var"))]
+        keys = [k for k in arrays if k.endswith(BATCHNORM_STATISTICS)]
         if not keys or self._grid is None:
             return arrays
         content = RecordDict(

@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch.optim.swa_utils import update_bn
 
-from fl_lightning.config import Config, TrainerConfig
+from fl_lightning.config import BATCHNORM_STATISTICS, Config, TrainerConfig
 from fl_lightning.datamodule import FederatedDataModule
 from fl_lightning.models import build_model
 from fl_lightning.module import ImageClassifier
@@ -142,7 +142,7 @@ def batchnorm_statistics(
     model.to(device)
     batches = list(itertools.islice(dm.train_dataloader(), cfg.strategy.batchnorm_batches))
     update_bn(batches, model, device=device)
-    keys = [k for k in state_dict if k.endswith((".running_mean", ".running_var"))]
+    keys = [k for k in state_dict if k.endswith(BATCHNORM_STATISTICS)]
     state = model.state_dict()
     statistics = {k: state[k].detach().cpu() for k in keys}
     return ClientResult(statistics, {}, num_examples=sum(len(labels) for _, labels in batches))
