@@ -9,6 +9,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 
@@ -39,10 +40,20 @@ class ImageClassifier(L.LightningModule):
             Callable[[nn.Module, torch.optim.Optimizer], torch.optim.Optimizer] | None
         ) = None
         self.net = self.build_network()
-        # One metric object per stage: torchmetrics states must not mix stages.
-        self.train_accuracy = MulticlassAccuracy(num_classes, average="micro")
-        self.val_accuracy = MulticlassAccuracy(num_classes, average="micro")
-        self.test_accuracy = MulticlassAccuracy(num_classes, average="micro")
+        # One metric collection per stage (torchmetrics states must not mix stages), named
+        # as logged. Steps only update them; each epoch's end logs them once (see _log_epoch):
+        # `self.log` per step costs Lightning about 1 ms of bookkeeping, 10-25% of a small
+        # model's CPU step.
+        self.train_metrics = self._metrics("train", num_classes)
+        self.val_metrics = self._metrics("val", num_classes)
+        self.test_metrics = self._metrics("test", num_classes)
+
+    @staticmethod
+    def _metrics(stage: str, num_classes: int) -> MetricCollection:
+        return MetricCollection(
+            {"loss": MeanMetric(), "accuracy": MulticlassAccuracy(num_classes, average="micro")},
+            prefix=f"{stage}/",
+        )
 
     def build_network(self) -> nn.Module:
         """The architecture, mapping (B, C, H, W) images to (B, num_classes) logits."""
@@ -58,11 +69,26 @@ class ImageClassifier(L.LightningModule):
         # Label smoothing regularises training only; val/test report the plain cross-entropy.
         smoothing = self.hparams["label_smoothing"] if stage == "train" else 0.0
         loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
-        accuracy = getattr(self, f"{stage}_accuracy")
-        accuracy(logits, labels)
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=len(labels))
-        self.log(f"{stage}/accuracy", accuracy, on_step=False, on_epoch=True)
+        metrics = getattr(self, f"{stage}_metrics")
+        metrics["loss"].update(loss.detach(), weight=len(labels))
+        metrics["accuracy"].update(logits.detach(), labels)
         return loss
+
+    def _log_epoch(self, stage: str) -> None:
+        # Logging the Metric objects lets Lightning compute, sync (DDP) and reset them.
+        self.log_dict(getattr(self, f"{stage}_metrics"), on_step=False, on_epoch=True)
+
+    def on_train_epoch_end(self) -> None:
+        """Log the epoch's train/loss and train/accuracy."""
+        self._log_epoch("train")
+
+    def on_validation_epoch_end(self) -> None:
+        """Log val/loss and val/accuracy over the whole validation set."""
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        """Log test/loss and test/accuracy over the whole test set."""
+        self._log_epoch("test")
 
     def set_proximal_anchor(self, mu: float) -> None:
         """FedProx: penalise (mu/2)||w - w_now||^2 (call after loading global weights)."""

@@ -1,5 +1,6 @@
 import lightning as L
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from fl_lightning.config import Config
 from fl_lightning.datamodule import FederatedDataModule
@@ -36,3 +37,20 @@ def test_cosine_schedule_decays_to_zero_over_the_fit(tiny_mnist: Config) -> None
     (optimizer,) = trainer.optimizers
     assert optimizer.param_groups[0]["lr"] < 1e-3
     assert trainer.global_step == 2 * 5  # 135 samples in batches of 32, 2 epochs
+
+
+def test_epoch_metrics_weigh_every_sample_once_and_reset_between_runs() -> None:
+    torch.manual_seed(0)
+    images, labels = torch.randn(13, 1, 28, 28), torch.randint(10, (13,))
+    # Batches of 8 and 5: an unweighted mean of batch means would be off.
+    batches = DataLoader(TensorDataset(images, labels), batch_size=8)
+    model = MLP()
+    with torch.no_grad():
+        logits = model(images)
+    expected_loss = torch.nn.functional.cross_entropy(logits, labels).item()
+    expected_accuracy = (logits.argmax(1) == labels).float().mean().item()
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    for _ in range(2):  # a second run must not see the first one's samples
+        (metrics,) = trainer.validate(model, dataloaders=batches, verbose=False)
+        assert abs(metrics["val/loss"] - expected_loss) < 1e-5
+        assert abs(metrics["val/accuracy"] - expected_accuracy) < 1e-6
