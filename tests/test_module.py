@@ -42,15 +42,16 @@ def test_cosine_schedule_decays_to_zero_over_the_fit(tiny_mnist: Config) -> None
 def test_epoch_metrics_weigh_every_sample_once_and_reset_between_runs() -> None:
     torch.manual_seed(0)
     images, labels = torch.randn(13, 1, 28, 28), torch.randint(10, (13,))
-    # Batches of 8 and 5: an unweighted mean of batch means would be off.
-    batches = DataLoader(TensorDataset(images, labels), batch_size=8)
     model = MLP()
-    with torch.no_grad():
-        logits = model(images)
-    expected_loss = torch.nn.functional.cross_entropy(logits, labels).item()
-    expected_accuracy = (logits.argmax(1) == labels).float().mean().item()
     trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
-    for _ in range(2):  # a second run must not see the first one's samples
+    # 13 samples in batches of 8 and 5 (an unweighted mean of batch means would be off),
+    # then only the last 5: without a reset the second run would still see all 13.
+    for start in (0, 8):
+        with torch.no_grad():
+            logits = model(images[start:])
+        expected_loss = torch.nn.functional.cross_entropy(logits, labels[start:]).item()
+        expected_accuracy = (logits.argmax(1) == labels[start:]).float().mean().item()
+        batches = DataLoader(TensorDataset(images[start:], labels[start:]), batch_size=8)
         (metrics,) = trainer.validate(model, dataloaders=batches, verbose=False)
         assert abs(metrics["val/loss"] - expected_loss) < 1e-5
         assert abs(metrics["val/accuracy"] - expected_accuracy) < 1e-6
