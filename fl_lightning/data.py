@@ -1,10 +1,12 @@
-"""Datasets decoded once per process into uint8 tensors (MNIST, CIFAR-10, any ImageFolder tree)."""
+"""Datasets decoded once into uint8 tensors that all processes map (MNIST, CIFAR-10, folders)."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
 import os
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,39 +127,102 @@ def collate_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def load_splits(data: DataConfig) -> DatasetSplits:
-    """Decoded train/test splits of the configured dataset, cached for this process."""
+    """Decoded train/test splits of the configured dataset (cached on disk and per process)."""
     return _load_splits(
         data.dataset, data.root, data.download, data.channels, data.image_size, data.cache_dir
     )
+
+
+# Torchvision's on-disk folder (under data.root) of each dataset it reads itself.
+TORCHVISION_FOLDERS = {"MNIST": "MNIST", "CIFAR10": "cifar-10-batches-py"}
+
+Decoded = tuple[ImageTensors, ImageTensors, tuple[str, ...]]
 
 
 @functools.lru_cache(maxsize=2)
 def _load_splits(
     dataset: str, root: str, download: bool, channels: int, image_size: int | None, cache_dir: str
 ) -> DatasetSplits:
-    if dataset == "mnist":
-        train, test, classes = _torchvision_splits("MNIST", root, download)
-    elif dataset == "cifar10" and _is_image_folder_tree(Path(root)):
-        train, test, classes = _image_folder_splits(Path(root), 3, None, Path(cache_dir))
-    elif dataset == "cifar10":
-        train, test, classes = _torchvision_splits("CIFAR10", root, download)
+    path = Path(root)
+    if dataset == "mnist" or (dataset == "cifar10" and not _is_image_folder_tree(path)):
+        name = "MNIST" if dataset == "mnist" else "CIFAR10"
+        decode = functools.partial(_torchvision_splits, name, root, download)
+        folder = path / TORCHVISION_FOLDERS[name]
+        if not folder.is_dir():
+            decode()  # downloads it (data.download), or says what is missing
+        files = sorted(p for p in folder.rglob("*") if p.is_file())
+        sources = [f"{name}:{_stamp(p)}" for p in files]
     else:
-        assert image_size is not None  # enforced by config validation
-        if not _is_image_folder_tree(Path(root)):
+        if not _is_image_folder_tree(path):
             raise DataError(
                 f"data.root={root} is not an ImageFolder tree: it needs train/<class>/ and "
                 "test/<class>/ folders of images"
             )
-        train, test, classes = _image_folder_splits(
-            Path(root), channels, image_size, Path(cache_dir)
-        )
+        if dataset == "cifar10":  # CIFAR-10's JPEGs: RGB, at their own 32x32
+            channels, image_size = 3, None
+        trees = _image_folder_files(path)
+        decode = functools.partial(_image_folder_splits, trees, channels, image_size)
+        sources = [f"{channels}:{image_size}"]
+        sources += [f"{label}:{_stamp(p)}" for files in trees[:2] for label, p in files]
+    return _cached(sources, decode, Path(cache_dir).expanduser())
+
+
+def _stamp(path: str | Path) -> str:
+    stat = os.stat(path)
+    return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _cached(sources: list[str], decode: Callable[[], Decoded], cache_dir: Path) -> DatasetSplits:
+    """Decode once per machine; every process then maps the same file (keyed by `sources`).
+
+    Loaded with mmap, the images are pages of the file that the driver and all Ray
+    workers share, not a copy in each process; the channel statistics are stored too.
+    """
+    digest = hashlib.sha256("\n".join(sources).encode()).hexdigest()[:20]
+    cache = cache_dir / f"splits-{digest}.pt"
+    if cache.exists():
+        try:
+            return _read_cache(cache)
+        except Exception:  # a damaged cache is rebuilt, never trusted
+            cache.unlink(missing_ok=True)
+    train, test, classes = decode()
     mean, std = _channel_stats(train.images)
-    return DatasetSplits(train=train, test=test, classes=classes, mean=mean, std=std)
+    stored = {
+        "train_images": train.images,
+        "train_labels": train.labels,
+        "test_images": test.images,
+        "test_labels": test.labels,
+        "classes": list(classes),
+        "mean": list(mean),
+        "std": list(std),
+    }
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        partial = cache.with_suffix(f".{os.getpid()}.tmp")
+        torch.save(stored, partial)
+        partial.replace(cache)  # atomic: a concurrent reader sees no file or the whole file
+    except OSError as err:
+        warnings.warn(
+            f"data.cache_dir={cache_dir} is not writable ({err}); every process decodes the "
+            "dataset itself. Point data.cache_dir at a writable folder",
+            stacklevel=2,
+        )
+        return DatasetSplits(train=train, test=test, classes=classes, mean=mean, std=std)
+    return _read_cache(cache)
 
 
-def _torchvision_splits(
-    name: str, root: str, download: bool
-) -> tuple[ImageTensors, ImageTensors, tuple[str, ...]]:
+def _read_cache(cache: Path) -> DatasetSplits:
+    stored = torch.load(cache, mmap=True, weights_only=True)
+    return DatasetSplits(
+        train=ImageTensors(stored["train_images"], stored["train_labels"]),
+        test=ImageTensors(stored["test_images"], stored["test_labels"]),
+        classes=tuple(stored["classes"]),
+        mean=tuple(stored["mean"]),
+        std=tuple(stored["std"]),
+    )
+
+
+def _torchvision_splits(name: str, root: str, download: bool) -> Decoded:
     """MNIST / CIFAR10 in torchvision's own on-disk layout (downloaded there if asked)."""
     import torchvision
 
@@ -185,10 +250,11 @@ def _is_image_folder_tree(root: Path) -> bool:
     return (root / "train").is_dir() and (root / "test").is_dir()
 
 
-def _image_folder_splits(
-    root: Path, channels: int, image_size: int | None, cache_dir: Path
-) -> tuple[ImageTensors, ImageTensors, tuple[str, ...]]:
-    """An ImageFolder tree (train/<class>/*, test/<class>/*) decoded, with a tensor cache."""
+ImageFiles = list[tuple[int, str]]  # (label, path)
+
+
+def _image_folder_files(root: Path) -> tuple[ImageFiles, ImageFiles, tuple[str, ...]]:
+    """(label, path) of every image of train/<class>/* and test/<class>/*, and the classes."""
     classes = _class_names(root / "train")
     test_classes = _class_names(root / "test")
     if test_classes != classes:
@@ -199,16 +265,26 @@ def _image_folder_splits(
         )
     splits = []
     for split in ("train", "test"):
+        # Plain strings: every process lists the tree (the cache key) before it maps the
+        # decoded tensors, and 60,000 pathlib.Path objects take seconds to build and sort.
         files = [
-            (index, path)
+            (index, os.path.join(root, split, name, file))
             for index, name in enumerate(classes)
-            for path in sorted((root / split / name).iterdir())
-            if path.suffix.lower() in IMAGE_SUFFIXES
+            for file in sorted(os.listdir(root / split / name))
+            if os.path.splitext(file)[1].lower() in IMAGE_SUFFIXES
         ]
         if not files:
             raise DataError(f"{root / split} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-        splits.append(_cached_decode(files, channels, image_size, cache_dir))
+        splits.append(files)
     return splits[0], splits[1], classes
+
+
+def _image_folder_splits(
+    trees: tuple[ImageFiles, ImageFiles, tuple[str, ...]], channels: int, image_size: int | None
+) -> Decoded:
+    """Both splits of an ImageFolder tree, decoded (the slow part: one JPEG at a time)."""
+    train, test, classes = trees
+    return _decode(train, channels, image_size), _decode(test, channels, image_size), classes
 
 
 def _class_names(folder: Path) -> tuple[str, ...]:
@@ -218,30 +294,7 @@ def _class_names(folder: Path) -> tuple[str, ...]:
     return names
 
 
-def _cached_decode(
-    files: list[tuple[int, Path]], channels: int, image_size: int | None, cache_dir: Path
-) -> ImageTensors:
-    """Decode `files` once; later processes load cached tensors (keyed by name, size, mtime)."""
-    digest = hashlib.sha256(f"{channels}:{image_size}".encode())
-    for label, path in files:
-        stat = path.stat()
-        digest.update(f"{label}:{path}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
-    cache = cache_dir / f"imagefolder-{digest.hexdigest()[:20]}.pt"
-    if cache.exists():
-        try:
-            images, labels = torch.load(cache, weights_only=True)
-            return ImageTensors(images, labels)
-        except Exception:  # a damaged cache is rebuilt, never trusted
-            cache.unlink(missing_ok=True)
-    tensors = _decode(files, channels, image_size)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    partial = cache.with_suffix(f".{os.getpid()}.tmp")
-    torch.save((tensors.images, tensors.labels), partial)
-    partial.replace(cache)  # atomic: a concurrent reader sees the old state or the whole file
-    return tensors
-
-
-def _decode(files: list[tuple[int, Path]], channels: int, image_size: int | None) -> ImageTensors:
+def _decode(files: ImageFiles, channels: int, image_size: int | None) -> ImageTensors:
     from torchvision.io import ImageReadMode, decode_image, read_file
     from torchvision.transforms.v2.functional import resize
 
@@ -249,7 +302,7 @@ def _decode(files: list[tuple[int, Path]], channels: int, image_size: int | None
     images = []
     for _, path in files:
         try:
-            image = decode_image(read_file(str(path)), mode=mode)
+            image = decode_image(read_file(path), mode=mode)
         except RuntimeError as err:
             raise DataError(
                 f"{path} is not a readable image ({err}); remove or replace it"
@@ -260,7 +313,7 @@ def _decode(files: list[tuple[int, Path]], channels: int, image_size: int | None
     shapes = {tuple(image.shape) for image in images}
     if len(shapes) > 1:
         raise DataError(
-            f"images in {files[0][1].parent.parent} differ in size {sorted(shapes)[:3]}; "
+            f"images in {Path(files[0][1]).parent.parent} differ in size {sorted(shapes)[:3]}; "
             "set data.image_size to resize them"
         )
     labels = torch.tensor([label for label, _ in files], dtype=torch.long)

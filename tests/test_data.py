@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fl_lightning.config import DataConfig
-from fl_lightning.data import Corruption, IndexedImages, load_splits
+from fl_lightning.data import Corruption, IndexedImages, _load_splits, load_splits
 from fl_lightning.errors import DataError
 
 
@@ -19,6 +19,39 @@ def test_mnist_decodes_to_uint8_tensors(data_root: Path) -> None:
     assert splits.std[0] == pytest.approx(0.3081, abs=1e-3)
     # Decoded once per process: the same config returns the same tensors.
     assert load_splits(DataConfig(dataset="mnist", root=str(data_root))) is splits
+
+
+def _mapped(path: Path) -> bool:
+    """Whether this process maps `path` (Linux)."""
+    return str(path) in Path("/proc/self/maps").read_text()
+
+
+def test_decoded_splits_are_mapped_from_the_cache_and_damage_is_rebuilt(
+    data_root: Path, tmp_path: Path
+) -> None:
+    data = DataConfig(dataset="mnist", root=str(data_root), cache_dir=str(tmp_path))
+    first = load_splits(data)
+    (cache,) = tmp_path.glob("splits-*.pt")
+    # Every process (driver, Ray workers) maps the one file: its pages, not a copy each.
+    assert _mapped(cache)
+    _load_splits.cache_clear()  # as a new process would
+    # A damaged file (a new inode: writing into the mapped one would fault its readers,
+    # which is why the cache is only ever replaced by rename).
+    damaged = cache.read_bytes()[:1000]
+    cache.unlink()
+    cache.write_bytes(damaged)
+    rebuilt = load_splits(data)
+    assert torch.equal(rebuilt.train.images, first.train.images)
+    assert rebuilt.mean == first.mean and rebuilt.std == first.std
+    assert cache.stat().st_size > 50_000_000
+
+
+def test_unwritable_cache_dir_warns_and_still_loads(data_root: Path, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    data = DataConfig(dataset="mnist", root=str(data_root), cache_dir=str(tmp_path / "file" / "c"))
+    with pytest.warns(UserWarning, match=r"data.cache_dir=.* is not writable"):
+        splits = load_splits(data)
+    assert splits.train.images.shape == (60000, 1, 28, 28)
 
 
 def test_missing_mnist_is_a_one_line_data_error(tmp_path: Path) -> None:
@@ -38,7 +71,7 @@ def test_cifar10_loads_from_an_image_folder_tree(tiny_image_folder: Path, tmp_pa
     assert splits.test.images.shape == (15, 3, 32, 32)
     assert splits.classes == ("airplane", "cat", "ship")
     assert splits.train.labels.bincount().tolist() == [20, 20, 20]
-    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2  # decoded tensors are cached
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1  # both splits, decoded once
 
 
 def test_imagefolder_converts_channels_and_resizes(tiny_image_folder: Path, tmp_path: Path) -> None:
