@@ -65,8 +65,8 @@ def plain_loop(config: str, overrides: list[str]) -> dict[str, float]:
 
     from fl_lightning.config import load_config
     from fl_lightning.data import IndexedImages, collate_batch, load_splits
-    from fl_lightning.datamodule import client_splits
     from fl_lightning.models import build_model
+    from fl_lightning.partition import client_splits
 
     cfg = load_config(REPO / config, overrides)
     torch.manual_seed(cfg.seed)

@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
 def _prepare(path: str, overrides: list[str]) -> Config:
     """Load and validate the config and check data and model, before any process starts."""
     from fl_lightning.config import load_config
-    from fl_lightning.datamodule import client_splits
+    from fl_lightning.partition import client_splits
 
     cfg = load_config(path, overrides)
     # Fail on missing data or impossible partitions here, with one line, not inside Ray.

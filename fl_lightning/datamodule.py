@@ -1,8 +1,6 @@
-"""Which samples each client holds, and the LightningDataModule that serves them."""
+"""The LightningDataModule that serves one client's samples (or the server's test split)."""
 
 from __future__ import annotations
-
-import functools
 
 import lightning as L
 import torch
@@ -11,45 +9,7 @@ from torch.utils.data import DataLoader
 from fl_lightning.config import DataConfig
 from fl_lightning.data import Corruption, DatasetSplits, IndexedImages, collate_batch, load_splits
 from fl_lightning.errors import ConfigError
-from fl_lightning.partition import label_partitions, subsample, train_val_split
-
-ClientSplit = tuple[torch.Tensor, torch.Tensor]
-
-
-@functools.lru_cache(maxsize=4)
-def client_splits(data: DataConfig, num_partitions: int, seed: int) -> tuple[ClientSplit, ...]:
-    """(train, val) indices into the train split for every client, computed once per process."""
-    splits = load_splits(data)
-    pool = subsample(len(splits.train), data.max_train_samples, seed)
-    parts = label_partitions(
-        splits.train.labels[pool],
-        num_partitions,
-        data.partition,
-        seed,
-        alpha=data.alpha,
-        shards_per_client=data.shards_per_client,
-    )
-    result = []
-    for partition_id, part in enumerate(parts):
-        train, val = train_val_split(pool[part], data.val_fraction, seed)
-        if len(train) == 0:
-            raise ConfigError(
-                f"federation.num_clients: client {partition_id} has no training samples; "
-                "lower num_clients or data.val_fraction, or raise data.max_train_samples"
-            )
-        result.append((train, val))
-    return tuple(result)
-
-
-def label_counts(data: DataConfig, num_partitions: int, seed: int) -> torch.Tensor:
-    """(clients, classes) counts of each client's training labels."""
-    splits = load_splits(data)
-    return torch.stack(
-        [
-            torch.bincount(splits.train.labels[train], minlength=splits.num_classes)
-            for train, _ in client_splits(data, num_partitions, seed)
-        ]
-    )
+from fl_lightning.partition import client_splits, subsample
 
 
 class FederatedDataModule(L.LightningDataModule):

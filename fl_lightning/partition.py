@@ -1,11 +1,17 @@
-"""Seeded client partitions of a dataset, kept as index tensors (never copies of the data)."""
+"""Seeded client partitions of a dataset, kept as index tensors (never copies of the data).
+
+Imports torch but not Lightning: the CLI checks data and partitions with it before Ray starts.
+"""
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
 
+from fl_lightning.config import DataConfig
+from fl_lightning.data import load_splits
 from fl_lightning.errors import ConfigError
 
 
@@ -90,3 +96,42 @@ def label_partitions(
     except ValueError as err:  # e.g. no Dirichlet draw gives every client enough samples
         raise ConfigError(f"data.partition={scheme}: {err}") from None
     return [torch.as_tensor(part, dtype=torch.long) for part in parts]
+
+
+ClientSplit = tuple[torch.Tensor, torch.Tensor]
+
+
+@functools.lru_cache(maxsize=4)
+def client_splits(data: DataConfig, num_partitions: int, seed: int) -> tuple[ClientSplit, ...]:
+    """(train, val) indices into the train split for every client, computed once per process."""
+    splits = load_splits(data)
+    pool = subsample(len(splits.train), data.max_train_samples, seed)
+    parts = label_partitions(
+        splits.train.labels[pool],
+        num_partitions,
+        data.partition,
+        seed,
+        alpha=data.alpha,
+        shards_per_client=data.shards_per_client,
+    )
+    result = []
+    for partition_id, part in enumerate(parts):
+        train, val = train_val_split(pool[part], data.val_fraction, seed)
+        if len(train) == 0:
+            raise ConfigError(
+                f"federation.num_clients: client {partition_id} has no training samples; "
+                "lower num_clients or data.val_fraction, or raise data.max_train_samples"
+            )
+        result.append((train, val))
+    return tuple(result)
+
+
+def label_counts(data: DataConfig, num_partitions: int, seed: int) -> torch.Tensor:
+    """(clients, classes) counts of each client's training labels."""
+    splits = load_splits(data)
+    return torch.stack(
+        [
+            torch.bincount(splits.train.labels[train], minlength=splits.num_classes)
+            for train, _ in client_splits(data, num_partitions, seed)
+        ]
+    )

@@ -38,8 +38,8 @@ def run_federation(
     import lightning as L
 
     from fl_lightning.client_report import client_report
-    from fl_lightning.datamodule import label_counts
     from fl_lightning.evaluation import CentralEvaluator
+    from fl_lightning.partition import label_counts
     from fl_lightning.rounds import RoundRecorder
     from fl_lightning.tracking import RunTracker
 

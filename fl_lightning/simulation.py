@@ -48,7 +48,7 @@ def _warm_up(cfg: Config) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, int(num_cpus))))
     try:
         from fl_lightning import training  # noqa: F401  (torch, Lightning)
-        from fl_lightning.datamodule import client_splits
+        from fl_lightning.partition import client_splits
 
         client_splits(cfg.data, cfg.federation.num_clients, cfg.seed)  # cached per process
     except Exception:

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fl_lightning.config import Config
-from fl_lightning.datamodule import FederatedDataModule, label_counts
+from fl_lightning.datamodule import FederatedDataModule
 from fl_lightning.errors import ConfigError
 
 
@@ -46,12 +46,6 @@ def test_noisy_clients_read_noisy_data(tiny_mnist: Config) -> None:
     )
 
 
-def test_label_counts_cover_each_clients_training_samples(tiny_mnist: Config) -> None:
-    counts = label_counts(tiny_mnist.data, 2, tiny_mnist.seed)
-    assert counts.shape == (2, 10)
-    assert counts.sum(dim=1).tolist() == [135, 135]
-
-
 def test_partition_id_outside_the_federation_is_refused(tiny_mnist: Config) -> None:
     with pytest.raises(ConfigError, match=r"partition-id 2 is outside 0\.\.1"):
         FederatedDataModule(tiny_mnist.data, tiny_mnist.seed, partition_id=2, num_partitions=2)
@@ -61,5 +55,5 @@ def test_evaluation_batches_are_larger_than_training_ones(tiny_mnist: Config) ->
     client = FederatedDataModule(tiny_mnist.data, tiny_mnist.seed, 0, 2)
     server = FederatedDataModule(tiny_mnist.data, tiny_mnist.seed)
     assert client.train_dataloader().batch_size == tiny_mnist.data.batch_size == 32
-    assert client.val_dataloader().batch_size == tiny_mnist.data.eval_batch_size == 256
-    assert server.test_dataloader().batch_size == 256
+    assert client.val_dataloader().batch_size == tiny_mnist.data.eval_batch_size == 64
+    assert server.test_dataloader().batch_size == 64

@@ -1,8 +1,15 @@
 import pytest
 import torch
 
+from fl_lightning.config import Config
 from fl_lightning.errors import ConfigError
-from fl_lightning.partition import iid_partitions, label_partitions, subsample, train_val_split
+from fl_lightning.partition import (
+    iid_partitions,
+    label_counts,
+    label_partitions,
+    subsample,
+    train_val_split,
+)
 
 
 def test_iid_partitions_are_disjoint_covering_and_equal() -> None:
@@ -61,3 +68,9 @@ def test_shards_give_each_client_few_labels() -> None:
     assert all(len(set(labels[p].tolist())) <= 2 for p in parts)
     with pytest.raises(ConfigError, match=r"data\.shards_per_client"):
         label_partitions(labels[:10], 10, "shards", seed=0, shards_per_client=2)
+
+
+def test_label_counts_cover_each_clients_training_samples(tiny_mnist: Config) -> None:
+    counts = label_counts(tiny_mnist.data, 2, tiny_mnist.seed)
+    assert counts.shape == (2, 10)
+    assert counts.sum(dim=1).tolist() == [135, 135]

@@ -41,7 +41,7 @@ from fl_lightning.config import load_config
 from fl_lightning.simulation import _warm_up
 _warm_up(load_config("configs/mnist.yaml", sys.argv[1:]))  # the first to import torch
 import torch
-from fl_lightning.datamodule import client_splits
+from fl_lightning.partition import client_splits
 print(torch.get_num_threads(), client_splits.cache_info().currsize)
 """
 
