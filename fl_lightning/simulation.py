@@ -38,7 +38,7 @@ def backend_config(cfg: Config) -> dict:
 
 
 def _warm_up(cfg: Config) -> None:
-    """Ray worker start-up: import torch and Lightning and decode the dataset, once per worker.
+    """Ray worker start-up: import torch and Lightning and map the dataset, once per worker.
 
     Otherwise every worker pays both (seconds) on its first message, inside round 1.
     """
