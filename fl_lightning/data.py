@@ -133,7 +133,9 @@ def load_splits(data: DataConfig) -> DatasetSplits:
     )
 
 
-# Torchvision's on-disk folder (under data.root) of each dataset it reads itself.
+# Torchvision's on-disk folder (under data.root) of each dataset it reads itself. Spelled
+# out rather than read from torchvision's classes: a cache hit then never imports
+# torchvision (about 1 s, torch._dynamo included), in the driver or in any Ray worker.
 TORCHVISION_FOLDERS = {"MNIST": "MNIST", "CIFAR10": "cifar-10-batches-py"}
 
 Decoded = tuple[ImageTensors, ImageTensors, tuple[str, ...]]
@@ -143,10 +145,13 @@ Decoded = tuple[ImageTensors, ImageTensors, tuple[str, ...]]
 def _load_splits(
     dataset: str, root: str, download: bool, channels: int, image_size: int | None, cache_dir: str
 ) -> DatasetSplits:
-    path = Path(root)
+    path = Path(root).resolve()  # one cache however the root is spelled
     if dataset == "mnist" or (dataset == "cifar10" and not _is_image_folder_tree(path)):
         name = "MNIST" if dataset == "mnist" else "CIFAR10"
-        decode = functools.partial(_torchvision_splits, name, root, download)
+        # Cached: a first download decodes the files once, for the download and the cache.
+        decode: Callable[[], Decoded] = functools.cache(
+            functools.partial(_torchvision_splits, name, root, download)
+        )
         folder = path / TORCHVISION_FOLDERS[name]
         if not folder.is_dir():
             decode()  # downloads it (data.download), or says what is missing

@@ -74,6 +74,17 @@ def test_cifar10_loads_from_an_image_folder_tree(tiny_image_folder: Path, tmp_pa
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 1  # both splits, decoded once
 
 
+def test_one_cache_however_the_root_is_spelled(
+    tiny_image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tiny_image_folder.parent)
+    cache = str(tmp_path / "cache")
+    relative = DataConfig(dataset="cifar10", root=tiny_image_folder.name, cache_dir=cache)
+    absolute = DataConfig(dataset="cifar10", root=str(tiny_image_folder), cache_dir=cache)
+    assert load_splits(relative).train.images.equal(load_splits(absolute).train.images)
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
+
+
 def test_imagefolder_converts_channels_and_resizes(tiny_image_folder: Path, tmp_path: Path) -> None:
     data = DataConfig(
         dataset="imagefolder",
