@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+import os
 import time
-from typing import TYPE_CHECKING
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,6 +27,33 @@ def round_lr(o: OptimizerConfig, server_round: int) -> float:
     return o.lr * warmup * o.round_decay ** (server_round - 1)
 
 
+@dataclass
+class _Closing:
+    """What a round's close needs, taken when the round hands its global model over."""
+
+    server_round: int
+    state_dict: dict[str, torch.Tensor]
+    metrics: dict[str, float]
+    started: float
+    privacy: dict[str, float]
+    strategy: dict[str, Any]
+    ledger: dict[str, Any] | None
+    rng: dict[str, Any]
+    background: bool
+    handed_over: float = field(default_factory=time.perf_counter)
+
+
+def _idle_priority_thread() -> None:
+    """Make the calling thread evaluate on idle cores only, with one torch thread."""
+    # SCHED_IDLE (Linux; per thread): the evaluation fills cores the clients leave idle,
+    # such as a round's last wave of clients, and never slows a client down.
+    if hasattr(os, "sched_setscheduler"):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    # Per thread under OpenMP: the server's other evaluations keep their threads. Always 1,
+    # so a round's numbers do not depend on what else was running.
+    torch.set_num_threads(1)
+
+
 class RoundRecorder:
     """Collects a round's client metrics and closes the round with the global model.
 
@@ -30,6 +61,10 @@ class RoundRecorder:
     the same record: `train/*`, `distributed/*`, `centralized/*`, `epsilon`, `seconds`,
     and where the round's seconds went (`time/client_training`, `time/aggregation`,
     `time/client_evaluation`, `time/centralized_evaluation`, `time/checkpoint`).
+
+    A round closed with `background=True` is evaluated, checkpointed and logged by one
+    idle-priority thread while the next round trains; rounds are still written one at a
+    time, in order, and `wait` returns once all of them are.
     """
 
     def __init__(
@@ -46,6 +81,8 @@ class RoundRecorder:
         self.strategy: object | None = None  # whose cross-round state --resume restores
         self.metrics: dict[str, float] = {}
         self._started = self._lap = time.perf_counter()
+        self._closer: ThreadPoolExecutor | None = None  # the background closes' one thread
+        self._pending: list[Future[dict[str, float]]] = []
 
     def start(self) -> None:
         """A round (or the initial evaluation) begins: reset its metrics and clock."""
@@ -68,28 +105,80 @@ class RoundRecorder:
         self.metrics.update(metrics)
 
     def close(self, server_round: int, state_dict: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Evaluate the global model on the test split, checkpoint it, log the round record."""
+        """Evaluate the global model on the test split, checkpoint it, log the round record.
+
+        Returns the centralized metrics, once the rounds closing in the background and
+        this one are written.
+        """
+        self.wait()  # earlier rounds are written first
+        return self._finish(self._hand_over(server_round, state_dict, background=False))
+
+    def close_in_background(self, server_round: int, state_dict: dict[str, torch.Tensor]) -> None:
+        """`close`, but on the background thread, while the caller goes on to the next round."""
+        closing = self._hand_over(server_round, state_dict, background=True)
+        if self._closer is None:
+            self._closer = ThreadPoolExecutor(
+                1, thread_name_prefix="round-close", initializer=_idle_priority_thread
+            )
+        self._pending.append(self._closer.submit(self._finish, closing))
+
+    def _hand_over(
+        self, server_round: int, state_dict: dict[str, torch.Tensor], background: bool
+    ) -> _Closing:
+        """The round's close as of now: what keeps changing while the next round runs is copied."""
         self.lap("between")  # anything since the last lap (the strategy's own bookkeeping)
-        metrics = self.evaluator.evaluate(state_dict)
-        self.lap("centralized_evaluation")
-        self.evaluator.save_checkpoint(self.run.checkpoint(f"round_{server_round}"))
-        self.evaluator.save_checkpoint(self.run.checkpoint("last"))
-        self.lap("checkpoint")
-        elapsed = time.perf_counter() - self._started
-        privacy = self.ledger.metrics() if self.ledger is not None else {}
-        self.tracker.log_round(
-            server_round, {**self.metrics, **metrics, **privacy, "seconds": elapsed}
+        strategy = resume.strategy_state(self.strategy) if self.strategy is not None else {}
+        return _Closing(
+            server_round,
+            {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()},
+            dict(self.metrics),
+            self._started,
+            self.ledger.metrics() if self.ledger is not None else {},
+            copy.deepcopy(strategy),
+            self.ledger.state() if self.ledger is not None else None,
+            resume.capture_rng(),
+            background,
         )
+
+    def wait(self) -> None:
+        """Block until every round closing in the background is written; raise its error."""
+        while self._pending:
+            self._pending.pop(0).result()
+
+    def shutdown(self) -> None:
+        """Wait for the background closes, then stop their thread."""
+        try:
+            self.wait()
+        finally:
+            if self._closer is not None:
+                self._closer.shutdown()
+                self._closer = None
+
+    def _finish(self, closing: _Closing) -> dict[str, float]:
+        record = closing.metrics
+        started = time.perf_counter()
+        metrics = self.evaluator.evaluate(closing.state_dict)
+        evaluated = time.perf_counter()
+        self.evaluator.save_checkpoint(self.run.checkpoint(f"round_{closing.server_round}"))
+        self.evaluator.save_checkpoint(self.run.checkpoint("last"))
+        checkpointed = time.perf_counter()
+        record["time/centralized_evaluation"] = evaluated - started
+        record["time/checkpoint"] = checkpointed - evaluated
+        # The round's own wall time: up to the hand-over when closed in the background (the
+        # rest overlaps the next round), else up to now.
+        ended = closing.handed_over if closing.background else checkpointed
+        record["seconds"] = ended - closing.started
+        self.tracker.log_round(closing.server_round, {**record, **metrics, **closing.privacy})
         # Last: a round counts as completed for --resume once everything above is written.
         resume.save(
             self.run,
             resume.ResumeState(
-                server_round,
-                {k: v.detach().cpu() for k, v in state_dict.items()},
-                resume.strategy_state(self.strategy) if self.strategy is not None else {},
+                closing.server_round,
+                closing.state_dict,
+                closing.strategy,
                 self.tracker.history,
-                self.ledger.state() if self.ledger is not None else None,
-                resume.capture_rng(),
+                closing.ledger,
+                closing.rng,
             ),
         )
         return metrics

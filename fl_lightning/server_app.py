@@ -79,13 +79,18 @@ def run_federation(
             final = run_secure_rounds(grid, context, cfg, recorder, initial, partition_sizes)
         else:
             final = _run_rounds(grid, cfg, recorder, start, resume)
+        recorder.wait()  # rounds closed in the background; the report reuses the evaluator
         if cfg.output.client_report:
             tracker.log_clients(client_report(cfg, evaluator, initial.to_torch_state_dict(), final))
     except PrivacyBudgetExceeded as stop:
+        recorder.wait()  # the last completed round's checkpoint is the run's model
         tracker.note(f"privacy budget: {stop}")
         run.stopped.write_text(f"{stop}\n")
     finally:
-        tracker.close()
+        try:
+            recorder.shutdown()  # whatever ended the run, the rounds it completed are written
+        finally:
+            tracker.close()
 
 
 def _run_rounds(

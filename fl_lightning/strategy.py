@@ -254,12 +254,20 @@ class LightningFedAvg(FedAvg):
         return metrics
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Centralized evaluation (Flower's `evaluate_fn`): test split, checkpoint, round record."""
+        """Centralized evaluation (Flower's `evaluate_fn`): test split, checkpoint, round record.
+
+        Rounds before the last close in the background (`RoundRecorder.close_in_background`):
+        their metrics go to the run's logs, not to the Result Flower's `start` returns.
+        """
         if server_round == 0 and self.round_offset:
             return None  # a resumed run: its starting model was evaluated before the kill
         server_round += self.round_offset
         if server_round == 0:
             self.recorder.start()
+        if server_round < self.cfg.federation.num_rounds:
+            # Evaluated while the next round trains, on the cores its clients leave idle.
+            self.recorder.close_in_background(server_round, arrays.to_torch_state_dict())
+            return None
         metrics = self.recorder.close(server_round, arrays.to_torch_state_dict())
         values: dict[str, MetricRecordValues] = dict(metrics)
         return MetricRecord(values)

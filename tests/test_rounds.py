@@ -1,0 +1,105 @@
+"""Round closes: in order, with what the round handed over, in the background or not."""
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from fl_lightning.config import Config, load_config
+from fl_lightning.evaluation import CentralEvaluator
+from fl_lightning.resume import resume_path
+from fl_lightning.rounds import RoundRecorder
+from fl_lightning.rundir import RunDir
+from fl_lightning.tracking import RunTracker
+
+
+@pytest.fixture()
+def cfg(data_root: Path) -> Config:
+    return load_config(
+        "configs/mnist.yaml", [f"data.root={data_root}", "data.max_test_samples=200"]
+    )
+
+
+def recorder_for(cfg: Config, path: Path) -> tuple[RoundRecorder, RunDir]:
+    run = RunDir(path)
+    tracker = RunTracker(run, num_rounds=3, hparams={}, console=False)
+    return RoundRecorder(CentralEvaluator(cfg), tracker, run), run
+
+
+def records(run: RunDir) -> list[dict]:
+    return [json.loads(line) for line in run.metrics.read_text().splitlines()]
+
+
+def test_background_closes_write_each_round_as_handed_over_and_in_order(
+    cfg: Config, tmp_path: Path
+) -> None:
+    recorder, run = recorder_for(cfg, tmp_path)
+    weights = [
+        {k: torch.randn_like(v) for k, v in recorder.evaluator.model.state_dict().items()}
+        for _ in range(3)
+    ]
+    handed_over = [{k: v.clone() for k, v in w.items()} for w in weights]
+    for server_round in (0, 1):
+        recorder.start()
+        recorder.add({"train/loss": float(server_round)})
+        recorder.close_in_background(server_round, weights[server_round])
+        # The next round goes on at once and changes what the recorder holds.
+        recorder.start()
+        recorder.add({"train/loss": 99.0})
+        for tensor in weights[server_round].values():
+            tensor.zero_()
+    recorder.start()
+    recorder.add({"train/loss": 2.0})
+    final = recorder.close(2, weights[2])  # waits for rounds 0 and 1 first
+    recorder.shutdown()
+    recorder.tracker.close()
+
+    logged = records(run)
+    assert [r["round"] for r in logged] == [0, 1, 2]
+    assert [r["train_loss"] for r in logged] == [0.0, 1.0, 2.0]  # not 99: copied at hand-over
+    assert final["centralized/accuracy"] == logged[2]["centralized_accuracy"]
+    for server_round in (0, 1, 2):
+        saved = torch.load(run.checkpoint(f"round_{server_round}"), weights_only=True)
+        for key, tensor in handed_over[server_round].items():
+            assert saved["state_dict"][key].equal(tensor), key
+    assert run.checkpoint("last").exists()
+    resumable = torch.load(resume_path(run), weights_only=False)
+    assert resumable["round"] == 2 and sorted(resumable["history"]) == [0, 1, 2]
+
+
+def test_background_closes_evaluate_with_one_idle_priority_thread(
+    cfg: Config, tmp_path: Path
+) -> None:
+    recorder, _ = recorder_for(cfg, tmp_path)
+    seen: list[tuple[int, int, bool]] = []
+    evaluate = recorder.evaluator.evaluate
+
+    def spy(state_dict: dict[str, torch.Tensor], noisy: bool = False) -> dict[str, float]:
+        policy = os.sched_getscheduler(0) if hasattr(os, "sched_getscheduler") else -1
+        seen.append((policy, torch.get_num_threads(), threading.current_thread().name))
+        return evaluate(state_dict, noisy)
+
+    recorder.evaluator.evaluate = spy  # type: ignore[method-assign]
+    threads = torch.get_num_threads()
+    recorder.close_in_background(0, recorder.evaluator.model.state_dict())
+    recorder.close(1, recorder.evaluator.model.state_dict())
+    recorder.shutdown()
+    recorder.tracker.close()
+
+    (policy, background_threads, name), (_, foreground_threads, main) = seen
+    assert name.startswith("round-close") and main == threading.current_thread().name
+    assert background_threads == 1 and foreground_threads == threads == torch.get_num_threads()
+    if hasattr(os, "SCHED_IDLE"):
+        assert policy == os.SCHED_IDLE
+
+
+def test_a_failed_background_close_is_raised_by_wait(cfg: Config, tmp_path: Path) -> None:
+    recorder, _ = recorder_for(cfg, tmp_path)
+    recorder.close_in_background(0, {"not.a.weight": torch.zeros(1)})
+    with pytest.raises(RuntimeError, match=r"not\.a\.weight"):
+        recorder.wait()
+    recorder.shutdown()
+    recorder.tracker.close()
