@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+import threading
 import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -57,6 +59,13 @@ def _warm_up(cfg: Config) -> None:
         pass
 
 
+def _import_server_modules() -> None:
+    """Import what the ServerApp needs: torch, Lightning and torchmetrics."""
+    # On failure the ServerApp imports it again, and reports the error there.
+    with contextlib.suppress(Exception):
+        import fl_lightning.evaluation  # noqa: F401
+
+
 def start_ray(cfg: Config) -> bool:
     """Start Ray for this run unless it is running; True when this call started it.
 
@@ -76,7 +85,12 @@ def start_ray(cfg: Config) -> bool:
             _warm_up(cfg)
 
         runtime_env["worker_process_setup_hook"] = warm_up
+    # The server's Lightning import (seconds) runs while Ray starts its processes rather
+    # than after, when it would compete with the workers' own imports for the cores.
+    preload = threading.Thread(target=_import_server_modules, name="preload", daemon=True)
+    preload.start()
     ray.init(include_dashboard=False, runtime_env=runtime_env, **backend_config(cfg)["init_args"])
+    preload.join()
     return True
 
 
