@@ -43,15 +43,16 @@ class _Closing:
     handed_over: float = field(default_factory=time.perf_counter)
 
 
-def _idle_priority_thread() -> None:
-    """Make the calling thread evaluate on idle cores only, with one torch thread."""
-    # SCHED_IDLE (Linux; per thread): the evaluation fills cores the clients leave idle,
-    # such as a round's last wave of clients, and never slows a client down.
+def _idle_priority_thread(threads: int) -> None:
+    """Make the calling thread, and the torch threads it starts, run on idle cores only."""
+    # SCHED_IDLE (Linux; per thread, inherited by the OpenMP threads this one starts): the
+    # evaluation fills cores the clients leave idle, such as a round's last wave of
+    # clients, never slows a client down, and runs at full speed when nothing else does.
     if hasattr(os, "sched_setscheduler"):
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    # Per thread under OpenMP: the server's other evaluations keep their threads. Always 1,
-    # so a round's numbers do not depend on what else was running.
-    torch.set_num_threads(1)
+    # A new thread's torch thread count is OpenMP's default, not the server's: use the
+    # server's, so a round's numbers do not depend on which thread evaluated it.
+    torch.set_num_threads(threads)
 
 
 class RoundRecorder:
@@ -62,7 +63,7 @@ class RoundRecorder:
     and where the round's seconds went (`time/client_training`, `time/aggregation`,
     `time/client_evaluation`, `time/centralized_evaluation`, `time/checkpoint`).
 
-    A round closed with `background=True` is evaluated, checkpointed and logged by one
+    A round closed with `close_in_background` is evaluated, checkpointed and logged by one
     idle-priority thread while the next round trains; rounds are still written one at a
     time, in order, and `wait` returns once all of them are.
     """
@@ -118,7 +119,10 @@ class RoundRecorder:
         closing = self._hand_over(server_round, state_dict, background=True)
         if self._closer is None:
             self._closer = ThreadPoolExecutor(
-                1, thread_name_prefix="round-close", initializer=_idle_priority_thread
+                1,
+                thread_name_prefix="round-close",
+                initializer=_idle_priority_thread,
+                initargs=(torch.get_num_threads(),),
             )
         self._pending.append(self._closer.submit(self._finish, closing))
 
