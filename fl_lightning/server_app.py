@@ -83,7 +83,6 @@ def run_federation(
         if cfg.output.client_report:
             tracker.log_clients(client_report(cfg, evaluator, initial.to_torch_state_dict(), final))
     except PrivacyBudgetExceeded as stop:
-        recorder.wait()  # the last completed round's checkpoint is the run's model
         tracker.note(f"privacy budget: {stop}")
         run.stopped.write_text(f"{stop}\n")
     finally:

@@ -74,7 +74,7 @@ def test_background_closes_evaluate_at_idle_priority_with_the_servers_threads(
     cfg: Config, tmp_path: Path
 ) -> None:
     recorder, _ = recorder_for(cfg, tmp_path)
-    seen: list[tuple[int, int, bool]] = []
+    seen: list[tuple[int, int, str]] = []
     evaluate = recorder.evaluator.evaluate
 
     def spy(state_dict: dict[str, torch.Tensor], noisy: bool = False) -> dict[str, float]:
