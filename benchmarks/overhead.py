@@ -16,11 +16,15 @@ It prints the medians of both wall times, their ratio (`ratio_total`, start-up i
 the peak resident memory of the federated run summed over its processes (in one more
 run: sampling /proc would slow a timed one), the ratio of
 the rounds alone (`ratio_rounds`: federated round seconds / the plain loop's
-training and test seconds), and the federated run's breakdown: start-up (interpreter,
-imports, Ray, the server's data load), client training (as the server waits for it:
-messaging, Lightning, training, and in round 1 the Ray workers' own start), aggregation,
-client evaluation, centralized evaluation of the last round, checkpoints, and apart, the
-centralized evaluations that ran in the background while the next round trained.
+training and test seconds), and the federated run's breakdown, whose columns add up to
+its wall time: start-up (interpreter, imports, Ray, the server's data load, up to round
+1), client training (as the server waits for it: messaging, Lightning, training, and in
+round 1 the Ray workers' own start), aggregation, client evaluation, centralized
+evaluation of the last round, the last round's wait for the earlier rounds' evaluations
+(`time/evaluation_backlog`), checkpoints, logging (from the last round's record to
+summary.md: TensorBoard, the resume state, curves.png), shutdown (Flower's and Ray's
+teardown, the exit), and apart, the centralized evaluations that ran in the background
+while the next round trained (their records too).
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ PHASES = (
     "aggregation",
     "client_evaluation",
     "centralized_evaluation",
+    "evaluation_backlog",
     "checkpoint",
     "between",
 )
@@ -140,13 +145,23 @@ def fl_lightning_run(config: str, overrides: list[str]) -> list[str]:
 def run_federated(config: str, overrides: list[str], workdir: Path) -> dict[str, float]:
     """(a): `fl-lightning run` in a fresh process; wall time and the run's own breakdown."""
     run_dir = workdir / f"run-{time.monotonic_ns()}"
+    launched = time.time()
     wall = run_timed([*fl_lightning_run(config, overrides), f"output.dir={run_dir}"])
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = run_dir / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
     rounds = [r for r in records if r["round"] > 0]
+    round_seconds = sum(r["seconds"] for r in rounds)
+    # Rounds 1..N follow each other on the critical path and the last one's record is the
+    # file's last write (the closes in the background are waited for first): round 1
+    # began round_seconds before metrics.jsonl was last modified. summary.md is the run's
+    # last output; what follows is Flower's and Ray's teardown.
+    last_record, summary = metrics.stat().st_mtime, (run_dir / "summary.md").stat().st_mtime
     figures = {
         "wall_seconds": wall,
-        "round_seconds": sum(r["seconds"] for r in rounds),
-        "startup_seconds": wall - sum(r["seconds"] for r in records),
+        "round_seconds": round_seconds,
+        "startup_seconds": last_record - round_seconds - launched,
+        "logging": summary - last_record,
+        "shutdown": launched + wall - summary,
         "accuracy": rounds[-1]["centralized_accuracy"],
     }
     for phase in PHASES:
@@ -191,7 +206,7 @@ def measure(setup: str, data: Path, repeats: int, workdir: Path) -> dict:
         "plain_startup_seconds": median(plain, "startup_seconds"),
         "breakdown": {
             "startup": median(federated, "startup_seconds"),
-            **{phase: median(federated, phase) for phase in PHASES},
+            **{phase: median(federated, phase) for phase in (*PHASES, "logging", "shutdown")},
             "background_evaluation": median(federated, "background_evaluation"),
         },
         "federated_peak_rss_mb": peak_rss,
@@ -228,13 +243,19 @@ def markdown(results: list[dict], invocation: str) -> str:
         "Where the federated run's seconds go (medians):",
         "",
         "| setup | start-up | client training | aggregation | client evaluation "
-        "| centralized evaluation | checkpoints | other "
-        "| centralized evaluation in the background (overlapping the above) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| centralized evaluation | waiting for background evaluations | checkpoints | other "
+        "| logging | shutdown | centralized evaluation in the background (overlapping the above) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         b = r["breakdown"]
-        cells = [b["startup"], *(b[p] for p in PHASES), b["background_evaluation"]]
+        cells = [
+            b["startup"],
+            *(b[p] for p in PHASES),
+            b["logging"],
+            b["shutdown"],
+            b["background_evaluation"],
+        ]
         lines.append(f"| {r['setup']} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
     lines += ["", "Commands (a):", ""] + [f"- `{r['command']}`" for r in results]
     return "\n".join(lines)

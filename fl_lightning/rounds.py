@@ -61,7 +61,8 @@ class RoundRecorder:
     Shared by the Message-API strategies and the SecAgg+ (legacy API) path, so both log
     the same record: `train/*`, `distributed/*`, `centralized/*`, `epsilon`, `seconds`,
     and where the round's seconds went (`time/client_training`, `time/aggregation`,
-    `time/client_evaluation`, `time/centralized_evaluation`, `time/checkpoint`).
+    `time/client_evaluation`, `time/centralized_evaluation`, `time/checkpoint`, and for a
+    round closed with `close`, `time/evaluation_backlog`: the wait for earlier rounds').
 
     A round closed with `close_in_background` is evaluated, checkpointed and logged by one
     idle-priority thread while the next round trains; rounds are still written one at a
@@ -111,7 +112,11 @@ class RoundRecorder:
         Returns the centralized metrics, once the rounds closing in the background and
         this one are written.
         """
+        self.lap("between")
         self.wait()  # earlier rounds are written first
+        # Their evaluations, still running when this round ended, hold it up: say so, rather
+        # than leave it in time/between (the scale setup's short rounds pile them up).
+        self.lap("evaluation_backlog")
         return self._finish(self._hand_over(server_round, state_dict, background=False))
 
     def close_in_background(self, server_round: int, state_dict: dict[str, torch.Tensor]) -> None:

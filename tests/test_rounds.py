@@ -105,3 +105,30 @@ def test_a_failed_background_close_is_raised_by_wait(cfg: Config, tmp_path: Path
         recorder.wait()
     recorder.shutdown()
     recorder.tracker.close()
+
+
+def test_the_wait_for_background_closes_is_timed_as_the_evaluation_backlog(
+    cfg: Config, tmp_path: Path
+) -> None:
+    recorder, run = recorder_for(cfg, tmp_path)
+    evaluate = recorder.evaluator.evaluate
+    release = threading.Event()
+
+    def slow(state_dict: dict[str, torch.Tensor], noisy: bool = False) -> dict[str, float]:
+        release.wait(timeout=10)
+        return evaluate(state_dict, noisy)
+
+    recorder.evaluator.evaluate = slow  # type: ignore[method-assign]
+    recorder.start()
+    recorder.close_in_background(0, recorder.evaluator.model.state_dict())
+    recorder.start()
+    # Round 1 ends while round 0 is still being evaluated; it is released 0.5 s later.
+    threading.Timer(0.5, release.set).start()
+    recorder.close(1, recorder.evaluator.model.state_dict())
+    recorder.shutdown()
+    recorder.tracker.close()
+
+    background, last = records(run)
+    assert "time_evaluation_backlog" not in background
+    assert 0.45 <= last["time_evaluation_backlog"] <= last["seconds"]
+    assert last["time_between"] < 0.2
