@@ -41,7 +41,8 @@ import time
 from datetime import date
 from pathlib import Path
 
-from scale import run_timed, run_watched  # a sibling: benchmarks/ is on sys.path when run
+# A sibling script: benchmarks/ is on sys.path when run.
+from scale import fl_lightning_run, run_timed, run_watched
 
 REPO = Path(__file__).resolve().parents[1]
 SETUPS = {
@@ -60,6 +61,20 @@ PHASES = (
     "evaluation_backlog",
     "checkpoint",
     "between",
+)
+# The breakdown's columns, in order: (key in --json's "breakdown", table header).
+BREAKDOWN = (
+    ("startup", "start-up"),
+    ("client_training", "client training"),
+    ("aggregation", "aggregation"),
+    ("client_evaluation", "client evaluation"),
+    ("centralized_evaluation", "centralized evaluation"),
+    ("evaluation_backlog", "waiting for background evaluations"),
+    ("checkpoint", "checkpoints"),
+    ("between", "other"),
+    ("logging", "logging"),
+    ("shutdown", "shutdown"),
+    ("background_evaluation", "centralized evaluation in the background (overlapping the above)"),
 )
 
 
@@ -137,11 +152,6 @@ def run_plain(config: str, overrides: list[str]) -> dict[str, float]:
     return figures
 
 
-def fl_lightning_run(config: str, overrides: list[str]) -> list[str]:
-    """The command line of (a)."""
-    return [sys.executable, "-m", "fl_lightning.cli", "run", config, *overrides]
-
-
 def run_federated(config: str, overrides: list[str], workdir: Path) -> dict[str, float]:
     """(a): `fl-lightning run` in a fresh process; wall time and the run's own breakdown."""
     run_dir = workdir / f"run-{time.monotonic_ns()}"
@@ -159,7 +169,7 @@ def run_federated(config: str, overrides: list[str], workdir: Path) -> dict[str,
     figures = {
         "wall_seconds": wall,
         "round_seconds": round_seconds,
-        "startup_seconds": last_record - round_seconds - launched,
+        "startup": last_record - round_seconds - launched,
         "logging": summary - last_record,
         "shutdown": launched + wall - summary,
         "accuracy": rounds[-1]["centralized_accuracy"],
@@ -204,11 +214,7 @@ def measure(setup: str, data: Path, repeats: int, workdir: Path) -> dict:
         "federated_round_seconds": fed_rounds,
         "plain_loop_seconds": plain_loop_s,
         "plain_startup_seconds": median(plain, "startup_seconds"),
-        "breakdown": {
-            "startup": median(federated, "startup_seconds"),
-            **{phase: median(federated, phase) for phase in (*PHASES, "logging", "shutdown")},
-            "background_evaluation": median(federated, "background_evaluation"),
-        },
+        "breakdown": {key: median(federated, key) for key, _ in BREAKDOWN},
         "federated_peak_rss_mb": peak_rss,
         "federated_peak_pss_mb": peak_pss,
         "federated_accuracy": median(federated, "accuracy"),
@@ -242,21 +248,12 @@ def markdown(results: list[dict], invocation: str) -> str:
         "",
         "Where the federated run's seconds go (medians):",
         "",
-        "| setup | start-up | client training | aggregation | client evaluation "
-        "| centralized evaluation | waiting for background evaluations | checkpoints | other "
-        "| logging | shutdown | centralized evaluation in the background (overlapping the above) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| setup | " + " | ".join(header for _, header in BREAKDOWN) + " |",
+        "|---|" + "---|" * len(BREAKDOWN),
     ]
     for r in results:
-        b = r["breakdown"]
-        cells = [
-            b["startup"],
-            *(b[p] for p in PHASES),
-            b["logging"],
-            b["shutdown"],
-            b["background_evaluation"],
-        ]
-        lines.append(f"| {r['setup']} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
+        cells = (f"{r['breakdown'][key]:.1f}" for key, _ in BREAKDOWN)
+        lines.append(f"| {r['setup']} | " + " | ".join(cells) + " |")
     lines += ["", "Commands (a):", ""] + [f"- `{r['command']}`" for r in results]
     return "\n".join(lines)
 

@@ -69,6 +69,11 @@ def tree_memory_mb(root: int) -> tuple[float, float]:
     return rss / 1024, pss / 1024
 
 
+def fl_lightning_run(config: str, overrides: list[str]) -> list[str]:
+    """`fl-lightning run CONFIG OVERRIDES...` with this interpreter."""
+    return [sys.executable, "-m", "fl_lightning.cli", "run", config, *overrides]
+
+
 def run_timed(command: list[str]) -> float:
     """Run `command` from the repository, untouched; return its wall seconds."""
     started = time.perf_counter()
@@ -111,7 +116,7 @@ def run(clients: int, rounds: int, data: Path, workdir: Path) -> dict:
         f"federation.fraction_evaluate={SAMPLED / clients}",
         "trainer.max_epochs=1",
     ]
-    command = [sys.executable, "-m", "fl_lightning.cli", "run", "configs/mnist.yaml", *overrides]
+    command = fl_lightning_run("configs/mnist.yaml", overrides)
     # The same run twice: timed untouched, then watched for memory.
     wall = run_timed([*command, f"output.dir={run_dir}"])
     peak_rss, peak_pss = run_watched([*command, f"output.dir={run_dir}-memory"])
