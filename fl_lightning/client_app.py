@@ -18,6 +18,20 @@ UNIFORM_WEIGHT = "uniform-weight"
 ACCOUNTANT_RECORD = "dp-sgd-accountant"
 # Query action (message type "query.batchnorm_statistics") of strategy.batchnorm=recompute.
 BATCHNORM_ACTION = "batchnorm_statistics"
+# Query action of the census the server takes at the start of a run (fl_lightning.census).
+CENSUS_ACTION = "census"
+# The ConfigRecord every reply names its partition in, and the census reply's own record.
+IDENTITY_RECORD = "client"
+CENSUS_RECORD = "census"
+
+
+def sends_label_counts(cfg: Config) -> bool:
+    """Whether clients tell the census their label counts: only with no privacy mechanism on.
+
+    Under differential privacy or secure aggregation a client's label mix is exactly what
+    the mechanism keeps from the server, so clients send only their partition sizes.
+    """
+    return cfg.privacy.mode == "none" and not cfg.secure_aggregation.enabled
 
 
 def _partition(context: Context) -> tuple[int, int]:
@@ -106,7 +120,7 @@ def make_client_app(
             {
                 "arrays": ArrayRecord(result.state_dict),
                 "metrics": _metrics(result.metrics, result.num_examples),
-                "client": _identity(context),
+                IDENTITY_RECORD: _identity(context),
             }
         )
         if result.accountant_state is not None:
@@ -127,7 +141,7 @@ def make_client_app(
         content = RecordDict(
             {
                 "metrics": _metrics(result.metrics, result.num_examples),
-                "client": _identity(context),
+                IDENTITY_RECORD: _identity(context),
             }
         )
         return Message(content=content, reply_to=msg)
@@ -150,15 +164,27 @@ def make_client_app(
             {
                 "arrays": ArrayRecord(result.state_dict),
                 "metrics": _metrics(result.metrics, result.num_examples),
-                "client": _identity(context),
+                IDENTITY_RECORD: _identity(context),
             }
         )
         return Message(content=content, reply_to=msg)
 
-    @app.query()
-    def query(msg: Message, context: Context) -> Message:
-        """Which partition this node holds (the server orders its sampling by it)."""
-        return Message(content=RecordDict({"client": _identity(context)}), reply_to=msg)
+    @app.query(CENSUS_ACTION)
+    def census(msg: Message, context: Context) -> Message:
+        """This node's partition and its sizes (and label counts when no privacy is on)."""
+        from fl_lightning.partition import client_census  # torch, not Lightning
+
+        config = _node_config(cfg, context)
+        with_labels = sends_label_counts(config)
+        partition, num_partitions = _partition(context)
+        train, val, labels = client_census(
+            config.data, num_partitions, config.seed, partition, with_labels
+        )
+        record = ConfigRecord({"train-size": train, "val-size": val})
+        if labels is not None:
+            record["label-counts"] = labels
+        content = RecordDict({IDENTITY_RECORD: _identity(context), CENSUS_RECORD: record})
+        return Message(content=content, reply_to=msg)
 
     return app
 

@@ -1,55 +1,101 @@
-"""Client replies before aggregation: failures counted, bad updates rejected, a fixed order.
+"""Client replies before anything of them is used: each one screened completely, hostile or not.
 
-A failed client (it raised, timed out or dropped out) and a reply whose arrays could not
-come from the global model (other keys, shapes or dtypes, NaN or Inf) are left out of the
-round and counted; nothing of theirs is averaged in.
+A failed client (it raised, timed out or dropped out) is counted as a failure. A reply
+that could not come from an honest client is rejected, counted and left out: the whole
+reply is checked before any of it is read, namely
+
+- its record structure (exactly the records its stage sends, nothing else);
+- its identity: a `partition-id` in range, equal to the partition its node answered the
+  census with (`fl_lightning.census`), and one reply per partition;
+- its metrics: exactly the keys of its stage, each a finite number; `num-examples` an
+  integer between 1 and the partition's size from the census; `uniform-weight` 1;
+- its arrays: the DECODED values (not the declared shape and dtype) of exactly the
+  model's keys, shapes and dtypes, all finite.
+
+Nothing here raises for any reply: whatever a client sends becomes a reason string.
 """
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
+from io import BytesIO
 from logging import WARNING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, Message
+from flwr.common.constant import SType
 from flwr.common.logger import log
+
+from fl_lightning.client_app import ACCOUNTANT_RECORD, IDENTITY_RECORD, UNIFORM_WEIGHT
+from fl_lightning.config import Config
+
+if TYPE_CHECKING:
+    from fl_lightning.census import Census
+
+# What each stage's reply carries. The metric names are those ImageClassifier logs
+# (`<stage>/loss`, `<stage>/accuracy`) and client_app.py sends.
+TRAIN, EVALUATE, BATCHNORM = "train", "evaluate", "batchnorm statistics"
+_STAGE_METRICS = {TRAIN: ("train/loss", "train/accuracy"), EVALUATE: ("val/loss", "val/accuracy")}
+_WEIGHTS = ("num-examples", UNIFORM_WEIGHT)
+EPSILON_METRIC = "privacy/epsilon"
+# A DP-SGD accountant's JSON grows by a few dozen bytes a round; this bounds what the server
+# keeps and resends after --resume.
+MAX_ACCOUNTANT_CHARS = 1_000_000
+# numpy's own bound on a .npy header (np.lib.format's default max_header_size).
+_MAX_NPY_HEADER = 10_000
+# What numpy's .npy reader raises on bytes that are not a well-formed array of a plain dtype.
+_DECODE_ERRORS = (ValueError, TypeError, EOFError, OSError, SyntaxError, RecursionError)
 
 
 @dataclass(frozen=True)
 class Screened:
-    """The replies a round aggregates, in partition order, and what was left out."""
+    """The replies a round uses, in partition order, and what was left out."""
 
     valid: list[Message]
     failures: int
     rejected: int
 
 
-def update_problem(arrays: ArrayRecord, reference: ArrayRecord) -> str | None:
-    """Why `arrays` cannot be aggregated into the global model `reference`; None if it can."""
-    if set(arrays.keys()) != set(reference.keys()):
-        missing = sorted(set(reference.keys()) - set(arrays.keys()))
-        unexpected = sorted(set(arrays.keys()) - set(reference.keys()))
-        return f"its arrays do not match the model's (missing {missing}, unexpected {unexpected})"
-    for key, expected in reference.items():
-        array = arrays[key]
-        if tuple(array.shape) != tuple(expected.shape):
-            return f"{key} has shape {tuple(array.shape)}, the model's is {tuple(expected.shape)}"
-        if array.dtype != expected.dtype:
-            return f"{key} has dtype {array.dtype}, the model's is {expected.dtype}"
-        values = array.numpy()
-        if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
-            return f"{key} contains {int((~np.isfinite(values)).sum())} NaN/Inf values"
-    return None
+class Notices:
+    """Says each distinct client problem once per run, and remembers the first one."""
+
+    def __init__(self) -> None:
+        self._said: set[str] = set()
+        self.first: str | None = None
+
+    def say(self, what: str, detail: str) -> None:
+        """Warn `what: detail` unless this detail was said before."""
+        line = f"{what}: {detail}"
+        if self.first is None:
+            self.first = " ".join(line.split())  # one line, whatever the client wrote
+        if detail not in self._said:
+            self._said.add(detail)
+            log(WARNING, "%s (repeats are counted, not shown)", line)
+
+
+def is_int(value: object) -> bool:
+    """True for a Python or NumPy integer, not a bool (Flower records allow both bools and ints)."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
+
+
+def is_number(value: object) -> bool:
+    """True for a finite int or float (not a bool, not a list)."""
+    if is_int(value):
+        return True  # exact, and float() of a huge int would overflow
+    return isinstance(value, float | np.floating) and math.isfinite(value)
 
 
 # "SomeError: what happened", the line a traceback ends with.
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Warning)\b.*: .+")
 
 
-def error_summary(reason: str | None) -> str:
+def error_summary(reason: object) -> str:
     """The client's own exception line from a failed reply's reason (Ray and Flower wrap it)."""
-    lines = [line.strip() for line in (reason or "").splitlines() if line.strip()]
+    lines = [line.strip() for line in str(reason or "").splitlines() if line.strip()]
     own = [
         line
         for line in lines
@@ -62,49 +108,222 @@ def error_summary(reason: str | None) -> str:
     return lines[-1].removesuffix("'>") if lines else "no reason given"
 
 
-def partition_of(reply: Message) -> int:
-    """The partition id a reply carries (-1 for a failed or anonymous reply)."""
-    if reply.has_error() or "client" not in reply.content.config_records:
-        return -1
-    return int(reply.content.config_records["client"]["partition-id"])  # type: ignore[arg-type]
+def partition_of(reply: Message) -> int | None:
+    """The partition id a reply claims (None for a failed reply or one without a valid id)."""
+    if reply.has_error():
+        return None
+    record = reply.content.config_records.get(IDENTITY_RECORD)
+    value = None if record is None else record.get("partition-id")
+    return int(value) if is_int(value) else None  # type: ignore[arg-type]
+
+
+def identity_problem(reply: Message, census: Census) -> str | None:
+    """Why `reply`'s identity is not its node's partition of the census; None if it is."""
+    record = reply.content.config_records.get(IDENTITY_RECORD)
+    if record is None or set(record.keys()) != {"partition-id"}:
+        return f"its {IDENTITY_RECORD!r} record is not exactly {{'partition-id'}}"
+    partition = record["partition-id"]
+    if not is_int(partition) or not 0 <= partition < census.num_clients:  # type: ignore[operator]
+        return f"partition-id {partition!r} is not an integer in 0..{census.num_clients - 1}"
+    node = reply.metadata.src_node_id
+    bound = census.nodes.get(node)
+    if bound is None:
+        return f"node {node} has no partition (it did not answer the census, or shared one)"
+    if bound != partition:
+        return f"it claims partition {partition!r}, its node answered the census as {bound}"
+    return None
+
+
+def decode(array: Array, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | str:
+    """The values `array` decodes to if they are an array of `shape` and `dtype`, else why not.
+
+    The .npy header is read before numpy decodes anything: numpy would allocate whatever
+    shape a header declares before finding the bytes missing.
+    """
+    if array.stype != SType.NUMPY:
+        return f"serialization type {array.stype!r} is not {SType.NUMPY!r}"
+    if array.dtype != str(dtype) or array.shape != shape:
+        return f"declared {array.dtype} {array.shape}, the model's is {dtype} {shape}"
+    data = array.data
+    if not isinstance(data, bytes) or len(data) > shape_bytes(shape, dtype) + _MAX_NPY_HEADER:
+        return "its data is not the bytes of one array of the model's size"
+    buffer = BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(buffer)
+        if version not in ((1, 0), (2, 0)):
+            return f".npy format version {version} is not supported"
+        read_header = getattr(np.lib.format, f"read_array_header_{version[0]}_0")
+        real_shape, _, real_dtype = read_header(buffer, max_header_size=_MAX_NPY_HEADER)
+        if real_shape != shape or real_dtype != dtype:
+            return f"its bytes hold {real_dtype} {real_shape}, the model's is {dtype} {shape}"
+        if len(data) - buffer.tell() != shape_bytes(shape, dtype):
+            return f"its bytes hold {len(data) - buffer.tell()} bytes of values, not as declared"
+        values = array.numpy()
+    except _DECODE_ERRORS as err:
+        return f"its bytes are not a .npy array ({type(err).__name__}: {err})"
+    if not isinstance(values, np.ndarray) or values.shape != shape or values.dtype != dtype:
+        return "its bytes do not decode to an array of the model's shape and dtype"
+    return values
+
+
+def shape_bytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
+    """How many bytes an array of `shape` and `dtype` holds."""
+    return math.prod(shape) * dtype.itemsize
+
+
+def arrays_problem(arrays: ArrayRecord, reference: ArrayRecord) -> str | None:
+    """Why `arrays` cannot be aggregated into the global model `reference`; None if it can."""
+    if set(arrays.keys()) != set(reference.keys()):
+        missing = sorted(set(reference.keys()) - set(arrays.keys()))
+        unexpected = sorted(map(str, set(arrays.keys()) - set(reference.keys())))
+        return f"its arrays do not match the model's (missing {missing}, unexpected {unexpected})"
+    for key, expected in reference.items():
+        shape = tuple(int(d) for d in expected.shape)
+        values = decode(arrays[key], shape, np.dtype(expected.dtype))
+        if isinstance(values, str):
+            return f"{key}: {values}"
+        if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+            return f"{key} contains {int((~np.isfinite(values)).sum())} NaN/Inf values"
+    return None
+
+
+def _records_problem(reply: Message, stage: str, cfg: Config) -> str | None:
+    """Why the reply's records are not exactly those its stage sends; None if they are."""
+    content = reply.content
+    configs = {IDENTITY_RECORD}
+    if stage == TRAIN and cfg.privacy.mode == "dp_sgd":
+        configs.add(ACCOUNTANT_RECORD)  # the client's accountant, kept for --resume
+    expected = (
+        set() if stage == EVALUATE else {"arrays"},
+        {"metrics"},
+        configs,
+    )
+    found = (
+        set(content.array_records.keys()),
+        set(content.metric_records.keys()),
+        set(content.config_records.keys()),
+    )
+    if found != expected:
+        names = ("array", "metric", "config")
+        wrong = [
+            f"{name} records {sorted(map(str, f))} instead of {sorted(e)}"
+            for name, f, e in zip(names, found, expected, strict=True)
+            if f != e
+        ]
+        return "it carries " + "; ".join(wrong)
+    if ACCOUNTANT_RECORD in configs:
+        record = content.config_records[ACCOUNTANT_RECORD]
+        state = record.get("state")
+        if set(record.keys()) != {"state"} or not isinstance(state, str):
+            return f"its {ACCOUNTANT_RECORD!r} record is not one 'state' string"
+        if len(state) > MAX_ACCOUNTANT_CHARS:
+            return f"its accountant state is over {MAX_ACCOUNTANT_CHARS} characters"
+    return None
+
+
+def expected_metrics(stage: str, cfg: Config) -> set[str]:
+    """The metric keys a reply of `stage` carries, exactly."""
+    keys = {*_STAGE_METRICS.get(stage, ()), *_WEIGHTS}
+    if stage == TRAIN and cfg.privacy.mode == "dp_sgd":
+        keys.add(EPSILON_METRIC)
+    return keys
+
+
+def metrics_problem(metrics: Any, stage: str, cfg: Config, cap: int) -> str | None:
+    """Why a reply's metrics are not its stage's, finite and in range; None if they are.
+
+    `cap` is the partition's size from the census: the most examples a reply can weigh.
+    """
+    expected = expected_metrics(stage, cfg)
+    if set(metrics.keys()) != expected:
+        missing = sorted(expected - set(metrics.keys()))
+        unexpected = sorted(map(str, set(metrics.keys()) - expected))
+        return f"its metrics are not its stage's (missing {missing}, unexpected {unexpected})"
+    for key, value in metrics.items():
+        if not is_number(value):
+            return f"metric {key} is {value!r}, not a finite number"
+        if key.endswith("accuracy") and not 0 <= value <= 1:
+            return f"metric {key} is {value!r}, outside [0, 1]"
+        if key.endswith(("loss", "epsilon")) and value < 0:
+            return f"metric {key} is {value!r}, negative"
+    examples = metrics["num-examples"]
+    if not is_int(examples) or not 0 < examples <= cap:
+        return f"num-examples is {examples!r}, not an integer in 1..{cap} (its partition's size)"
+    if metrics[UNIFORM_WEIGHT] != 1:
+        return f"{UNIFORM_WEIGHT} is {metrics[UNIFORM_WEIGHT]!r}, not 1"
+    return None
 
 
 class ReplyScreen:
-    """Screens each round's replies; says each distinct client error once per run."""
+    """Screens replies against the run's config, the census and the global model."""
 
-    def __init__(self) -> None:
-        self._said: set[str] = set()
+    def __init__(self, cfg: Config, census: Census) -> None:
+        self.cfg = cfg
+        self.census = census
+        self.notices = census.notices  # shared with the census: each problem said once
 
-    def _warn_once(self, what: str, detail: str) -> None:
-        if detail not in self._said:
-            self._said.add(detail)
-            log(WARNING, "%s: %s (repeats are counted, not shown)", what, detail)
+    def problem(
+        self, reply: Message, stage: str, reference: ArrayRecord | None = None
+    ) -> str | None:
+        """Why a (non-failed) reply of `stage` cannot be used; None if it can.
+
+        `reference` holds the arrays the reply must match (the global model, or its
+        BatchNorm statistics); a stage that sends arrays is refused without one.
+        """
+        problem = _records_problem(reply, stage, self.cfg) or identity_problem(reply, self.census)
+        if problem is not None:
+            return problem
+        partition = partition_of(reply)
+        assert partition is not None  # identity_problem checked it
+        sizes = self.census.val_sizes if stage == EVALUATE else self.census.train_sizes
+        cap = sizes.get(partition, 0)
+        problem = metrics_problem(reply.content.metric_records["metrics"], stage, self.cfg, cap)
+        if problem is not None or stage == EVALUATE:
+            return problem
+        if reference is None:
+            return "there is no global model to check its arrays against"
+        return arrays_problem(reply.content.array_records["arrays"], reference)
 
     def screen(
-        self, replies: list[Message], stage: str, reference: ArrayRecord | None = None
+        self,
+        replies: Iterable[Message],
+        stage: str,
+        reference: ArrayRecord | None = None,
+        taken: set[int] | None = None,
     ) -> Screened:
-        """Drop failed replies and, given the global model `reference`, bad updates."""
+        """Count failed replies, reject unusable ones; the rest in partition order.
+
+        `taken` holds the partitions already used this round (and gets this call's): a
+        second reply for one of them is rejected.
+        """
+        taken = set() if taken is None else taken
         valid: list[Message] = []
         failures = rejected = 0
         for reply in replies:
             if reply.has_error():
                 failures += 1
-                self._warn_once(f"a client failed in {stage}", error_summary(reply.error.reason))
+                self.notices.say(f"a client failed in {stage}", error_summary(reply.error.reason))
                 continue
-            if reference is not None:
-                problem = _arrays_problem(reply, reference)
-                if problem is not None:
-                    rejected += 1
-                    self._warn_once(f"update of client {partition_of(reply)} rejected", problem)
-                    continue
+            problem = self.problem(reply, stage, reference)
+            partition = partition_of(reply)
+            if problem is None and partition in taken:
+                problem = f"a second reply for partition {partition} this round"
+            if problem is not None:
+                rejected += 1
+                who = "a client" if partition is None else f"client {partition}"
+                self.notices.say(f"{stage} reply of {who} rejected", problem)
+                continue
+            assert partition is not None
+            taken.add(partition)
             valid.append(reply)
         # Sorted by partition: float sums then do not depend on arrival order.
-        return Screened(sorted(valid, key=partition_of), failures, rejected)
+        return Screened(sorted(valid, key=lambda r: partition_of(r) or 0), failures, rejected)
 
 
-def _arrays_problem(reply: Message, reference: ArrayRecord) -> str | None:
-    records = reply.content.array_records
-    if len(records) != 1:
-        return f"it carries {len(records)} array records, not 1"
-    (arrays,) = records.values()
-    return update_problem(arrays, reference)
+def weights(replies: Iterable[Message]) -> np.ndarray:
+    """The screened replies' `num-examples`, normalised to sum to 1."""
+    counts = np.array(
+        [int(r.content.metric_records["metrics"]["num-examples"]) for r in replies],  # type: ignore[arg-type]
+        dtype=np.float64,
+    )
+    return counts / counts.sum()

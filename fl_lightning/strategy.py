@@ -33,12 +33,18 @@ from flwr.serverapp.strategy import (
     Krum,
 )
 
+from fl_lightning.census import Census
 from fl_lightning.client_app import ACCOUNTANT_RECORD, BATCHNORM_ACTION, UNIFORM_WEIGHT
 from fl_lightning.config import BATCHNORM_STATISTICS, Config
-from fl_lightning.replies import ReplyScreen, partition_of
+from fl_lightning.replies import BATCHNORM, EPSILON_METRIC, EVALUATE, TRAIN, ReplyScreen, weights
+from fl_lightning.replies import partition_of as _partition_of
 from fl_lightning.rounds import RoundRecorder, round_lr
 
 BATCHNORM_MESSAGE_TYPE = f"{MessageType.QUERY}.{BATCHNORM_ACTION}"
+# Attributes Flower's server optimizers (FedAdam, FedYogi, FedAdagrad, FedAvgM) rebind as
+# they aggregate: put back when their aggregate is refused, so one bad round does not
+# poison the next ones.
+_SERVER_OPTIMIZER_STATE = ("current_arrays", "m_t", "v_t", "momentum_vector")
 
 
 def restore_dtypes(aggregated: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
@@ -67,24 +73,33 @@ class LightningFedAvg(FedAvg):
     Every round it sends clients their learning rate (`lr`, decayed across rounds by
     `optimizer.round_decay`). Client train replies carry `train/*` metrics, evaluate
     replies `val/*`; their example-weighted means are logged as `train/*` and
-    `distributed/*`. Failed replies and bad updates are counted and left out
-    (`fl_lightning.replies`), client sampling is reproducible, and `round_offset` lets a
-    resumed run continue its round numbers. The other strategies below inherit all of this.
+    `distributed/*`. Every reply is screened against the run's `census` before any of it
+    is used; failed replies and bad ones are counted and left out (`fl_lightning.replies`),
+    and an aggregate that is not finite is refused. Client sampling is reproducible, and
+    `round_offset` lets a resumed run continue its round numbers. The other strategies
+    below inherit all of this.
     """
 
     def __init__(
         self,
         cfg: Config,
         recorder: RoundRecorder,
+        census: Census,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.cfg = cfg
         self.recorder = recorder
-        self.screen = ReplyScreen()
+        self.census = census
+        self.screen = ReplyScreen(cfg, census)
         self._global: ArrayRecord | None = None
         self._grid: Grid | None = None
-        self._node_partitions: dict[int, int] | None = None  # node id -> partition id
+        # screen_train's verdicts this round, by id() of the reply (held, so ids stay unique):
+        # the partition of a usable reply, None for a refused one.
+        self._train_round: int | None = None
+        self._train_seen: dict[int, tuple[Message, int | None]] = {}
+        self._train_partitions: set[int] = set()
+        self.rounds_adopted = 0  # rounds whose aggregate became the global model
         # Rounds already completed by the run this one resumes: Flower counts from 1 again.
         self.round_offset = 0
         self._sent = {"train": 0, "evaluate": 0}  # messages sent this round
@@ -105,6 +120,7 @@ class LightningFedAvg(FedAvg):
             self.recorder.ledger.check_next_round(server_round)
         self.recorder.start()
         self._global = arrays
+        self._train_round, self._train_seen, self._train_partitions = None, {}, set()
         self._grid = grid  # strategy.batchnorm=recompute messages the round's clients again
         config["lr"] = round_lr(self.cfg.optimizer, server_round)
         if self.resent_accountants:
@@ -134,53 +150,70 @@ class LightningFedAvg(FedAvg):
         Flower draws `random.sample` from Python's global RNG over node ids that are random
         per run; the same seed would sample other partitions in every run, and a resumed run
         others than the run it continues. With partial participation, nodes are put in
-        partition order (asked once, with a query message) and the draw is seeded; the
+        partition order (the census's) and the draw is seeded; the
         global RNG is restored afterwards.
         """
         f = self.cfg.federation
         if f.fraction_train == 1.0 and f.fraction_evaluate in (0.0, 1.0):
             yield grid  # everybody takes part: nothing to reproduce
             return
-        if self._node_partitions is None:
-            self._node_partitions = query_partitions(grid, f.round_timeout)
         state = random.getstate()
         random.seed(f"{self.cfg.seed}/{server_round}/{stage}")
         try:
-            yield cast(Grid, _PartitionOrderedGrid(grid, self._node_partitions))
+            yield cast(Grid, _PartitionOrderedGrid(grid, self.census.nodes))
         finally:
             random.setstate(state)
+
+    def screen_train(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """The round's usable train replies, in partition order; failures and rejections counted.
+
+        Idempotent within a round: the client-level DP wrapper screens the raw replies
+        before it clips them, then this strategy's `aggregate_train` screens the screened
+        list again; a reply seen before keeps its verdict and is not counted twice.
+        """
+        replies = list(replies)
+        if self._train_round != server_round:
+            self._train_round, self._train_seen, self._train_partitions = server_round, {}, set()
+            self.recorder.lap("client_training")  # sending, training, receiving
+            # Clients that never replied (round_timeout, dropped out) failed too.
+            self.recorder.count(failures=max(0, self._sent["train"] - len(replies)), rejected=0)
+        new = [reply for reply in replies if id(reply) not in self._train_seen]
+        screened = self.screen.screen(new, TRAIN, self._global, taken=self._train_partitions)
+        self.recorder.count(failures=screened.failures, rejected=screened.rejected)
+        usable = {id(reply) for reply in screened.valid}
+        for reply in new:
+            partition = _partition_of(reply) if id(reply) in usable else None
+            self._train_seen[id(reply)] = (reply, partition)
+        verdicts = [self._train_seen[id(reply)][1] for reply in replies]
+        kept = [(p, reply) for p, reply in zip(verdicts, replies, strict=True) if p is not None]
+        return [reply for _, reply in sorted(kept, key=lambda pair: pair[0])]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregate, restore the model's dtypes, and keep the train metrics for the round's log."""
+        """Screen, aggregate, restore the model's dtypes, refuse a non-finite aggregate, and
+        keep the train metrics for the round's log."""
+        replies = self.screen_train(server_round, replies)
         server_round += self.round_offset
-        self.recorder.lap("client_training")  # sending, training, receiving
-        replies = list(replies)
-        screened = self.screen.screen(replies, "train", reference=self._global)
-        # Clients that never replied (round_timeout, dropped out) failed too.
-        missing = max(0, self._sent["train"] - len(replies))
-        self.recorder.count(failures=screened.failures + missing, rejected=screened.rejected)
-        replies = screened.valid
         self.accountants.update(_accountant_states(replies))
         ledger = self.recorder.ledger
         if ledger is not None and self.cfg.privacy.mode == "dp_sgd":
             ledger.record_dp_sgd(_client_epsilons(replies))
         needed = self.cfg.federation.min_train_clients
         if len(replies) < needed:
-            log(
-                WARNING,
-                "round %d skipped: %d usable updates, federation.min_train_clients is %d; "
-                "the global model stays as it was",
+            return self._skip(
+                f"{len(replies)} usable updates, federation.min_train_clients is {needed}",
                 server_round,
-                len(replies),
-                needed,
             )
-            self.recorder.lap("aggregation")
-            return None, None
+        saved = {name: getattr(self, name, None) for name in _SERVER_OPTIMIZER_STATE}
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is not None and self._global is not None:
             arrays = restore_dtypes(arrays, self._global)
+        if arrays is not None and not _finite(arrays):
+            for name, value in saved.items():
+                if hasattr(self, name):
+                    setattr(self, name, value)
+            return self._skip("the aggregate of the usable updates is not finite", server_round)
         if arrays is not None and self.cfg.strategy.batchnorm == "recompute":
             self.recorder.lap("aggregation")
             nodes = [reply.metadata.src_node_id for reply in replies]
@@ -188,8 +221,15 @@ class LightningFedAvg(FedAvg):
             self.recorder.lap("batchnorm_statistics")
         if metrics is not None:
             self.recorder.add(_client_metrics(metrics, "train/", "train/"))
+        self.rounds_adopted += arrays is not None
         self.recorder.lap("aggregation")
         return arrays, metrics
+
+    def _skip(self, why: str, server_round: int) -> tuple[None, None]:
+        """Leave the global model as it is this round, saying why."""
+        log(WARNING, "round %d skipped: %s; the global model stays as it was", server_round, why)
+        self.recorder.lap("aggregation")
+        return None, None
 
     def _recompute_batchnorm(
         self, server_round: int, arrays: ArrayRecord, nodes: list[int]
@@ -198,8 +238,8 @@ class LightningFedAvg(FedAvg):
 
         The clients that trained this round run `arrays` over some of their training
         batches; the example-weighted mean of what they measured replaces the average of
-        their old running statistics. Failed or malformed replies are counted and left
-        out; if none is usable the averaged statistics stay.
+        their old running statistics. Failed or unusable replies are counted and left
+        out (the same screen as updates); if none is usable the averaged statistics stay.
         """
         keys = [k for k in arrays if k.endswith(BATCHNORM_STATISTICS)]
         if not keys or self._grid is None:
@@ -215,7 +255,7 @@ class LightningFedAvg(FedAvg):
             self._grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout)
         )
         reference = ArrayRecord({k: arrays[k] for k in keys})
-        screened = self.screen.screen(replies, "batchnorm statistics", reference=reference)
+        screened = self.screen.screen(replies, BATCHNORM, reference=reference)
         missing = max(0, len(messages) - len(replies))
         self.recorder.count(failures=screened.failures + missing, rejected=screened.rejected)
         if not screened.valid:
@@ -225,17 +265,21 @@ class LightningFedAvg(FedAvg):
                 server_round,
             )
             return arrays
-        weights = np.array(
-            [float(r.content.metric_records["metrics"]["num-examples"]) for r in screened.valid]  # type: ignore[arg-type]
-        )
-        weights /= weights.sum()
+        shares = weights(screened.valid)
         updated = ArrayRecord()
         for key, array in arrays.items():
             if key in keys:
                 measured = [r.content.array_records["arrays"][key].numpy() for r in screened.valid]
-                mean = sum(w * m for w, m in zip(weights, measured, strict=True))
+                mean = sum(w * m for w, m in zip(shares, measured, strict=True))
                 array = Array(np.asarray(mean, dtype=array.numpy().dtype))
             updated[key] = array
+        if not _finite(updated):
+            log(
+                WARNING,
+                "round %d: BatchNorm statistics not finite; averaged ones kept",
+                server_round,
+            )
+            return arrays
         return updated
 
     def aggregate_evaluate(
@@ -245,9 +289,11 @@ class LightningFedAvg(FedAvg):
         server_round += self.round_offset
         self.recorder.lap("client_evaluation")
         replies = list(replies)
-        screened = self.screen.screen(replies, "evaluate")
+        screened = self.screen.screen(replies, EVALUATE)
         missing = max(0, self._sent["evaluate"] - len(replies))
-        self.recorder.count(failures=screened.failures + missing)
+        self.recorder.count(failures=screened.failures + missing, rejected=screened.rejected)
+        if not screened.valid:
+            return None
         metrics = super().aggregate_evaluate(server_round, screened.valid)
         if metrics is not None:
             self.recorder.add(_client_metrics(metrics, "val/", "distributed/"))
@@ -307,7 +353,9 @@ class LightningKrum(LightningFedAvg, Krum):
     """Krum: the client model closest to its neighbours, robust to `num_malicious_nodes`."""
 
 
-def build_strategy(cfg: Config, recorder: RoundRecorder, **sampling: Any) -> LightningFedAvg:
+def build_strategy(
+    cfg: Config, recorder: RoundRecorder, census: Census, **sampling: Any
+) -> LightningFedAvg:
     """The strategy named by `strategy.name`, with its own parameters from the config."""
     s = cfg.strategy
     adaptive = {"eta": s.eta, "tau": s.tau}
@@ -330,7 +378,7 @@ def build_strategy(cfg: Config, recorder: RoundRecorder, **sampling: Any) -> Lig
     if cfg.privacy.mode == "client_dp":
         # DP-FedAvg's noise is calibrated to an unweighted mean of clipped updates.
         params["weighted_by_key"] = UNIFORM_WEIGHT
-    return cls(cfg=cfg, recorder=recorder, **params, **sampling)
+    return cls(cfg=cfg, recorder=recorder, census=census, **params, **sampling)
 
 
 class _PartitionOrderedGrid:
@@ -351,34 +399,20 @@ class _PartitionOrderedGrid:
         return getattr(self._grid, name)
 
 
-def query_partitions(grid: Grid, timeout: float) -> dict[int, int]:
-    """Node id -> partition id of every connected node (one query message each)."""
-    messages = [
-        Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY)
-        for node in grid.get_node_ids()
-    ]
-    partitions = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        partition = partition_of(reply)
-        if partition >= 0:
-            partitions[reply.metadata.src_node_id] = partition
-    return partitions
-
-
 def _accountant_states(replies: list[Message]) -> dict[int, str]:
     """DP-SGD: partition id -> the accountant state each reply carries (if any)."""
     states = {}
     for reply in replies:
         record = reply.content.config_records.get(ACCOUNTANT_RECORD)
         if record is not None:
-            states[partition_of(reply)] = str(record["state"])
+            states[_screened_partition(reply)] = str(record["state"])
     return states
 
 
 def _client_epsilons(replies: list[Message]) -> dict[int, float]:
     """DP-SGD: partition id -> the cumulative epsilon each (screened) reply reports."""
     return {
-        partition_of(reply): float(reply.content.metric_records["metrics"]["privacy/epsilon"])  # type: ignore[arg-type]
+        _screened_partition(reply): float(reply.content.metric_records["metrics"][EPSILON_METRIC])  # type: ignore[arg-type]
         for reply in replies
     }
 
@@ -389,3 +423,19 @@ def _client_metrics(metrics: MetricRecord, prefix: str, renamed: str) -> dict[st
         for key, value in metrics.items()
         if key.startswith(prefix)
     }
+
+
+def _screened_partition(reply: Message) -> int:
+    """The partition of a reply the screen accepted (it has one)."""
+    partition = _partition_of(reply)
+    assert partition is not None, "only screened replies come here"
+    return partition
+
+
+def _finite(arrays: ArrayRecord) -> bool:
+    """Whether every floating-point value of `arrays` is finite."""
+    for array in arrays.values():
+        values = array.numpy()
+        if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+            return False
+    return True

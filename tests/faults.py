@@ -37,11 +37,13 @@ def _train_arrays_mod(
     return mod
 
 
-def raising(partitions: Collection[int]) -> Mod:
-    """The named clients raise in every train and evaluate message."""
+def raising(partitions: Collection[int], message_types: Collection[str] | None = None) -> Mod:
+    """The named clients raise in every message (the census included), or in those of
+    `message_types` only (e.g. [MessageType.TRAIN]: they answer the census, fail training)."""
 
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-        if _partition(context) in partitions:
+        wanted = message_types is None or msg.metadata.message_type in message_types
+        if _partition(context) in partitions and wanted:
             raise RuntimeError(f"injected failure in client {_partition(context)}")
         return call_next(msg, context)
 

@@ -9,9 +9,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from fl_lightning.census import CENSUS_MESSAGE_TYPE, Census, census_problem
 from fl_lightning.client_app import UNIFORM_WEIGHT, app
 from fl_lightning.config import Config, config_from_run_config
 from fl_lightning.models import build_model
+from fl_lightning.replies import EVALUATE, TRAIN, ReplyScreen
 from fl_lightning.strategy import BATCHNORM_MESSAGE_TYPE
 
 
@@ -54,6 +56,10 @@ def test_train_handler_replies_with_weights_and_metrics(
     # configs/mnist.yaml trains 2 local epochs on 135 samples (150 minus 10% validation)
     assert metrics["num-examples"] == 135
     assert {"train/loss", "train/accuracy"} <= set(metrics.keys())
+    # What a real client sends passes the server's screen, exactly (keys, types, identity).
+    census = Census(2, nodes={1: 0}, train_sizes={0: 135}, val_sizes={0: 15})
+    sent = message(tiny_mnist, MessageType.TRAIN).content.array_records["arrays"]
+    assert ReplyScreen(tiny_mnist, census).problem(reply, TRAIN, sent) is None
 
 
 def test_evaluate_handler_replies_with_val_metrics(tiny_mnist: Config, data_root: Path) -> None:
@@ -62,6 +68,29 @@ def test_evaluate_handler_replies_with_val_metrics(tiny_mnist: Config, data_root
     metrics = reply.content.metric_records["metrics"]
     assert metrics["num-examples"] == 15
     assert {"val/loss", "val/accuracy"} == set(metrics.keys()) - {"num-examples", UNIFORM_WEIGHT}
+    census = Census(2, nodes={1: 1}, train_sizes={1: 135}, val_sizes={1: 15})
+    assert ReplyScreen(tiny_mnist, census).problem(reply, EVALUATE) is None
+
+
+def test_census_handler_counts_the_clients_own_labels(tiny_mnist: Config, data_root: Path) -> None:
+    from fl_lightning.partition import label_counts
+
+    reply = app(message(tiny_mnist, CENSUS_MESSAGE_TYPE), context_for(data_root, 1))
+    assert not reply.has_error(), reply.error
+    record = reply.content.config_records["census"]
+    assert (record["train-size"], record["val-size"]) == (135, 15)
+    expected = label_counts(tiny_mnist.data, 2, tiny_mnist.seed)[1].tolist()
+    assert record["label-counts"] == expected
+    assert census_problem(reply, tiny_mnist, 10) is None
+
+
+def test_census_handler_sends_sizes_only_under_privacy(data_root: Path) -> None:
+    context = context_for(data_root, 0)
+    context.run_config["overrides"] += " privacy.mode=client_dp privacy.noise_multiplier=1.0"
+    cfg = config_from_run_config(context.run_config)
+    reply = app(message(cfg, CENSUS_MESSAGE_TYPE), context)
+    assert not reply.has_error(), reply.error
+    assert set(reply.content.config_records["census"].keys()) == {"train-size", "val-size"}
 
 
 def test_client_dp_clients_clip_their_update_with_flowers_mod(

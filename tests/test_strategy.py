@@ -13,6 +13,8 @@ from flwr.app import (
 )
 from flwr.supercore.task_identity import TaskIdentity
 
+from fl_lightning.census import Census
+from fl_lightning.client_app import UNIFORM_WEIGHT
 from fl_lightning.config import load_config
 from fl_lightning.rounds import RoundRecorder, round_lr
 from fl_lightning.strategy import build_strategy, restore_dtypes
@@ -43,6 +45,33 @@ def recorder() -> RoundRecorder:
     return RoundRecorder(None, None, None)  # type: ignore[arg-type]
 
 
+def census(clients: int = 5, train: int = 100, val: int = 10) -> Census:
+    """What the census of FakeGrid's nodes says: node k holds partition k - 1."""
+    return Census(
+        clients,
+        nodes={k + 1: k for k in range(clients)},
+        train_sizes=dict.fromkeys(range(clients), train),
+        val_sizes=dict.fromkeys(range(clients), val),
+    )
+
+
+def train_content(
+    arrays: ArrayRecord, partition: int, examples: int = 10, loss: float = 1.0
+) -> RecordDict:
+    """What an honest client's train reply holds."""
+    metrics = MetricRecord(
+        {"train/loss": loss, "train/accuracy": 0.5, "num-examples": examples, UNIFORM_WEIGHT: 1}
+    )
+    return RecordDict(
+        {"arrays": arrays, "metrics": metrics, "client": ConfigRecord({"partition-id": partition})}
+    )
+
+
+def node_partition(message: Message) -> int:
+    """The partition FakeGrid's census binds to the node a message goes to."""
+    return message.metadata.dst_node_id - 1
+
+
 def global_arrays() -> ArrayRecord:
     return ArrayRecord(
         {"w": Array(np.zeros((2, 3), np.float32)), "count": Array(np.array(10, np.int64))}
@@ -56,8 +85,8 @@ def reply_to(message: Message, shift: float, counter: int, examples: int) -> Mes
             "count": Array(np.array(counter, np.int64)),
         }
     )
-    metrics = MetricRecord({"train/loss": shift, "num-examples": examples})
-    return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=message)
+    content = train_content(arrays, node_partition(message), examples, loss=shift)
+    return Message(content=content, reply_to=message)
 
 
 def test_aggregates_get_the_models_dtypes_back() -> None:
@@ -76,7 +105,7 @@ def test_aggregates_get_the_models_dtypes_back() -> None:
 @pytest.mark.parametrize("name", STRATEGIES)
 def test_every_strategy_aggregates_and_keeps_the_metric_names(name: str) -> None:
     cfg = load_config(MNIST, [f"strategy.name={name}", "strategy.num_malicious_clients=1"])
-    strategy = build_strategy(cfg, recorder(), min_available_nodes=5)
+    strategy = build_strategy(cfg, recorder(), census(), min_available_nodes=5)
     messages = list(strategy.configure_train(1, global_arrays(), ConfigRecord(), FakeGrid()))  # type: ignore[arg-type]
     assert len(messages) == 5
     sent = messages[0].content.config_records["config"]
@@ -116,7 +145,7 @@ def test_aggregate_does_not_depend_on_reply_order() -> None:
     weights = [rng.standard_normal((50, 50)).astype(np.float32) for _ in range(5)]
 
     def aggregate(order: list[int]) -> np.ndarray:
-        strategy = build_strategy(cfg, recorder(), min_available_nodes=5)
+        strategy = build_strategy(cfg, recorder(), census(), min_available_nodes=5)
         messages = list(
             strategy.configure_train(
                 1,
@@ -125,16 +154,12 @@ def test_aggregate_does_not_depend_on_reply_order() -> None:
                 FakeGrid(),
             )
         )  # type: ignore[arg-type]
+        messages.sort(key=node_partition)
         replies = []
-        for position, client in enumerate(order):
-            content = RecordDict(
-                {
-                    "arrays": ArrayRecord({"w": Array(weights[client])}),
-                    "metrics": MetricRecord({"num-examples": 10 + 7 * client}),
-                    "client": ConfigRecord({"partition-id": client}),
-                }
-            )
-            replies.append(Message(content=content, reply_to=messages[position]))
+        for client in order:
+            arrays = ArrayRecord({"w": Array(weights[client])})
+            content = train_content(arrays, client, examples=10 + 7 * client)
+            replies.append(Message(content=content, reply_to=messages[client]))
         arrays, _ = strategy.aggregate_train(1, replies)
         assert arrays is not None
         return arrays["w"].numpy()
@@ -161,10 +186,11 @@ class BatchNormGrid(FakeGrid):
             arrays = ArrayRecord(
                 {"bn.running_mean": Array(mean), "bn.running_var": Array(10 * mean)}
             )
+            metrics = MetricRecord({"num-examples": 100 * node, UNIFORM_WEIGHT: 1})
             content = RecordDict(
                 {
                     "arrays": arrays,
-                    "metrics": MetricRecord({"num-examples": 100 * node}),
+                    "metrics": metrics,
                     "client": ConfigRecord({"partition-id": node - 1}),
                 }
             )
@@ -174,7 +200,7 @@ class BatchNormGrid(FakeGrid):
 
 def test_recompute_replaces_averaged_batchnorm_statistics_with_measured_ones() -> None:
     cfg = load_config(REPO / "configs" / "cifar10.yaml", ["strategy.batchnorm=recompute"])
-    strategy = build_strategy(cfg, recorder(), min_available_nodes=5)
+    strategy = build_strategy(cfg, recorder(), census(train=1000), min_available_nodes=5)
     grid = BatchNormGrid()
     start = ArrayRecord(
         {
@@ -187,10 +213,8 @@ def test_recompute_replaces_averaged_batchnorm_statistics_with_measured_ones() -
     replies = []
     for message in messages:
         arrays = ArrayRecord({key: Array(np.full(2, 7.0, np.float32)) for key in start})
-        metrics = MetricRecord({"train/loss": 1.0, "num-examples": 10})
-        replies.append(
-            Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=message)
-        )
+        content = train_content(arrays, node_partition(message))
+        replies.append(Message(content, reply_to=message))
     arrays, _ = strategy.aggregate_train(1, replies)
     assert arrays is not None
     # Every client that trained was asked, with the new (averaged) model.

@@ -1,0 +1,155 @@
+"""The census: at the start of every run the server asks every node what it holds.
+
+Each client answers with its partition id, the sizes of its training and validation
+samples and, only when neither differential privacy nor secure aggregation is on, its
+training-label counts, counted by the client on its own partition. From the answers the
+server binds each node to its partition (every later reply from that node must carry
+it), takes the sizes as the most examples a reply can weigh, sizes the privacy ledger
+and SecAgg+'s weights, and draws the label histogram: it never opens a client's data.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from logging import WARNING
+
+from flwr.app import Message, MessageType, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from fl_lightning.client_app import (
+    CENSUS_ACTION,
+    CENSUS_RECORD,
+    IDENTITY_RECORD,
+    sends_label_counts,
+)
+from fl_lightning.config import Config
+from fl_lightning.errors import NothingTrained
+from fl_lightning.replies import Notices, error_summary, is_int, partition_of
+
+CENSUS_MESSAGE_TYPE = f"{MessageType.QUERY}.{CENSUS_ACTION}"
+
+
+@dataclass
+class Census:
+    """What the clients told the server: node id -> partition, each partition's sizes."""
+
+    num_clients: int
+    nodes: dict[int, int] = field(default_factory=dict)  # node id -> partition id
+    train_sizes: dict[int, int] = field(default_factory=dict)  # partition id -> samples
+    val_sizes: dict[int, int] = field(default_factory=dict)
+    label_counts: dict[int, list[int]] = field(default_factory=dict)  # only when sent
+    notices: Notices = field(default_factory=Notices)
+
+    def missing(self) -> list[int]:
+        """Partitions no node is bound to (no answer, a bad one, or claimed twice)."""
+        return [p for p in range(self.num_clients) if p not in self.train_sizes]
+
+    def partition_sizes(self, fill: int = 0) -> list[int]:
+        """Each partition's training-sample count, `fill` for a partition nobody holds."""
+        return [self.train_sizes.get(p, fill) for p in range(self.num_clients)]
+
+    def label_count_rows(self, num_classes: int) -> list[list[int]]:
+        """Each partition's label counts (zeros for one that sent none)."""
+        return [self.label_counts.get(p, [0] * num_classes) for p in range(self.num_clients)]
+
+
+def census_problem(reply: Message, cfg: Config, num_classes: int) -> str | None:
+    """Why a (non-failed) census reply cannot be believed; None if it can."""
+    content = reply.content
+    found = (set(content.array_records), set(content.metric_records), set(content.config_records))
+    if found != (set(), set(), {IDENTITY_RECORD, CENSUS_RECORD}):
+        return f"it carries the records {sorted(map(str, set().union(*found)))}"
+    if set(content.config_records[IDENTITY_RECORD].keys()) != {"partition-id"}:
+        return f"its {IDENTITY_RECORD!r} record is not exactly {{'partition-id'}}"
+    partition = partition_of(reply)
+    if partition is None or not 0 <= partition < cfg.federation.num_clients:
+        return f"its partition-id is not an integer in 0..{cfg.federation.num_clients - 1}"
+    record = content.config_records[CENSUS_RECORD]
+    keys = {"train-size", "val-size"} | ({"label-counts"} if sends_label_counts(cfg) else set())
+    if set(record.keys()) != keys:
+        return f"its census record holds {sorted(map(str, record.keys()))}, not {sorted(keys)}"
+    train, val = record["train-size"], record["val-size"]
+    if not is_int(train) or train < 1 or not is_int(val) or val < 0:  # type: ignore[operator]
+        return f"train-size {train!r} and val-size {val!r} are not counts of samples"
+    if "label-counts" in keys:
+        counts = record["label-counts"]
+        if (
+            not isinstance(counts, list)
+            or len(counts) != num_classes
+            or not all(is_int(c) and c >= 0 for c in counts)  # type: ignore[operator]
+            or sum(counts) != train  # type: ignore[arg-type]
+        ):
+            return f"its label counts are not {num_classes} counts summing to train-size {train!r}"
+    return None
+
+
+def tally(replies: Iterable[Message], cfg: Config, num_classes: int) -> Census:
+    """The census from its replies: bad ones said and dropped, a partition claimed twice
+    bound to neither node."""
+    census = Census(cfg.federation.num_clients)
+    claims: dict[int, list[Message]] = {}
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            census.notices.say("a client failed the census", error_summary(reply.error.reason))
+            continue
+        problem = census_problem(reply, cfg, num_classes)
+        if problem is not None:
+            census.notices.say(f"census reply of node {node} rejected", problem)
+            continue
+        claims.setdefault(partition_of(reply) or 0, []).append(reply)
+    for partition, claimants in sorted(claims.items()):
+        nodes = sorted({reply.metadata.src_node_id for reply in claimants})
+        if len(nodes) > 1:
+            census.notices.say(
+                "census",
+                f"nodes {nodes} all claim partition {partition}: none is bound to it, and "
+                "their replies are rejected for the whole run",
+            )
+            continue
+        record = claimants[0].content.config_records[CENSUS_RECORD]
+        census.nodes[nodes[0]] = partition
+        census.train_sizes[partition] = int(record["train-size"])  # type: ignore[arg-type]
+        census.val_sizes[partition] = int(record["val-size"])  # type: ignore[arg-type]
+        if "label-counts" in record:
+            census.label_counts[partition] = [int(c) for c in record["label-counts"]]  # type: ignore[union-attr]
+    return census
+
+
+def take_census(grid: Grid, cfg: Config, num_classes: int) -> Census:
+    """Ask every node (once `federation.num_clients` are connected) what it holds.
+
+    Raises NothingTrained when no partition could be bound: no round could use a reply.
+    """
+    fed = cfg.federation
+    nodes = _connected(grid, fed.num_clients, fed.round_timeout)
+    messages = [
+        Message(RecordDict(), dst_node_id=node, message_type=CENSUS_MESSAGE_TYPE) for node in nodes
+    ]
+    census = tally(grid.send_and_receive(messages, timeout=fed.round_timeout), cfg, num_classes)
+    if not census.nodes:
+        raise NothingTrained(nothing_trained("no client answered the census", census.notices))
+    if census.missing():
+        log(WARNING, "census: no node holds partitions %s: they take no part", census.missing())
+    return census
+
+
+def nothing_trained(what: str, notices: Notices) -> str:
+    """The one line a run that trained nothing ends with: what happened, the clients' first
+    problem, what to do."""
+    first = notices.first or "no client reported an error"
+    return (
+        f"{what}, so nothing was trained; the clients' first problem: {first}. Fix that "
+        "(--verbose shows Flower's and Ray's full logs) and run again"
+    )
+
+
+def _connected(grid: Grid, wanted: int, timeout: float) -> list[int]:
+    """The connected node ids, once `wanted` are (or `timeout` seconds have passed)."""
+    deadline = time.monotonic() + timeout
+    while len(nodes := list(grid.get_node_ids())) < wanted and time.monotonic() < deadline:
+        time.sleep(0.2)  # the Simulation Engine registers its nodes as the ServerApp starts
+    return sorted(nodes)

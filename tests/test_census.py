@@ -1,0 +1,125 @@
+"""The census: what clients say they hold, screened, bound to their nodes."""
+
+from collections.abc import Iterable
+
+import pytest
+from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fl_lightning.census import CENSUS_MESSAGE_TYPE, census_problem, take_census, tally
+from fl_lightning.config import load_config
+from fl_lightning.errors import NothingTrained
+from tests.test_config import MNIST, REPO
+
+CLASSES = 10
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower stamps messages with the process's task identity, which a runtime sets."""
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+
+
+def answer(node: int, partition: object, train: object = 60, val: object = 6, **extra) -> Message:
+    """Node `node`'s census reply (label counts: all of `train` in class 0, unless given)."""
+    record = ConfigRecord({"train-size": train, "val-size": val})  # type: ignore[dict-item]
+    record["label-counts"] = extra.get("labels", [train] + [0] * (CLASSES - 1))
+    for key in extra.get("drop", ()):
+        del record[key]
+    content = RecordDict(
+        {"client": ConfigRecord({"partition-id": partition}), "census": record}  # type: ignore[dict-item]
+    )
+    query = Message(RecordDict(), dst_node_id=node, message_type=CENSUS_MESSAGE_TYPE)
+    return Message(content, reply_to=query)
+
+
+def test_honest_answers_bind_nodes_to_partitions_with_their_sizes() -> None:
+    cfg = load_config(MNIST)  # 5 clients
+    census = tally([answer(10 + p, p, train=50 + p) for p in range(5)], cfg, CLASSES)
+    assert census.nodes == {10 + p: p for p in range(5)}
+    assert census.partition_sizes() == [50, 51, 52, 53, 54]
+    assert census.val_sizes[0] == 6
+    assert census.label_count_rows(CLASSES)[3][0] == 53
+    assert census.missing() == []
+
+
+def test_two_nodes_claiming_one_partition_bind_neither() -> None:
+    cfg = load_config(MNIST)
+    census = tally([answer(1, 0), answer(2, 1), answer(3, 1)], cfg, CLASSES)
+    assert census.nodes == {1: 0}
+    assert census.missing() == [1, 2, 3, 4]
+    assert census.partition_sizes() == [60, 0, 0, 0, 0]
+    assert "nodes [2, 3] all claim partition 1" in str(census.notices.first)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"partition": "0"},
+        {"partition": 5},
+        {"partition": -1},
+        {"train": 0, "labels": [0] * CLASSES},
+        {"train": 60.0, "labels": [60] + [0] * (CLASSES - 1)},
+        {"val": -1},
+        {"labels": [59] + [0] * (CLASSES - 1)},  # does not sum to train-size
+        {"labels": [61, -1] + [0] * (CLASSES - 2)},
+        {"labels": [60]},  # not one count per class
+        {"drop": ["label-counts"]},
+        {"drop": ["val-size"]},
+    ],
+    ids=str,
+)
+def test_implausible_answers_are_rejected(bad: dict) -> None:
+    cfg = load_config(MNIST)
+    reply = answer(1, **{"partition": 0, **bad})
+    assert census_problem(reply, cfg, CLASSES) is not None
+    assert tally([reply], cfg, CLASSES).nodes == {}
+
+
+def test_under_privacy_clients_send_sizes_only() -> None:
+    cfg = load_config(REPO / "configs" / "mnist_dp_sgd.yaml")
+    assert census_problem(answer(1, 0, drop=["label-counts"]), cfg, CLASSES) is None
+    # A label histogram where none belongs is refused, not kept.
+    assert census_problem(answer(1, 0), cfg, CLASSES) is not None
+
+
+def test_failed_and_malformed_answers_are_said_and_skipped() -> None:
+    cfg = load_config(MNIST)
+    query = Message(RecordDict(), dst_node_id=4, message_type=CENSUS_MESSAGE_TYPE)
+    failed = Message(Error(0, "Traceback ...\nValueError: no data here"), reply_to=query)
+    odd = Message(RecordDict({"metrics": MetricRecord({"x": 1})}), reply_to=query)
+    census = tally([failed, odd, answer(1, 0)], cfg, CLASSES)
+    assert census.nodes == {1: 0}
+    assert census.notices.first == "a client failed the census: ValueError: no data here"
+
+
+class CensusGrid:
+    """Nodes 1-5 answer as partitions 0-4, or fail."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.sent: list[Message] = []
+
+    def get_node_ids(self) -> Iterable[int]:
+        return [5, 4, 3, 2, 1]
+
+    def send_and_receive(self, messages: Iterable[Message], timeout: float) -> list[Message]:
+        self.sent = list(messages)
+        if self.fail:
+            return [Message(Error(0, "RuntimeError: down"), reply_to=m) for m in self.sent]
+        return [answer(m.metadata.dst_node_id, m.metadata.dst_node_id - 1) for m in self.sent]
+
+
+def test_take_census_asks_every_node_once() -> None:
+    cfg = load_config(MNIST)
+    grid = CensusGrid()
+    census = take_census(grid, cfg, CLASSES)  # type: ignore[arg-type]
+    assert sorted(m.metadata.dst_node_id for m in grid.sent) == [1, 2, 3, 4, 5]
+    assert {m.metadata.message_type for m in grid.sent} == {f"{MessageType.QUERY}.census"}
+    assert census.nodes == {n: n - 1 for n in range(1, 6)}
+
+
+def test_a_census_nobody_answers_ends_the_run_with_one_line() -> None:
+    with pytest.raises(NothingTrained, match=r"no client answered the census.*RuntimeError: down"):
+        take_census(CensusGrid(fail=True), load_config(MNIST), CLASSES)  # type: ignore[arg-type]
