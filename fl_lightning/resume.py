@@ -5,56 +5,123 @@ moments, FedAvgM's momentum, DP-SGD clients' accountants), the privacy ledger, t
 server's global RNG states (Flower's DP wrappers draw noise from NumPy's) and the round
 records behind summary.md. Every client-side random draw (shuffles, dropout,
 augmentation, DP-SGD noise) and client sampling is seeded by (seed, round, client).
+
+The file holds tensors and plain data only (dicts, lists, tuples, strings, numbers, None)
+and is read with `torch.load(weights_only=True)`, which builds nothing else: a file that
+holds Python objects (a pickle payload) is refused without running any of it. Every part is
+then checked against the run's config and model before anything is used or changed, and
+each strategy attribute is rebuilt with the type its Flower class keeps it in.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import yaml
+from flwr.app import Array, ArrayRecord
+from flwr.serverapp.strategy import (
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+)
+from flwr.serverapp.strategy.fedopt import FedOpt
 
 from fl_lightning.config import Config
 from fl_lightning.errors import ConfigError
-from fl_lightning.rundir import RunDir
+from fl_lightning.rundir import RunDir, write_atomically
 
-# Attributes in which Flower's strategies keep state across rounds.
-STRATEGY_STATE = ("current_arrays", "m_t", "v_t", "momentum_vector", "accountants")
+# resume.pt's layout. Before it, resume.pt was a pickle of Python objects: refused now.
+FORMAT = 2
+_KEYS = {"format", "round", "weights", "strategy", "history", "ledger", "rng"}
+_RNG_KEYS = {"python", "numpy", "torch"}
+_NUMPY_RNG_KEYS = {"key", "pos", "has_gauss", "cached_gaussian"}
+_LEDGER_KEYS = {"rounds_taken", "reported", "releases"}
+_MT19937_WORDS = 624  # NumPy's legacy global RNG (MT19937) keeps 624 32-bit words
+
+# The Flower class behind each strategy.name: which attributes of `_FIELDS` a run keeps.
+_FLOWER_CLASSES: dict[str, type] = {
+    "fedavg": FedAvg,
+    "fedprox": FedProx,
+    "fedadam": FedAdam,
+    "fedyogi": FedYogi,
+    "fedadagrad": FedAdagrad,
+    "fedavgm": FedAvgM,
+    "fedmedian": FedMedian,
+    "fedtrimmedavg": FedTrimmedAvg,
+    "krum": Krum,
+}
 
 
 @dataclass(frozen=True)
 class ResumeState:
-    """The state of a run after its last completed round."""
+    """The state of a run after its last completed round, as resume.pt holds it."""
 
     round: int
     weights: dict[str, torch.Tensor]
-    strategy: dict[str, Any]
+    strategy: dict[str, Any]  # `strategy_state`: tensors and plain data
     history: dict[int, dict[str, float]]
     ledger: dict[str, Any] | None = None  # the server's privacy ledger
-    # The server process's global RNGs (Flower's DP wrappers draw their noise from numpy's).
+    # The server process's global RNGs (`capture_rng`; Flower's DP wrappers draw from NumPy's).
     rng: dict[str, Any] | None = None
 
 
+class _Malformed(Exception):
+    """What is wrong with a part of resume.pt (one fragment of the one-line refusal)."""
+
+
+class _Frame(NamedTuple):
+    """What a strategy attribute is checked against: the model's arrays and the clients."""
+
+    weights: dict[str, torch.Tensor]
+    num_clients: int
+
+
+@dataclass(frozen=True)
+class _Field:
+    """How one strategy attribute is kept in resume.pt."""
+
+    owner: type  # the Flower class that keeps it (with every subclass)
+    encode: Callable[[Any], Any]  # the attribute -> tensors and plain data
+    decode: Callable[[Any, _Frame, str], Any]  # back, checked; raises _Malformed
+
+
 def capture_rng() -> dict[str, Any]:
-    """This process's global Python, NumPy and torch RNG states."""
+    """This process's global Python, NumPy and torch RNG states, as tensors and plain data."""
+    state = np.random.get_state(legacy=True)
+    assert isinstance(state, tuple), "NumPy's global RNG is the legacy MT19937"
+    _, key, pos, has_gauss, cached_gaussian = state
     return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": random.getstate(),  # (version, tuple of ints, None or float)
+        "numpy": {
+            "key": torch.from_numpy(key.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
         "torch": torch.get_rng_state(),
     }
 
 
 def restore_rng(rng: dict[str, Any]) -> None:
     """Put back what `capture_rng` saw."""
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
+    python, numpy, generator = _decode_rng(rng)
+    random.setstate(python)
+    np.random.set_state(numpy)
+    torch.set_rng_state(generator)
 
 
 def resume_path(run: RunDir) -> Path:
@@ -63,40 +130,75 @@ def resume_path(run: RunDir) -> Path:
 
 
 def strategy_state(strategy: object) -> dict[str, Any]:
-    """The cross-round state of a Flower strategy (empty for FedAvg)."""
-    return {
-        name: getattr(strategy, name)
-        for name in STRATEGY_STATE
-        if getattr(strategy, name, None) is not None
-    }
+    """A copy of the strategy's cross-round state as tensors and plain data (`_FIELDS`)."""
+    state = {}
+    for name, field in _fields_of(type(strategy)).items():
+        value = getattr(strategy, name, None)
+        if value is not None:
+            state[name] = field.encode(value)
+    return state
+
+
+def load_strategy_state(strategy: object, resume: ResumeState, cfg: Config) -> None:
+    """Set the strategy's attributes from `resume.strategy`, each rebuilt with its own type."""
+    frame = _Frame(resume.weights, cfg.federation.num_clients)
+    try:
+        values = _decode_strategy(type(strategy), resume.strategy, frame)
+    except _Malformed as err:
+        raise ConfigError(f"--resume: the resume state's {err}; start a new run") from None
+    for name, value in values.items():
+        setattr(strategy, name, value)
 
 
 def save(run: RunDir, state: ResumeState) -> None:
     """Write the resume state atomically: a kill mid-write leaves the previous one intact."""
     path = resume_path(run)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(
+    payload = _plain(
         {
+            "format": FORMAT,
             "round": state.round,
             "weights": state.weights,
             "strategy": state.strategy,
             "history": state.history,
             "ledger": state.ledger,
             "rng": state.rng,
-        },
-        partial,
+        }
     )
-    partial.replace(path)
+    write_atomically(path, lambda partial: torch.save(payload, partial))
 
 
 def load(cfg: Config, path: Path) -> tuple[RunDir, ResumeState]:
     """Check that `path` is a run of `cfg` that can continue, and load its state.
 
-    Cuts metrics.jsonl back to the last completed round (a kill can leave a record of a
-    round whose state was never saved).
+    Nothing in resume.pt is executed, and nothing in the run directory changes until all
+    of it is checked. Then metrics.jsonl is cut back to the last completed round (a kill
+    can leave a record of a round whose state was never saved, or half a record).
     """
     run = RunDir(path)
+    _check_config(cfg, run, path)
+    file = resume_path(run)
+    if not file.exists():
+        raise ConfigError(
+            f"--resume: {path} has no completed round to continue from; start it again instead"
+        )
+    raw = _read(file)
+    try:
+        state = _parse(raw, cfg, _model_state(cfg))
+    except _Malformed as err:
+        raise ConfigError(
+            f"--resume: {file} is not resume state of this run ({err}); start a new run"
+        ) from None
+    if state.round >= cfg.federation.num_rounds:
+        raise ConfigError(
+            f"--resume: {path} already finished all {cfg.federation.num_rounds} rounds"
+        )
+    _cut_metrics(run, state.round)
+    return run, state
+
+
+def _check_config(cfg: Config, run: RunDir, path: Path) -> None:
+    """Refuse a folder that holds no run, or a run of another config."""
     if not run.config.exists():
         raise ConfigError(f"--resume: {path} holds no run (no config.yaml); check the path")
     saved = yaml.safe_load(run.config.read_text())
@@ -109,28 +211,348 @@ def load(cfg: Config, path: Path) -> tuple[RunDir, ResumeState]:
             f"--resume: {path} was run with another config ({key} differs); "
             "resume it with the config and overrides it was started with"
         )
-    if not resume_path(run).exists():
+
+
+def _read(file: Path) -> Any:
+    """resume.pt's contents, built from tensors and plain data only."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's advice on loading unsafely is not ours
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except OSError as err:
         raise ConfigError(
-            f"--resume: {path} has no completed round to continue from; start it again instead"
-        )
-    raw = torch.load(resume_path(run), map_location="cpu", weights_only=False)
+            f"--resume: cannot read {file} ({err.strerror}); check it and its permissions"
+        ) from None
+    except Exception:  # whatever a damaged or crafted file raises: none of it was run
+        raise ConfigError(
+            f"--resume: {file} is not resume state this fl-lightning can read (damaged, "
+            "from an older version, or holding Python objects, which are never loaded); "
+            "start a new run"
+        ) from None
+
+
+def _parse(raw: Any, cfg: Config, model: dict[str, torch.Tensor]) -> ResumeState:
+    """Check every part of resume.pt's contents against the run's config and model."""
+    _expect(isinstance(raw, dict) and set(raw) == _KEYS, "not the parts resume state has")
+    _expect(_is_int(raw["format"]) and raw["format"] == FORMAT, "an unknown format")
+    _expect(_is_int(raw["round"]) and raw["round"] >= 0, "round is not a round number")
+    weights = _check_weights(raw["weights"], model)
     state = ResumeState(
-        raw["round"], raw["weights"], raw["strategy"], raw["history"], raw["ledger"], raw["rng"]
+        raw["round"],
+        weights,
+        raw["strategy"],
+        _check_history(raw["history"]),
+        _check_ledger(raw["ledger"], cfg),
+        raw["rng"],
     )
-    if state.round >= cfg.federation.num_rounds:
-        raise ConfigError(
-            f"--resume: {path} already finished all {cfg.federation.num_rounds} rounds"
+    _decode_rng(raw["rng"])
+    _decode_strategy(
+        _FLOWER_CLASSES[cfg.strategy.name],
+        raw["strategy"],
+        _Frame(weights, cfg.federation.num_clients),
+    )
+    return state
+
+
+def _model_state(cfg: Config) -> dict[str, torch.Tensor]:
+    """The global model's arrays as this config builds them (names, shapes, dtypes)."""
+    from fl_lightning.data import load_splits
+    from fl_lightning.models import build_model
+
+    with torch.random.fork_rng(devices=[]):  # building draws initial weights: not ours to take
+        return build_model(cfg, load_splits(cfg.data).num_classes).state_dict()
+
+
+def _check_weights(weights: Any, model: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The global weights, if they are the model's arrays (names, shapes, dtypes), finite."""
+    _expect(_by_name(weights) and set(weights) == set(model), "weights: not the model's")
+    for key, reference in model.items():
+        value = weights[key]
+        _expect(_is_tensor(value), f"weights.{key}: not a tensor")
+        _expect(
+            value.shape == reference.shape and value.dtype == reference.dtype,
+            f"weights.{key}: {value.dtype} {tuple(value.shape)}, the model's "
+            f"{reference.dtype} {tuple(reference.shape)}",
         )
-    records = [(line, _round_of(line)) for line in run.metrics.read_text().splitlines()]
-    kept = [line for line, r in records if r is not None and r <= state.round]
-    run.metrics.write_text("".join(f"{line}\n" for line in kept))
-    return run, state
+        if value.is_floating_point():
+            _expect(bool(torch.isfinite(value).all()), f"weights.{key}: not finite")
+    return {key: weights[key].detach() for key in model}
 
 
-def _round_of(line: str) -> int | None:
+def _check_history(history: Any) -> dict[int, dict[str, float]]:
+    """The round records behind summary.md: round -> metric name -> number."""
+    _expect(isinstance(history, dict), "history: not a record per round")
+    for server_round, metrics in history.items():
+        _expect(
+            _is_int(server_round)
+            and server_round >= 0
+            and isinstance(metrics, dict)
+            and all(isinstance(k, str) and _is_number(v) for k, v in metrics.items()),
+            "history: not numbers per round",
+        )
+    return history
+
+
+def _check_ledger(ledger: Any, cfg: Config) -> dict[str, Any] | None:
+    """The privacy ledger's `state()`: present exactly when the run has a privacy mode."""
+    if cfg.privacy.mode == "none":
+        _expect(ledger is None, "ledger: a privacy ledger in a run without privacy")
+        return None
+    clients = cfg.federation.num_clients
+    # Without it the epsilon would silently start again from 0.
+    _expect(isinstance(ledger, dict) and set(ledger) == _LEDGER_KEYS, "ledger: missing")
+    taken = ledger["rounds_taken"]
+    _expect(
+        isinstance(taken, list)
+        and len(taken) == clients
+        and all(_is_int(t) and t >= 0 for t in taken),
+        "ledger.rounds_taken: not a count per client",
+    )
+    reported = ledger["reported"]
+    _expect(
+        isinstance(reported, dict)
+        and all(
+            _is_partition(p, clients) and _is_number(e) and e >= 0 for p, e in reported.items()
+        ),
+        "ledger.reported: not an epsilon per client",
+    )
+    releases = ledger["releases"]
+    _expect(
+        isinstance(releases, list) and all(_is_release(r) for r in releases),
+        "ledger.releases: not an RDP accountant's history",
+    )
+    return ledger
+
+
+def _is_release(entry: Any) -> bool:
+    """An RDP accountant's history entry: (noise multiplier, sample rate, steps)."""
+    return (
+        isinstance(entry, tuple)
+        and len(entry) == 3
+        and _is_number(entry[0])
+        and entry[0] >= 0
+        and _is_number(entry[1])
+        and 0 <= entry[1] <= 1
+        and _is_int(entry[2])
+        and entry[2] >= 1
+    )
+
+
+def _decode_rng(rng: Any) -> tuple[Any, Any, torch.Tensor]:
+    """`capture_rng`'s states as Python, NumPy and torch take them; each tried on a fresh RNG."""
+    _expect(isinstance(rng, dict) and set(rng) == _RNG_KEYS, "rng: not the server's RNG states")
+    python = rng["python"]
+    what = "rng.python: not a Python RNG state"
+    # (version, 625 words, None or a cached gauss), as random.getstate() gives it.
+    _expect(isinstance(python, tuple) and len(python) == 3 and _is_int(python[0]), what)
+    words, gauss = python[1], python[2]
+    _expect(isinstance(words, tuple) and all(_is_int(w) and w >= 0 for w in words), what)
+    _expect(gauss is None or isinstance(gauss, float), what)
+    try:
+        random.Random().setstate(python)
+    except (TypeError, ValueError, OverflowError):
+        raise _Malformed(what) from None
+    numpy = _decode_numpy_rng(rng["numpy"])
+    generator = rng["torch"]
+    try:
+        _expect(_is_tensor(generator), "")
+        torch.Generator().set_state(generator)
+    except (_Malformed, RuntimeError, TypeError):
+        raise _Malformed("rng.torch: not a torch RNG state") from None
+    return python, numpy, generator
+
+
+def _decode_numpy_rng(state: Any) -> tuple[str, np.ndarray, int, int, float]:
+    """NumPy's legacy MT19937 state tuple, from `capture_rng`'s dict."""
+    what = "rng.numpy: not a NumPy RNG state"
+    _expect(isinstance(state, dict) and set(state) == _NUMPY_RNG_KEYS, what)
+    key = state["key"]
+    _expect(_is_tensor(key) and key.dtype == torch.int64 and key.shape == (_MT19937_WORDS,), what)
+    words = key.numpy()
+    _expect(bool((words >= 0).all() and (words < 2**32).all()), what)
+    pos, has_gauss, cached = state["pos"], state["has_gauss"], state["cached_gaussian"]
+    _expect(_is_int(pos) and 0 <= pos <= _MT19937_WORDS, what)
+    _expect(_is_int(has_gauss) and has_gauss in (0, 1) and isinstance(cached, float), what)
+    decoded = ("MT19937", words.astype(np.uint32), pos, has_gauss, cached)
+    try:
+        np.random.RandomState().set_state(decoded)
+    except (TypeError, ValueError):
+        raise _Malformed(what) from None
+    return decoded
+
+
+# Strategy state. What each Flower strategy (flwr 1.41, flwr/serverapp/strategy) keeps
+# across rounds beyond its constructor's arguments, and the type it keeps it in:
+#   FedOpt (FedAdam, FedYogi, FedAdagrad): m_t, v_t: dict[str, NDArray] | None (0-d
+#     entries are NumPy scalars). Its current_arrays is set from the global arrays in
+#     every configure_train before it is read: not kept.
+#   FedAvgM: current_arrays: ArrayRecord | None (the model its momentum steps from, in the
+#     model's key order); momentum_vector: list[NDArray] | None, in that order.
+#   LightningFedAvg (every strategy of fl-lightning): accountants: dict[int, str], each
+#     DP-SGD client's accountant as JSON, by partition id.
+#   FedProx, FedMedian, FedTrimmedAvg, Krum: nothing more.
+
+
+def _tensor(array: Any) -> torch.Tensor:
+    """A copy of a NumPy array or scalar as a tensor (0-d for a scalar)."""
+    return torch.from_numpy(np.array(array))
+
+
+def _array(value: Any, shape: torch.Size, where: str) -> Any:
+    """A tensor of `shape` as a NumPy array (a NumPy scalar if 0-d, as Flower's math makes)."""
+    _expect(_is_tensor(value) and not value.is_complex(), f"{where}: not a real tensor")
+    _expect(value.shape == shape, f"{where}: shape {tuple(value.shape)}, not {tuple(shape)}")
+    try:
+        array = value.detach().numpy().copy()
+    except (TypeError, RuntimeError):
+        raise _Malformed(f"{where}: {value.dtype} is no NumPy dtype") from None
+    return array[()] if array.ndim == 0 else array
+
+
+def _encode_named(arrays: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {name: _tensor(array) for name, array in arrays.items()}
+
+
+def _decode_named(value: Any, frame: _Frame, where: str) -> dict[str, Any]:
+    _expect(_by_name(value) and set(value) == set(frame.weights), f"{where}: not by array")
+    return {k: _array(value[k], w.shape, f"{where}.{k}") for k, w in frame.weights.items()}
+
+
+def _encode_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    return {name: _tensor(array.numpy()) for name, array in record.items()}
+
+
+def _decode_record(value: Any, frame: _Frame, where: str) -> ArrayRecord:
+    # FedAvgM pairs these with the aggregate's arrays by position: the model's order.
+    ordered = _by_name(value) and list(value) == list(frame.weights)
+    _expect(ordered, f"{where}: not the model's arrays in its order")
+    arrays = {k: _array(value[k], w.shape, f"{where}.{k}") for k, w in frame.weights.items()}
+    return ArrayRecord({k: Array(np.asarray(a)) for k, a in arrays.items()})
+
+
+def _encode_list(arrays: list[Any]) -> list[torch.Tensor]:
+    return [_tensor(array) for array in arrays]
+
+
+def _decode_list(value: Any, frame: _Frame, where: str) -> list[Any]:
+    shapes = [w.shape for w in frame.weights.values()]
+    _expect(isinstance(value, list) and len(value) == len(shapes), f"{where}: not one per array")
+    return [
+        _array(v, s, f"{where}[{i}]") for i, (v, s) in enumerate(zip(value, shapes, strict=True))
+    ]
+
+
+def _encode_accountants(accountants: dict[int, str]) -> dict[int, str]:
+    return {int(partition): str(state) for partition, state in accountants.items()}
+
+
+def _decode_accountants(value: Any, frame: _Frame, where: str) -> dict[int, str]:
+    _expect(isinstance(value, dict), f"{where}: not an accountant per client")
+    for partition, state in value.items():
+        _expect(_is_partition(partition, frame.num_clients), f"{where}: not by partition id")
+        _expect(_is_json_object(state), f"{where}[{partition}]: not an accountant's JSON")
+    return dict(value)
+
+
+_FIELDS: dict[str, _Field] = {
+    "accountants": _Field(FedAvg, _encode_accountants, _decode_accountants),
+    "m_t": _Field(FedOpt, _encode_named, _decode_named),
+    "v_t": _Field(FedOpt, _encode_named, _decode_named),
+    "current_arrays": _Field(FedAvgM, _encode_record, _decode_record),
+    "momentum_vector": _Field(FedAvgM, _encode_list, _decode_list),
+}
+
+
+def _fields_of(cls: type) -> dict[str, _Field]:
+    """The attributes a strategy of class `cls` keeps across rounds."""
+    return {name: field for name, field in _FIELDS.items() if issubclass(cls, field.owner)}
+
+
+def _decode_strategy(cls: type, state: Any, frame: _Frame) -> dict[str, Any]:
+    """`strategy_state`'s output back as `cls` keeps each attribute; raises _Malformed."""
+    _expect(isinstance(state, dict), "strategy: not a strategy's state")
+    fields = _fields_of(cls)
+    for name in state:
+        _expect(name in fields, f"strategy: holds {str(name)[:40]!r}, not kept by {cls.__name__}")
+    return {
+        name: fields[name].decode(value, frame, f"strategy.{name}") for name, value in state.items()
+    }
+
+
+def _plain(value: Any) -> Any:
+    """`value` as what weights_only loading builds: NumPy scalars become Python numbers."""
+    if value is None or isinstance(value, (str, bool, int, float, torch.Tensor)):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [_plain(v) for v in value]
+        return items if isinstance(value, list) else tuple(items)
+    raise TypeError(f"resume state holds a {type(value).__name__}: only tensors and plain data")
+
+
+def _expect(condition: bool, what: str) -> None:
+    if not condition:
+        raise _Malformed(what)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _by_name(value: Any) -> bool:
+    """A dict keyed by strings (array names)."""
+    return isinstance(value, dict) and all(isinstance(key, str) for key in value)
+
+
+def _is_partition(value: Any, clients: int) -> bool:
+    return _is_int(value) and 0 <= value < clients
+
+
+def _is_tensor(value: Any) -> bool:
+    """A plain dense CPU tensor (not sparse, quantized or a subclass)."""
+    return (
+        type(value) is torch.Tensor
+        and value.layout == torch.strided
+        and not value.is_quantized
+        and value.device.type == "cpu"
+    )
+
+
+def _is_json_object(text: Any) -> bool:
+    if not isinstance(text, str):
+        return False
+    try:
+        return isinstance(json.loads(text), dict)
+    except (ValueError, RecursionError):
+        return False
+
+
+def _cut_metrics(run: RunDir, last_round: int) -> None:
+    """Keep metrics.jsonl's records up to `last_round`; drop later ones and torn lines."""
+    if not run.metrics.exists():
+        return
+    old = run.metrics.read_bytes()
+    rounds = [(line, _round_of(line)) for line in old.splitlines()]
+    new = b"".join(line + b"\n" for line, r in rounds if r is not None and r <= last_round)
+    if new != old:
+
+        def write(partial: Path) -> None:
+            partial.write_bytes(new)
+
+        write_atomically(run.metrics, write)
+
+
+def _round_of(line: bytes) -> int | None:
     try:
         return int(json.loads(line)["round"])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
         return None  # a record cut short by the kill
 
 
