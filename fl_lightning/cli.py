@@ -126,15 +126,20 @@ def run_command(args: argparse.Namespace) -> int:
 
 def deploy_command(args: argparse.Namespace) -> int:
     """Validate as `run` does, then run on a local TLS SuperLink and `--nodes` SuperNodes."""
+    import secrets
+
     from fl_lightning.deployment import deploy_local
-    from fl_lightning.rundir import RunDir, check_free, run_dir_path
+    from fl_lightning.rundir import CLAIM_TOKEN_ENV, claim, run_dir_path
 
     overrides = list(args.overrides)
     if args.nodes is not None:
         overrides.append(f"federation.num_clients={args.nodes}")
     cfg = _prepare(args.config, overrides)
     path = run_dir_path(cfg).resolve()
-    check_free(path)
+    # Claimed here, before any process starts (the deployment's logs are kept in it); the
+    # ServerApp, holding the claim's token, takes it over and writes the run.
+    token = secrets.token_hex(16)
+    run = claim(path, "output.dir" if cfg.output.dir is not None else "output.root", token)
     config = cfg.to_dict()
     config["output"]["dir"] = str(path)  # the ServerApp writes exactly here
     print(f"fl-lightning: writing {path}", file=sys.stderr)
@@ -146,8 +151,9 @@ def deploy_command(args: argparse.Namespace) -> int:
         verbose=args.verbose,
         # Each SuperNode's threads, like each simulated client's CPUs under Ray.
         threads_per_node=max(1, int(cfg.federation.client_resources.num_cpus)),
+        env={CLAIM_TOKEN_ENV: token},
     )
-    return _report(cfg, RunDir(path))
+    return _report(cfg, run)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,13 +165,16 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = [*args.overrides, *extra]
-    from fl_lightning.errors import FlLightningError
+    from fl_lightning.errors import FlLightningError, Stopped
 
     try:
         return deploy_command(args) if args.command == "deploy-local" else run_command(args)
     except FlLightningError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Stopped as stop:  # deploy-local, on SIGINT, SIGTERM or SIGHUP: all cleaned up
+        print(f"fl-lightning: {stop}", file=sys.stderr)
+        return 128 + stop.signum  # the shell's convention for "ended by this signal"
 
 
 def console() -> NoReturn:

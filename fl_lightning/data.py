@@ -9,6 +9,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISDIR, S_ISREG, S_IWGRP, S_IWOTH
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from torch.utils.data import Dataset
 from fl_lightning.augment import random_crop_flip
 from fl_lightning.config import DataConfig
 from fl_lightning.errors import DataError
+from fl_lightning.rundir import write_atomically
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -146,6 +148,7 @@ def _load_splits(
     dataset: str, root: str, download: bool, channels: int, image_size: int | None, cache_dir: str
 ) -> DatasetSplits:
     path = Path(root).resolve()  # one cache however the root is spelled
+    cache_folder = _cache_folder(cache_dir)
     if dataset == "mnist" or (dataset == "cifar10" and not _is_image_folder_tree(path)):
         name = "MNIST" if dataset == "mnist" else "CIFAR10"
         # Cached: a first download decodes the files once, for the download and the cache.
@@ -156,7 +159,8 @@ def _load_splits(
         if not folder.is_dir():
             decode()  # downloads it (data.download), or says what is missing
         files = sorted(p for p in folder.rglob("*") if p.is_file())
-        sources = [f"{name}:{_stamp(p)}" for p in files]
+        # A few large files: their first and last MiB join the key (milliseconds).
+        sources = [f"{name}:{_stamp(p)}:{_ends_digest(p)}" for p in files]
     else:
         if not _is_image_folder_tree(path):
             raise DataError(
@@ -169,12 +173,40 @@ def _load_splits(
         decode = functools.partial(_image_folder_splits, trees, channels, image_size)
         sources = [f"{channels}:{image_size}"]
         sources += [f"{label}:{_stamp(p)}" for files in trees[:2] for label, p in files]
-    return _cached(sources, decode, Path(cache_dir).expanduser())
+    return _cached(sources, decode, cache_folder)
+
+
+def _cache_folder(cache_dir: str) -> Path:
+    try:
+        return Path(cache_dir).expanduser()
+    except RuntimeError:  # `~nosuchuser/...`
+        raise DataError(
+            f"data.cache_dir={cache_dir}: no such user's home folder; give an existing path"
+        ) from None
 
 
 def _stamp(path: str | Path) -> str:
+    """What changes when a source file does: size, mtime, and the inode's ctime and number.
+
+    ctime cannot be set back by `touch` or `utime` (any write, rename or metadata change
+    moves it to now), so a file rewritten with its old size and mtime still gets a new
+    key. Reading every file's content instead would cost 1-4 s per process for CIFAR-10's
+    60,000 JPEGs (measured); each process computes this key before it maps the cache.
+    """
     stat = os.stat(path)
-    return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
+    return f"{path}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}:{stat.st_ino}"
+
+
+def _ends_digest(path: Path, window: int = 1 << 20) -> str:
+    """SHA-256 of a file's first and last `window` bytes (the whole file if smaller)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        digest.update(stream.read(window))
+        size = os.fstat(stream.fileno()).st_size
+        if size > window:
+            stream.seek(max(window, size - window))
+            digest.update(stream.read(window))
+    return digest.hexdigest()[:16]
 
 
 def _cached(sources: list[str], decode: Callable[[], Decoded], cache_dir: Path) -> DatasetSplits:
@@ -185,10 +217,15 @@ def _cached(sources: list[str], decode: Callable[[], Decoded], cache_dir: Path) 
     """
     digest = hashlib.sha256("\n".join(sources).encode()).hexdigest()[:20]
     cache = cache_dir / f"splits-{digest}.pt"
-    if cache.exists():
+    folder_problem = _untrusted(cache_dir, folder=True)
+    if folder_problem is None and cache.exists():
         try:
+            if (problem := _untrusted(cache, folder=False)) is not None:
+                raise ValueError(problem)
             return _read_cache(cache)
-        except Exception:  # a damaged cache is rebuilt, never trusted
+        except Exception as err:  # a damaged or untrusted cache is rebuilt, never used
+            reason = str(err).split(". ")[0]  # torch's zip errors run to several sentences
+            warnings.warn(f"{cache}: {reason}; decoding the dataset again", stacklevel=2)
             cache.unlink(missing_ok=True)
     train, test, classes = decode()
     mean, std = _channel_stats(train.images)
@@ -202,29 +239,97 @@ def _cached(sources: list[str], decode: Callable[[], Decoded], cache_dir: Path) 
         "std": list(std),
     }
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        partial = cache.with_suffix(f".{os.getpid()}.tmp")
-        torch.save(stored, partial)
-        partial.replace(cache)  # atomic: a concurrent reader sees no file or the whole file
+        if folder_problem is not None and cache_dir.exists():
+            raise OSError(folder_problem)
+        # Private to the user from the start: a decoded copy of the images is as sensitive
+        # as the images (created with these modes, never loosened and then tightened).
+        cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Atomic: a concurrent reader sees no file or the whole file.
+        write_atomically(cache, lambda partial: torch.save(stored, partial), mode=0o600)
     except OSError as err:
         warnings.warn(
-            f"data.cache_dir={cache_dir} is not writable ({err}); every process decodes the "
-            "dataset itself. Point data.cache_dir at a writable folder",
+            f"data.cache_dir={cache_dir} is not writable, or not yours alone ({err}); every "
+            "process decodes the dataset itself. Point data.cache_dir at a folder of your own",
             stacklevel=2,
         )
         return DatasetSplits(train=train, test=test, classes=classes, mean=mean, std=std)
     return _read_cache(cache)
 
 
+def _untrusted(path: Path, folder: bool) -> str | None:
+    """Why the cache file or folder at `path` must not be trusted (None: it may, or is absent).
+
+    Only what this user alone can write is loaded: anyone else able to replace the file
+    could hand every process of a run tensors of their choosing.
+    """
+    try:
+        stat = path.lstat()  # a symlink is judged itself, never followed
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    kind = "folder" if folder else "file"
+    if (folder and not S_ISDIR(stat.st_mode)) or (not folder and not S_ISREG(stat.st_mode)):
+        return f"not a plain {kind}"
+    if hasattr(os, "geteuid") and stat.st_uid != os.geteuid():
+        return f"the {kind} belongs to another user (uid {stat.st_uid})"
+    if stat.st_mode & (S_IWGRP | S_IWOTH):
+        return f"the {kind} is writable by group or others (mode {stat.st_mode & 0o777:o})"
+    return None
+
+
+CACHE_KEYS = {
+    "train_images",
+    "train_labels",
+    "test_images",
+    "test_labels",
+    "classes",
+    "mean",
+    "std",
+}
+
+
 def _read_cache(cache: Path) -> DatasetSplits:
+    """Map a cache file (tensors and plain data only) and check it is what `_cached` writes."""
     stored = torch.load(cache, mmap=True, weights_only=True)
-    return DatasetSplits(
-        train=ImageTensors(stored["train_images"], stored["train_labels"]),
-        test=ImageTensors(stored["test_images"], stored["test_labels"]),
-        classes=tuple(stored["classes"]),
-        mean=tuple(stored["mean"]),
-        std=tuple(stored["std"]),
-    )
+    if not isinstance(stored, dict) or set(stored) != CACHE_KEYS:
+        raise ValueError("not a dataset cache (unexpected keys)")
+    classes, mean, std = stored["classes"], stored["mean"], stored["std"]
+    if not (
+        isinstance(classes, list)
+        and classes
+        and all(isinstance(c, str) for c in classes)
+        and isinstance(mean, list)
+        and isinstance(std, list)
+        and all(isinstance(v, float) for v in (*mean, *std))
+    ):
+        raise ValueError("classes, mean or std malformed")
+    splits = []
+    for split in ("train", "test"):
+        images, labels = stored[f"{split}_images"], stored[f"{split}_labels"]
+        _check_split(split, images, labels, len(classes), len(mean))
+        splits.append(ImageTensors(images, labels))
+    if splits[0].images.shape[1:] != splits[1].images.shape[1:] or len(std) != len(mean):
+        raise ValueError("the splits' image shapes or channel statistics disagree")
+    return DatasetSplits(splits[0], splits[1], tuple(classes), tuple(mean), tuple(std))
+
+
+def _check_split(
+    split: str, images: object, labels: object, num_classes: int, channels: int
+) -> None:
+    """Raise ValueError unless `images` are uint8 (N, C, H, W) and `labels` int64 (N,) in range."""
+    if not (
+        isinstance(images, torch.Tensor)
+        and isinstance(labels, torch.Tensor)
+        and images.dtype == torch.uint8
+        and images.ndim == 4
+        and images.shape[1] == channels
+        and labels.dtype == torch.long
+        and labels.shape == (images.shape[0],)
+        and len(labels) > 0
+    ):
+        raise ValueError(f"{split} images or labels malformed")
+    # Labels only (a few hundred KB): the images stay unread pages of the mapping.
+    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
+        raise ValueError(f"{split} labels outside the {num_classes} classes")
 
 
 def _torchvision_splits(name: str, root: str, download: bool) -> Decoded:

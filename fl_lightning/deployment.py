@@ -10,6 +10,7 @@ process started here is stopped when the run ends, fails or is interrupted.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -18,16 +19,17 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
+from types import FrameType, TracebackType
 
 import yaml
 
 from fl_lightning.certificates import ServerCredentials, make_node_key, make_server_credentials
-from fl_lightning.errors import DeploymentError
+from fl_lightning.errors import DeploymentError, Stopped
 
 # Every process of one deployment carries this variable (value: the deployment's folder),
 # so the ones Flower starts itself (SuperExec, ServerApp, ClientApps) can be found and
@@ -35,6 +37,11 @@ from fl_lightning.errors import DeploymentError
 MARKER = "FL_LIGHTNING_DEPLOYMENT"
 _CONNECTION = "deploy-local"
 _HOST = "127.0.0.1"
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# What stops a deployment; SIGHUP where the platform has it (a closed terminal, ssh gone).
+STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
 
 _APP_PYPROJECT = """\
 [build-system]
@@ -80,6 +87,60 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def die_with_parent() -> Callable[[], None] | None:
+    """A `preexec_fn` giving the child SIGTERM when this process dies, even by SIGKILL (Linux).
+
+    None elsewhere, or where libc's `prctl` cannot be found: there a killed deploy-local
+    leaves its processes to `marked_processes`. Linux sends the signal when the *thread*
+    that started the child ends: start deployments from a thread that outlives them.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before prctl: no signal will come
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
+@contextlib.contextmanager
+def stopped_by_signals() -> Iterator[None]:
+    """While inside, SIGINT, SIGTERM and SIGHUP raise `Stopped`, so every cleanup runs.
+
+    Only the first signal raises: a second one, while the deployment is being stopped,
+    must not cut that short. The previous handlers are back on exit; signals ignored
+    before (`nohup`) stay ignored. Outside the main thread (where Python sets no
+    handlers) it does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    raised = False
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal raised
+        if not raised:
+            raised = True
+            raise Stopped(signum)
+
+    previous = {}
+    for signum in STOP_SIGNALS:
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            previous[signum] = signal.signal(signum, stop)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
 def marked_processes(marker: str | None = None) -> list[int]:
     """PIDs of live processes whose environment carries `MARKER=marker` (any value: None)."""
     needle = f"{MARKER}={marker or ''}".encode()
@@ -105,7 +166,8 @@ def marked_processes(marker: str | None = None) -> list[int]:
 class LocalDeployment:
     """A SuperLink and `num_nodes` authenticated SuperNodes on localhost (a context manager).
 
-    `node_configs[k]` is added to SuperNode k's `--node-config` (e.g. `gpus="0"`).
+    `node_configs[k]` is added to SuperNode k's `--node-config` (e.g. `gpus="0"`);
+    `extra_env` is added to every process's environment.
     `threads_per_node` caps each SuperNode's torch threads (OMP_NUM_THREADS), as Ray does for
     simulated clients: N processes with a thread per core each would oversubscribe the cores.
     Logs go to `<workdir>/logs/`. `__exit__` stops every process, Flower's children too.
@@ -116,6 +178,7 @@ class LocalDeployment:
     node_configs: Sequence[str] = ()
     threads_per_node: int | None = None
     startup_timeout: float = 120.0
+    extra_env: Mapping[str, str] = field(default_factory=dict)
     _procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, init=False)
     _credentials: ServerCredentials | None = field(default=None, init=False)
     port: int = field(default=0, init=False)
@@ -138,6 +201,7 @@ class LocalDeployment:
                 "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                 MARKER: str(self.workdir),
                 "PYTHONUNBUFFERED": "1",
+                **self.extra_env,
             }
         )
         return env
@@ -216,6 +280,7 @@ class LocalDeployment:
             stderr=subprocess.STDOUT,
             env={**self.env, **(env or {})},
             start_new_session=True,
+            preexec_fn=die_with_parent(),
         )
         log.close()
         self._procs[name] = proc
@@ -251,6 +316,7 @@ class LocalDeployment:
             env=self.env,
             timeout=timeout,
             check=False,
+            preexec_fn=die_with_parent(),
         )
         try:
             reply = json.loads(done.stdout)
@@ -325,7 +391,9 @@ class LocalDeployment:
         ]
         if stream:
             command.append("--stream")
-        return subprocess.run(command, env=self.env, check=False).returncode
+        return subprocess.run(
+            command, env=self.env, check=False, preexec_fn=die_with_parent()
+        ).returncode
 
     def stop(self, grace: float = 10.0) -> None:
         """Stop every process of this deployment: SIGTERM, then SIGKILL after `grace` s."""
@@ -366,20 +434,29 @@ def deploy_local(
     keep: Path | None = None,
     verbose: bool = False,
     threads_per_node: int | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> int:
-    """Run a resolved config on a local TLS deployment; the logs end up in `keep/deployment`."""
-    workdir = Path(tempfile.mkdtemp(prefix="fl-lightning-deploy-"))
+    """Run a resolved config on a local TLS deployment; the logs end up in `keep/deployment`.
+
+    SIGINT, SIGTERM and SIGHUP stop it (`Stopped`), as does the run's end or failure: every
+    process it started is stopped and its temporary folder (node keys, certificates) removed.
+    Its processes die with it even if it is killed outright (`die_with_parent`).
+    """
     nodes = node_gpu_configs(gpus, num_nodes)
-    try:
-        with LocalDeployment(num_nodes, workdir, nodes, threads_per_node) as fed:
-            print(
-                f"fl-lightning: SuperLink on {_HOST}:{fed.port} (TLS, SuperNode auth), "
-                f"{num_nodes} SuperNodes online",
-                file=sys.stderr,
-            )
-            return fed.submit(config, verbose=verbose)
-    finally:
-        if keep is not None and (workdir / "logs").exists():
-            keep.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(workdir / "logs", keep / "deployment", dirs_exist_ok=True)
-        shutil.rmtree(workdir, ignore_errors=True)
+    with stopped_by_signals():
+        workdir = Path(tempfile.mkdtemp(prefix="fl-lightning-deploy-"))
+        fed = LocalDeployment(num_nodes, workdir, nodes, threads_per_node, extra_env=env or {})
+        try:
+            with fed:
+                print(
+                    f"fl-lightning: SuperLink on {_HOST}:{fed.port} (TLS, SuperNode auth), "
+                    f"{num_nodes} SuperNodes online",
+                    file=sys.stderr,
+                )
+                return fed.submit(config, verbose=verbose)
+        finally:
+            fed.stop()  # again: a signal during the first stop may have cut it short
+            if keep is not None and (workdir / "logs").exists():
+                keep.mkdir(parents=True, exist_ok=True)
+                shutil.copytree(workdir / "logs", keep / "deployment", dirs_exist_ok=True)
+            shutil.rmtree(workdir, ignore_errors=True)

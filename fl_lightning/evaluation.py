@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -11,6 +10,7 @@ from fl_lightning.config import Config
 from fl_lightning.datamodule import FederatedDataModule
 from fl_lightning.models import build_model
 from fl_lightning.module import ImageClassifier
+from fl_lightning.rundir import write_atomically
 from fl_lightning.training import make_trainer, one_device, quiet_lightning
 
 
@@ -40,8 +40,8 @@ class CentralEvaluator:
         return {k.replace("test/", "centralized/", 1): float(v) for k, v in metrics.items()}
 
     def save_checkpoint(self, path: Path) -> None:
-        """Write a Lightning checkpoint of the last evaluated weights, atomically."""
+        """Write a Lightning checkpoint of the last evaluated weights, atomically and durably."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        self.trainer.save_checkpoint(partial, weights_only=True)
-        partial.replace(path)
+        write_atomically(
+            path, lambda partial: self.trainer.save_checkpoint(partial, weights_only=True)
+        )

@@ -13,6 +13,7 @@ import torch
 
 from fl_lightning import resume
 from fl_lightning.config import OptimizerConfig
+from fl_lightning.errors import RoundCloseError
 from fl_lightning.evaluation import CentralEvaluator
 from fl_lightning.rundir import RunDir
 from fl_lightning.tracking import RunTracker
@@ -41,6 +42,7 @@ class _Closing:
     rng: dict[str, Any]
     background: bool
     handed_over: float = field(default_factory=time.perf_counter)
+    step: str = "handing the round over"  # what the close is doing, for its error message
 
 
 def _idle_priority_thread(threads: int) -> None:
@@ -88,11 +90,13 @@ class RoundRecorder:
 
     def start(self) -> None:
         """A round (or the initial evaluation) begins: reset its metrics and clock."""
+        self.raise_failed_close()
         self.metrics = {}
         self._started = self._lap = time.perf_counter()
 
     def lap(self, phase: str) -> None:
         """Record the seconds since the previous lap as `time/<phase>` (where rounds go)."""
+        self.raise_failed_close()
         now = time.perf_counter()
         self.metrics[f"time/{phase}"] = self.metrics.get(f"time/{phase}", 0.0) + now - self._lap
         self._lap = now
@@ -117,7 +121,7 @@ class RoundRecorder:
         # Their evaluations, still running when this round ended, hold it up: say so, rather
         # than leave it in time/between (the scale setup's short rounds pile them up).
         self.lap("evaluation_backlog")
-        return self._finish(self._hand_over(server_round, state_dict, background=False))
+        return self._close(self._hand_over(server_round, state_dict, background=False))
 
     def close_in_background(self, server_round: int, state_dict: dict[str, torch.Tensor]) -> None:
         """`close`, but on the background thread, while the caller goes on to the next round."""
@@ -129,7 +133,7 @@ class RoundRecorder:
                 initializer=_idle_priority_thread,
                 initargs=(torch.get_num_threads(),),
             )
-        self._pending.append(self._closer.submit(self._finish, closing))
+        self._pending.append(self._closer.submit(self._close, closing))
 
     def _hand_over(
         self, server_round: int, state_dict: dict[str, torch.Tensor], background: bool
@@ -154,6 +158,27 @@ class RoundRecorder:
         while self._pending:
             self._pending.pop(0).result()
 
+    def raise_failed_close(self) -> None:
+        """Raise the `RoundCloseError` of a background close that has failed, if any, now.
+
+        Called at every step of the next rounds (`start`, `lap`): a full disk stops the run
+        within the round in which the write failed, not after all the rounds.
+        """
+        # One thread closes the rounds in order: only the oldest can have finished.
+        while self._pending and self._pending[0].done():
+            self._pending.pop(0).result()
+
+    def _close(self, closing: _Closing) -> dict[str, float]:
+        """`_finish`, its error said in one line naming the round and the step that failed."""
+        try:
+            return self._finish(closing)
+        except Exception as err:
+            reason = " ".join(str(err).split())  # e.g. load_state_dict's multi-line message
+            raise RoundCloseError(
+                f"round {closing.server_round} could not be closed: {closing.step} failed "
+                f"({type(err).__name__}: {reason}); the rounds before it are in {self.run.path}"
+            ) from err
+
     def shutdown(self) -> None:
         """Wait for the background closes, then stop their thread."""
         try:
@@ -166,8 +191,10 @@ class RoundRecorder:
     def _finish(self, closing: _Closing) -> dict[str, float]:
         record = closing.metrics
         started = time.perf_counter()
+        closing.step = "the centralized evaluation"
         metrics = self.evaluator.evaluate(closing.state_dict)
         evaluated = time.perf_counter()
+        closing.step = "writing its checkpoints"
         self.evaluator.save_checkpoint(self.run.checkpoint(f"round_{closing.server_round}"))
         self.evaluator.save_checkpoint(self.run.checkpoint("last"))
         checkpointed = time.perf_counter()
@@ -177,8 +204,10 @@ class RoundRecorder:
         # rest overlaps the next round), else up to now.
         ended = closing.handed_over if closing.background else checkpointed
         record["seconds"] = ended - closing.started
+        closing.step = "logging its metrics"
         self.tracker.log_round(closing.server_round, {**record, **metrics, **closing.privacy})
         # Last: a round counts as completed for --resume once everything above is written.
+        closing.step = "writing checkpoints/resume.pt"
         resume.save(
             self.run,
             resume.ResumeState(

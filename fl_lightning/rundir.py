@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import threading
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -11,6 +16,11 @@ import yaml
 
 from fl_lightning.config import Config
 from fl_lightning.errors import ConfigError
+
+# The lock file whose exclusive creation claims a run directory (kept: it marks the run).
+LOCK = ".fl-lightning-run"
+# The environment variable through which `deploy-local` hands its claim to the ServerApp.
+CLAIM_TOKEN_ENV = "FL_LIGHTNING_RUN_DIR_TOKEN"
 
 
 @dataclass(frozen=True)
@@ -60,11 +70,23 @@ class RunDir:
         return self.path / "stopped.txt"
 
     def last_round(self) -> int:
-        """The last round recorded in metrics.jsonl (-1 if none)."""
+        """The last round recorded in metrics.jsonl (-1 if none).
+
+        A record cut short (the process was killed, the disk filled mid-line) is skipped
+        with a warning: the rounds before it are still the run's results.
+        """
         if not self.metrics.exists():
             return -1
-        lines = self.metrics.read_text().splitlines()
-        return int(json.loads(lines[-1])["round"]) if lines else -1
+        lines = self.metrics.read_text(errors="replace").splitlines()
+        for number, line in reversed(list(enumerate(lines, 1))):
+            try:
+                return int(json.loads(line)["round"])
+            except (ValueError, KeyError, TypeError):
+                warnings.warn(
+                    f"{self.metrics}: line {number} is not a complete record (cut short?); skipped",
+                    stacklevel=2,
+                )
+        return -1
 
     def checkpoint(self, name: str) -> Path:
         """`checkpoints/<name>.ckpt` (round_<k> or last)."""
@@ -79,20 +101,144 @@ def run_dir_path(cfg: Config) -> Path:
     return Path(cfg.output.root) / (cfg.output.experiment or "run") / stamp
 
 
-def check_free(path: Path) -> None:
-    """Refuse a directory that already holds a run, so no earlier results are overwritten."""
-    run = RunDir(path)
-    if run.metrics.exists() or run.config.exists():
+def claim(path: Path, key: str = "output.dir", token: str = "") -> RunDir:
+    """Make `path` this run's own: a new directory, or an empty one, claimed atomically.
+
+    Exclusive creates decide who owns it (`mkdir` of a new directory, then an `O_EXCL`
+    create of its `.fl-lightning-run` lock), so of two runs racing for one directory
+    exactly one wins, and a directory holding anything (a home folder, an earlier run) is
+    refused, never written into. `token` is written into the lock (see `create_run_dir`).
+    Errors name `key` (`output.dir` or `output.root`) in one line; nothing is left behind.
+    """
+    created: list[Path] = []
+    try:
+        _make_parents(path.parent, created)
+        try:
+            path.mkdir()
+            created.append(path)
+        except FileExistsError:
+            _check_empty(path, key)
+        descriptor = os.open(path / LOCK, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(descriptor, "w") as lock:
+            lock.write(token)
+    except FileExistsError:  # the lock: another run claimed the same empty directory first
         raise ConfigError(
-            f"output.dir: {path} already holds a run; choose another directory or remove it"
+            f"{key}: {path} was just claimed by another run; choose another directory"
+        ) from None
+    except ConfigError:
+        _remove_empty(created)
+        raise
+    except OSError as err:
+        _remove_empty(created)
+        raise ConfigError(
+            f"{key}: cannot create the run directory {path} ({err.strerror or err}); "
+            "choose a directory you can write to"
+        ) from None
+    return RunDir(path)
+
+
+def _make_parents(folder: Path, created: list[Path]) -> None:
+    """`mkdir -p folder`, recording what it made (to remove it again if the claim fails)."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        if folder.parent == folder:
+            break
+        folder = folder.parent
+    for parent in reversed(missing):
+        try:
+            parent.mkdir()
+            created.append(parent)
+        except FileExistsError:  # made by a run racing us: fine, it is only a parent
+            pass
+
+
+def _check_empty(path: Path, key: str) -> None:
+    """Refuse an existing `path` that is not an empty directory."""
+    if not path.is_dir():
+        raise ConfigError(f"{key}: {path} is a file, not a directory; choose a new directory")
+    run = RunDir(path)
+    if run.metrics.exists() or run.config.exists() or (path / LOCK).exists():
+        raise ConfigError(
+            f"{key}: {path} already holds a run; choose another directory or remove it"
+        )
+    entries = sorted(entry.name for entry in path.iterdir())
+    if entries:
+        raise ConfigError(
+            f"{key}: {path} is not empty (it holds {len(entries)} entries, e.g. {entries[0]!r}) "
+            "and a run never writes into a directory it did not create; choose a new or "
+            "empty directory"
         )
 
 
+def _remove_empty(created: list[Path]) -> None:
+    """Undo a failed claim: remove the directories it made, if still empty."""
+    for folder in reversed(created):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
 def create_run_dir(cfg: Config) -> RunDir:
-    """Make the run directory (see `run_dir_path`) and save the resolved config in it."""
+    """Claim the run directory (see `run_dir_path`, `claim`) and save the resolved config in it.
+
+    Under `deploy-local`, the CLI has claimed the directory before any process started
+    (it keeps the deployment's logs there too) and hands its lock's token to every
+    process in `CLAIM_TOKEN_ENV`: the ServerApp that holds the token takes that claim over.
+    """
     path = run_dir_path(cfg)
-    check_free(path)
-    path.mkdir(parents=True, exist_ok=True)
-    run = RunDir(path)
-    run.config.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    key = "output.dir" if cfg.output.dir is not None else "output.root"
+    token = os.environ.get(CLAIM_TOKEN_ENV, "")
+    run = RunDir(path) if token and _claimed_with(path, token) else claim(path, key)
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    try:
+        with run.config.open("x") as stream:  # exclusive: a config is never overwritten
+            stream.write(text)
+    except OSError as err:
+        raise ConfigError(f"{key}: cannot write {run.config} ({err.strerror or err})") from None
     return run
+
+
+def _claimed_with(path: Path, token: str) -> bool:
+    """Whether `path` is locked with `token` and holds no run yet."""
+    try:
+        return (path / LOCK).read_text() == token and not RunDir(path).config.exists()
+    except OSError:
+        return False
+
+
+def write_atomically(path: Path, write: Callable[[Path], None], mode: int = 0o666) -> None:
+    """Replace `path` with what `write(temporary_path)` writes, durably and all at once.
+
+    The temporary file, in the same folder, is created exclusively with `mode` (less the
+    umask), written, fsynced and renamed over `path`, then the folder is fsynced: after a
+    crash or power loss `path` is the old file or the whole new one. On any failure the
+    temporary file is removed and `path` is untouched.
+    """
+    partial = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode))
+    try:
+        write(partial)
+        descriptor = os.open(partial, os.O_RDWR)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable (its directory entry)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # not possible on this platform: the rename is still atomic
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)

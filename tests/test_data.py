@@ -1,4 +1,6 @@
 import dataclasses
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -138,3 +140,97 @@ def test_corruption_is_fixed_per_sample(data_root: Path) -> None:
     assert 0.25 < changed < 0.65  # half re-drawn, a tenth of those land on the true class
     raw = batch * splits.std[0] + splits.mean[0]
     assert raw.min() >= -1e-5 and raw.max() <= 1 + 1e-5  # clipped to the pixel range
+
+
+def _bmp_tree(root: Path) -> Path:
+    """A 2-class ImageFolder tree of 8x8 PNGs, stored uncompressed: every file has one size."""
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for label, name in enumerate(("a", "b")):
+            (root / split / name).mkdir(parents=True)
+            for k in range(3):
+                Image.new("L", (8, 8), color=40 * label + 10 * k).save(
+                    root / split / name / f"{k}.png", compress_level=0
+                )
+    return root
+
+
+def _tree_config(root: Path, cache: Path) -> DataConfig:
+    return DataConfig(
+        dataset="imagefolder", root=str(root), channels=1, image_size=8, cache_dir=str(cache)
+    )
+
+
+def test_cache_is_private_to_the_user_from_the_start(tmp_path: Path) -> None:
+    data = _tree_config(_bmp_tree(tmp_path / "tree"), tmp_path / "cache")
+    previous = os.umask(0)  # modes must not depend on a tight umask
+    try:
+        load_splits(data)
+    finally:
+        os.umask(previous)
+    (cache,) = (tmp_path / "cache").glob("splits-*.pt")
+    assert stat.S_IMODE((tmp_path / "cache").stat().st_mode) == 0o700
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o600
+    assert os.listdir(tmp_path / "cache") == [cache.name]  # no temporary file left
+
+
+def test_a_cache_others_could_write_is_not_trusted(tmp_path: Path) -> None:
+    data = _tree_config(_bmp_tree(tmp_path / "tree"), tmp_path / "cache")
+    first = load_splits(data)
+    (cache,) = (tmp_path / "cache").glob("splits-*.pt")
+    cache.chmod(0o666)
+    _load_splits.cache_clear()  # as a new process would
+    with pytest.warns(UserWarning, match=r"writable by group or others \(mode 666\)"):
+        again = load_splits(data)
+    assert torch.equal(again.train.images, first.train.images)
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o600  # decoded again, privately
+    if os.geteuid() == 0:  # only root can give a file away
+        os.chown(cache, 12345, -1)
+        _load_splits.cache_clear()
+        with pytest.warns(UserWarning, match=r"belongs to another user \(uid 12345\)"):
+            load_splits(data)
+        assert cache.stat().st_uid == 0
+
+
+def test_a_cache_of_the_wrong_structure_is_decoded_again(tmp_path: Path) -> None:
+    data = _tree_config(_bmp_tree(tmp_path / "tree"), tmp_path / "cache")
+    first = load_splits(data)
+    (cache,) = (tmp_path / "cache").glob("splits-*.pt")
+    stored = torch.load(cache, weights_only=True)
+    for name, forged in (
+        ("train_labels", torch.full_like(stored["train_labels"], 99)),  # outside the classes
+        ("test_images", stored["test_images"].float()),  # wrong dtype
+        ("mean", [0.5, 0.5, 0.5]),  # channels disagree
+    ):
+        cache.unlink()
+        torch.save({**stored, name: forged}, cache)
+        cache.chmod(0o600)
+        _load_splits.cache_clear()
+        with pytest.warns(UserWarning, match="decoding the dataset again"):
+            again = load_splits(data)
+        assert torch.equal(again.train.labels, first.train.labels)
+        assert torch.equal(again.test.images, first.test.images) and again.mean == first.mean
+
+
+def test_a_source_rewritten_with_its_old_size_and_mtime_is_not_served_stale(
+    tmp_path: Path,
+) -> None:
+    from PIL import Image
+
+    tree = _bmp_tree(tmp_path / "tree")
+    data = _tree_config(tree, tmp_path / "cache")
+    assert load_splits(data).train.images[0].max() == 0
+    image = tree / "train" / "a" / "0.png"
+    before = image.stat()
+    Image.new("L", (8, 8), color=200).save(image, compress_level=0)
+    os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (image.stat().st_size, image.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    _load_splits.cache_clear()
+    assert load_splits(data).train.images[0].min() == 200
+
+
+def test_a_cache_dir_of_an_unknown_users_home_is_one_line(tmp_path: Path) -> None:
+    data = _tree_config(_bmp_tree(tmp_path / "tree"), Path("~nosuchuser-fl/cache"))
+    with pytest.raises(DataError, match=r"data.cache_dir=~nosuchuser-fl/cache: no such user"):
+        load_splits(data)

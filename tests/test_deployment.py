@@ -1,7 +1,13 @@
 """Flower's Deployment Engine on localhost: TLS SuperLink, authenticated SuperNodes, cleanup."""
 
+import contextlib
 import json
+import os
+import shutil
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -9,8 +15,9 @@ import pytest
 from fl_lightning.certificates import make_node_key, make_server_credentials
 from fl_lightning.cli import main
 from fl_lightning.config import load_config
-from fl_lightning.deployment import LocalDeployment, marked_processes
+from fl_lightning.deployment import LocalDeployment, die_with_parent, marked_processes
 
+REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.max_train_samples=300", "data.max_test_samples=200", "federation.num_rounds=1"]
 
 
@@ -95,3 +102,82 @@ def test_a_failed_run_and_an_interrupted_deployment_leave_no_process_behind(
         assert marked_processes(str(workdir)) != []  # SuperLink and SuperNode still up
         raise KeyboardInterrupt  # the user's Ctrl-C while the deployment runs
     assert marked_processes(str(workdir)) == []
+
+
+def test_sigterm_stops_deploy_local_its_processes_and_its_key_folder(
+    data_root: Path, tmp_path: Path
+) -> None:
+    temp = tmp_path / "tmp"  # where deploy-local makes its folder of keys and certificates
+    temp.mkdir()
+    command = [sys.executable, "-m", "fl_lightning.cli", "deploy-local", "configs/mnist.yaml"]
+    command += ["--nodes", "1", f"data.root={data_root}", *TINY, f"output.dir={tmp_path / 'run'}"]
+    proc = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env={**os.environ, "TMPDIR": str(temp)},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    workdir = temp / "none"
+    try:
+        for line in proc.stderr:  # until the SuperLink and the SuperNode are up
+            if "SuperNodes online" in line:
+                break
+        (workdir,) = temp.glob("fl-lightning-deploy-*")
+        assert (workdir / "keys").is_dir() and marked_processes(str(workdir)) != []
+        proc.send_signal(signal.SIGTERM)
+        _, rest = proc.communicate(timeout=60)
+        assert proc.returncode == 128 + signal.SIGTERM
+        assert rest.strip().splitlines() == [
+            "fl-lightning: stopped by SIGTERM; every process it started and its temporary "
+            "files are removed"
+        ]
+        assert marked_processes(str(workdir)) == []
+        assert not workdir.exists()
+    finally:  # whatever failed, leave nothing running for the next test
+        proc.kill()
+        proc.wait()
+        for pid in marked_processes(str(workdir)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` is a live process (not gone, not a zombie awaiting its reaper)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_processes_it_starts_die_with_it_even_if_it_is_killed(tmp_path: Path) -> None:
+    # A parent that starts a child as LocalDeployment.spawn does, then is SIGKILLed.
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys, time\n"
+            "from fl_lightning.deployment import die_with_parent\n"
+            "child = subprocess.Popen(['sleep', '300'], start_new_session=True,"
+            " preexec_fn=die_with_parent())\n"
+            "print(child.pid, flush=True)\n"
+            "time.sleep(300)\n",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    assert die_with_parent() is not None  # Linux
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while _running(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    alive = _running(child)
+    if alive:
+        os.kill(child, signal.SIGKILL)
+    assert not alive

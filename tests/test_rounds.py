@@ -3,12 +3,14 @@
 import json
 import os
 import threading
+from concurrent import futures
 from pathlib import Path
 
 import pytest
 import torch
 
 from fl_lightning.config import Config, load_config
+from fl_lightning.errors import RoundCloseError
 from fl_lightning.evaluation import CentralEvaluator
 from fl_lightning.resume import resume_path
 from fl_lightning.rounds import RoundRecorder
@@ -101,10 +103,49 @@ def test_background_closes_evaluate_at_idle_priority_with_the_servers_threads(
 def test_a_failed_background_close_is_raised_by_wait(cfg: Config, tmp_path: Path) -> None:
     recorder, _ = recorder_for(cfg, tmp_path)
     recorder.close_in_background(0, {"not.a.weight": torch.zeros(1)})
-    with pytest.raises(RuntimeError, match=r"not\.a\.weight"):
+    with pytest.raises(
+        RoundCloseError,
+        match=r"^round 0 could not be closed: the centralized evaluation failed "
+        r"\(RuntimeError: .*not\.a\.weight",
+    ) as err:
         recorder.wait()
+    assert "\n" not in str(err.value)
     recorder.shutdown()
     recorder.tracker.close()
+
+
+def test_a_failed_background_write_stops_the_run_at_the_next_rounds_start(
+    cfg: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorder, run = recorder_for(cfg, tmp_path)
+    recorder.start()
+    recorder.close_in_background(0, recorder.evaluator.model.state_dict())
+    recorder.wait()
+    (checkpoint,) = run.path.glob("checkpoints/round_0.ckpt")
+
+    def disk_full(obj: object, f: object, *args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)  # what Lightning's checkpoint writer calls
+    recorder.start()
+    recorder.close_in_background(1, recorder.evaluator.model.state_dict())
+    (closing,) = recorder._pending
+    futures.wait([closing])
+    # Round 2 is stopped as it starts, in one line naming the round and what failed.
+    with pytest.raises(
+        RoundCloseError,
+        match=r"^round 1 could not be closed: writing its checkpoints failed "
+        r"\(OSError: \[Errno 28\] No space left on device\)",
+    ):
+        recorder.start()
+    recorder.shutdown()  # said once: nothing left to raise
+    recorder.tracker.close()
+    assert sorted(p.name for p in checkpoint.parent.iterdir()) == [
+        "last.ckpt",
+        "resume.pt",
+        "round_0.ckpt",
+    ]  # no temporary file left behind
+    assert [r["round"] for r in records(run)] == [0]
 
 
 def test_the_wait_for_background_closes_is_timed_as_the_evaluation_backlog(
