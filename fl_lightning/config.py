@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import functools
+import math
+import re
+import reprlib
 import shlex
 import types
 import typing
@@ -198,6 +202,11 @@ class PrivacyConfig:
     max_epsilon: float | None = None
     clipping: Literal["server", "client"] = "server"  # client_dp: who clips the updates
     clipping_norm: float = 1.0  # client_dp: L2 bound on each client's model update
+    # false (the default): DP noise and Poisson sampling draw from a cryptographically
+    # secure source, so nobody who knows `seed` can recompute them. true: they are seeded
+    # from `seed` (same seed, same run, for research), and the stated epsilon does not hold
+    # against anyone who knows the seed, the server included.
+    reproducible_noise: bool = False
 
 
 @dataclass(frozen=True)
@@ -261,22 +270,99 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
     """Read a YAML file, apply `a.b=value` overrides, and return the validated Config."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found: pass the path of a YAML file") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(err, "problem", None) or "not valid YAML"
-        raise ConfigError(f"config file {path} is malformed{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text: pass a YAML file") from None
+    except (OSError, ValueError) as err:  # a folder, no permission, a NUL in the path
+        reason = getattr(err, "strerror", None) or str(err)
+        raise ConfigError(
+            f"config file {path} cannot be read ({reason}): pass a YAML file"
+        ) from None
+    raw = parse_yaml(text, f"config file {path}") or {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections, not {raw!r}")
+        raise ConfigError(f"config file {path} must hold a mapping of sections, not {_show(raw)}")
     for item in overrides:
         apply_override(raw, item)
     raw.setdefault("output", {})
     if isinstance(raw["output"], dict) and raw["output"].get("experiment") is None:
         raw["output"]["experiment"] = path.stem
     return config_from_dict(raw)
+
+
+def parse_yaml(text: str, what: str) -> Any:
+    """Safely parse YAML `text`; a syntax error or a key written twice names `what` and the line."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(err, "problem", None) or "not valid YAML"
+        raise _MalformedYaml(f"{what} is malformed{where}: {problem}") from None
+    except RecursionError:
+        # PyYAML composes nested collections recursively.
+        raise ConfigError(f"{what} is nested too deeply to be a config") from None
+    except _DuplicateKey as err:
+        raise ConfigError(
+            f"{what}: {err.key} is written twice (lines {err.first} and {err.second}); "
+            "keep one (a second section or key would silently replace the first)"
+        ) from None
+
+
+class _MalformedYaml(ConfigError):
+    """Text that is not YAML at all (an override's value is then taken as plain text)."""
+
+
+class _DuplicateKey(Exception):
+    """A mapping key written twice in one YAML document (internal; becomes a ConfigError)."""
+
+    def __init__(self, key: str, first: int, second: int) -> None:
+        super().__init__(key)
+        self.key, self.first, self.second = key, first, second
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key written twice in a mapping is an error.
+
+    PyYAML keeps the last of duplicate keys, so a second `data:` section silently drops
+    the first. The whole node tree is checked before construction, so the error names the
+    dotted key (`data.root`), not just the innermost one.
+    """
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        """Check `node` for duplicate keys, then construct it as SafeLoader does."""
+        _check_duplicate_keys(node, "", set())
+        return super().construct_document(node)
+
+
+def _check_duplicate_keys(node: yaml.Node, prefix: str, seen_nodes: set[int]) -> None:
+    # An alias is the same node object again: visiting each node once keeps this linear
+    # even for a "billion laughs" document (and finite for a recursive one).
+    stack = [(node, prefix)]
+    while stack:
+        current, path = stack.pop()
+        if id(current) in seen_nodes:
+            continue
+        seen_nodes.add(id(current))
+        if isinstance(current, yaml.SequenceNode):
+            stack.extend((child, path) for child in current.value)
+        if not isinstance(current, yaml.MappingNode):
+            continue
+        lines: dict[Any, int] = {}
+        for key_node, value_node in current.value:
+            # `<<: *base` merges are not in `current.value` yet (PyYAML flattens them when
+            # it constructs the mapping), so overriding a merged key is not a duplicate.
+            if isinstance(key_node, yaml.ScalarNode):
+                key = (key_node.tag, key_node.value)
+                line = key_node.start_mark.line + 1
+                name = f"{path}{_key_text(key_node.value)}"
+                if key in lines:
+                    raise _DuplicateKey(name, lines[key], line)
+                lines[key] = line
+                stack.append((value_node, f"{name}."))
+            else:
+                stack.append((value_node, path))
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
@@ -286,30 +372,51 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
         cfg,
         data=dataclasses.replace(
             cfg.data,
-            root=str(Path(cfg.data.root).expanduser().resolve()),
-            cache_dir=str(Path(cfg.data.cache_dir).expanduser().resolve()),
+            root=_resolve_path(cfg.data.root, "data.root"),
+            cache_dir=_resolve_path(cfg.data.cache_dir, "data.cache_dir"),
         ),
     )
     validate(cfg)
     return cfg
 
 
+def _resolve_path(text: str, key: str) -> str:
+    """`text` as an absolute path (`~` expanded), or a ConfigError naming `key`."""
+    try:
+        path = Path(text).expanduser()
+    except RuntimeError:  # `~name` of a user this machine does not know
+        user = text.split("/", 1)[0]
+        raise ConfigError(
+            f"{key}: cannot expand {_show(text)}: there is no user {_show(user[1:])} here; "
+            "write the path out in full"
+        ) from None
+    try:
+        return str(path.resolve())
+    except (OSError, RuntimeError, ValueError) as err:  # a symlink loop, an odd file system
+        raise ConfigError(f"{key}: {_show(text)} is not a usable path ({err})") from None
+
+
 def apply_override(raw: dict[str, Any], item: str) -> None:
     """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (2, 1e-3, true, null)."""
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"override {item!r} is not KEY=VALUE, e.g. federation.num_rounds=2")
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
-        value = text
+        raise ConfigError(f"override {_show(item)} is not KEY=VALUE, e.g. federation.num_rounds=2")
+    value: Any = None
+    if text.strip():
+        try:
+            value = parse_yaml(text, f"override {_show(key.strip())}")
+        except _MalformedYaml:
+            value = text  # not YAML: the text itself (a string key checks it)
     parts = key.strip().split(".")
     node = raw
     for depth, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
             dotted = ".".join(parts[: depth + 1])
-            raise ConfigError(f"{dotted}: is a value, not a section, so {key} cannot be set")
+            raise ConfigError(
+                f"{_key_text(dotted)}: is a value, not a section, so {_key_text(key.strip())} "
+                "cannot be set"
+            )
         node = child
     node[parts[-1]] = value
 
@@ -319,15 +426,21 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: must be a section (mapping)")
+        raise ConfigError(
+            f"{prefix.rstrip('.') or 'config'}: must be a section (mapping of keys), "
+            f"not {_show(raw)}"
+        )
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
+            # Truncated: difflib is quadratic in the length of what it compares.
+            close = difflib.get_close_matches(str(key)[:64], names, n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            raise ConfigError(f"{prefix}{key}: unknown config key{hint}; known: {', '.join(names)}")
+            raise ConfigError(
+                f"{prefix}{_key_text(key)}: unknown config key{hint}; known: {', '.join(names)}"
+            )
         kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
     return cls(**kwargs)
 
@@ -339,52 +452,73 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     if origin is Literal:
         allowed = typing.get_args(hint)
-        if value not in allowed:
+        # Same type too: `True == 1` and `1.0 == 1` in Python, but not in a config.
+        if not any(type(value) is type(a) and value == a for a in allowed):
             choices = ", ".join(repr(a) for a in allowed)
-            raise ConfigError(f"{key}: {value!r} is not one of {choices}")
+            raise ConfigError(f"{key}: {_show(value)} is not one of {choices}")
         return value
     if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(value, option, key)
-            except ConfigError:
-                continue
-        names = " or ".join(_type_name(o) for o in options)
-        raise ConfigError(f"{key}: {value!r} is not {names}")
-    if origin is tuple:
+        return _coerce_union(value, typing.get_args(hint), key)
+    if origin in (tuple, list):
         item_type = typing.get_args(hint)[0]
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"{key}: {value!r} is not a list")
-        return tuple(_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value))
-    if origin is list:
-        (item_type,) = typing.get_args(hint)
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: {value!r} is not a list")
-        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+            raise ConfigError(f"{key}: {_show(value)} is not a list")
+        items = [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if hint in (bool, int, float, str):
+        return _coerce_scalar(value, hint, key)
+    raise TypeError(f"unsupported config type {hint!r} for {key}")  # a bug in this module
+
+
+def _coerce_union(value: Any, options: tuple[Any, ...], key: str) -> Any:
+    if value is None and type(None) in options:
+        return None
+    real = [o for o in options if o is not type(None)]
+    if len(real) == 1:  # `float | None`: the float's own message says more
+        if value is None:
+            raise ConfigError(f"{key}: null is not allowed here; give a {_type_name(real[0])}")
+        return _coerce(value, real[0], key)
+    for option in real:
+        try:
+            return _coerce(value, option, key)
+        except ConfigError:
+            continue
+    names = " or ".join(_type_name(o) for o in options)
+    raise ConfigError(f"{key}: {_show(value)} is not {names}")
+
+
+# Every integer ends up in torch or NumPy (seeds, sizes, counts), whose integers are int64.
+_INT64_MAX = 2**63 - 1
+
+
+def _coerce_scalar(value: Any, hint: type, key: str) -> Any:
     if hint is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: {value!r} is not true or false")
+            raise ConfigError(f"{key}: {_show(value)} is not true or false")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: {value!r} is not an integer")
+            raise ConfigError(f"{key}: {_show(value)} is not an integer")
+        if abs(value) > _INT64_MAX:
+            raise ConfigError(f"{key}: {_show(value)} is too large (at most 2**63 - 1)")
         return value
     if hint is float:
         if isinstance(value, str):
             value = _parse_float(value, key)
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key}: {value!r} is not a number")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: {value!r} is not a string")
-        return value
-    raise TypeError(f"unsupported config type {hint!r} for {key}")  # a bug in this module
+            raise ConfigError(f"{key}: {_show(value)} is not a number")
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond float's range
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: must be a finite number, got {_show(value)}")
+        return number
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: {_show(value)} is not a string")
+    if "\0" in value:  # no path, name or address holds one; pathlib and torch raise on it
+        raise ConfigError(f"{key}: {_show(value)} contains a NUL character")
+    return value
 
 
 def _parse_float(text: str, key: str) -> float:
@@ -392,7 +526,30 @@ def _parse_float(text: str, key: str) -> float:
     try:
         return float(text)
     except ValueError:
-        raise ConfigError(f"{key}: {text!r} is not a number") from None
+        raise ConfigError(f"{key}: {_show(text)} is not a number") from None
+
+
+# Values quoted in one-line messages: short, one line, and cheap even for a huge value.
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 60
+_SHORT.maxlist = _SHORT.maxdict = 6
+_SHORT.maxlevel = 3
+
+
+def _show(value: Any) -> str:
+    """`value` as a short one-line repr for an error message."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**30:
+        # repr of a huge int is slow (and long); Python refuses it past 4300 digits.
+        return f"an integer of about 2**{value.bit_length()}"
+    return _SHORT.repr(value)
+
+
+def _key_text(key: Any) -> str:
+    """A config key as it can appear in a one-line message (odd keys quoted, cut short)."""
+    text = str(key) if isinstance(key, str) else _show(key)
+    if isinstance(key, str) and not re.fullmatch(r"[\w.\-\[\]]{1,80}", key):
+        text = _show(key)
+    return text
 
 
 def _type_name(hint: Any) -> str:
@@ -406,8 +563,72 @@ def _check(ok: bool, key: str, message: str) -> None:
 
 def validate(cfg: Config) -> None:
     """Reject values that are well-typed but meaningless, naming the key."""
-    d, f, o, t = cfg.data, cfg.federation, cfg.optimizer, cfg.trainer
-    _check(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
+    f, o, t = cfg.federation, cfg.optimizer, cfg.trainer
+    _check(
+        0 <= cfg.seed <= MAX_SEED,
+        "seed",
+        f"must be in [0, 2**32 - 1] (what lightning.seed_everything accepts), got {cfg.seed}",
+    )
+    _validate_data(cfg)
+    _check(
+        0 <= cfg.model.label_smoothing < 1,
+        "model.label_smoothing",
+        f"must be in [0, 1), got {cfg.model.label_smoothing}",
+    )
+    _check(o.lr > 0, "optimizer.lr", f"must be > 0, got {o.lr}")
+    _check(o.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    _check(0 <= o.momentum < 1, "optimizer.momentum", f"must be in [0, 1), got {o.momentum}")
+    _check(o.warmup_rounds >= 0, "optimizer.warmup_rounds", f"must be >= 0, got {o.warmup_rounds}")
+    _check(
+        0 < o.round_decay <= 1, "optimizer.round_decay", f"must be in (0, 1], got {o.round_decay}"
+    )
+    _check(
+        o.ema_decay is None or 0 < o.ema_decay < 1,
+        "optimizer.ema_decay",
+        f"must be in (0, 1) or null, got {o.ema_decay}",
+    )
+    _check(f.num_clients >= 1, "federation.num_clients", f"must be >= 1, got {f.num_clients}")
+    _check(f.num_rounds >= 1, "federation.num_rounds", f"must be >= 1, got {f.num_rounds}")
+    _check(
+        0.0 < f.fraction_train <= 1.0,
+        "federation.fraction_train",
+        f"must be in (0, 1], got {f.fraction_train}",
+    )
+    _check(
+        0.0 <= f.fraction_evaluate <= 1.0,
+        "federation.fraction_evaluate",
+        f"must be in [0, 1], got {f.fraction_evaluate}",
+    )
+    _check(f.round_timeout > 0, "federation.round_timeout", f"must be > 0, got {f.round_timeout}")
+    _check(
+        1 <= f.min_train_clients <= sampled_clients(f),
+        "federation.min_train_clients",
+        f"must be between 1 and the {sampled_clients(f)} clients sampled per round, "
+        f"got {f.min_train_clients}",
+    )
+    r = f.client_resources
+    _check(r.num_cpus > 0, "federation.client_resources.num_cpus", f"must be > 0, got {r.num_cpus}")
+    _check(
+        r.num_gpus >= 0, "federation.client_resources.num_gpus", f"must be >= 0, got {r.num_gpus}"
+    )
+    _check(
+        not (r.num_gpus > 0 and t.accelerator == "cpu"),
+        "trainer.accelerator",
+        "is 'cpu' while federation.client_resources.num_gpus > 0; set trainer.accelerator=gpu",
+    )
+    _validate_strategy(cfg)
+    _validate_trainer(cfg)
+    _validate_privacy(cfg)
+    _validate_secure_aggregation(cfg)
+
+
+# lightning.seed_everything's bounds (lightning.fabric.utilities.seed.max_seed_value): NumPy
+# seeds are uint32. tests/test_config.py checks that the two agree.
+MAX_SEED = 2**32 - 1
+
+
+def _validate_data(cfg: Config) -> None:
+    d = cfg.data
     _check(
         0.0 <= d.val_fraction < 1.0, "data.val_fraction", f"must be in [0, 1), got {d.val_fraction}"
     )
@@ -449,30 +670,45 @@ def validate(cfg: Config) -> None:
         f"{cfg.model.name} takes inputs of shape {expected}, but data.dataset={d.dataset} "
         f"yields {actual}; pick a matching model (e.g. mlp)",
     )
-    _check(
-        0 <= cfg.model.label_smoothing < 1,
-        "model.label_smoothing",
-        f"must be in [0, 1), got {cfg.model.label_smoothing}",
-    )
-    _check(o.lr > 0, "optimizer.lr", f"must be > 0, got {o.lr}")
-    _check(o.weight_decay >= 0, "optimizer.weight_decay", f"must be >= 0, got {o.weight_decay}")
-    _check(0 <= o.momentum < 1, "optimizer.momentum", f"must be in [0, 1), got {o.momentum}")
-    _check(o.warmup_rounds >= 0, "optimizer.warmup_rounds", f"must be >= 0, got {o.warmup_rounds}")
-    _check(
-        0 < o.round_decay <= 1, "optimizer.round_decay", f"must be in (0, 1], got {o.round_decay}"
-    )
-    _check(
-        o.ema_decay is None or 0 < o.ema_decay < 1,
-        "optimizer.ema_decay",
-        f"must be in (0, 1) or null, got {o.ema_decay}",
-    )
+
+
+def _validate_strategy(cfg: Config) -> None:
+    # Each parameter is checked whichever strategy is named: a wrong value is a typo either
+    # way, and switching strategy.name must not bring an unchecked one into play.
     s = cfg.strategy
     _check(s.proximal_mu >= 0, "strategy.proximal_mu", f"must be >= 0, got {s.proximal_mu}")
-    _check(0 <= s.beta < 0.5, "strategy.beta", f"must be in [0, 0.5), got {s.beta}")
+    # FedOpt (FedAdam, FedYogi, FedAdagrad): x + eta * m / (sqrt(v) + tau), where
+    # m and v are exponential averages with factors beta_1 and beta_2.
+    _check(s.eta > 0, "strategy.eta", f"must be > 0 (the server learning rate), got {s.eta}")
     _check(
-        s.num_malicious_clients >= 0,
+        s.tau > 0,
+        "strategy.tau",
+        f"must be > 0 (it keeps the server step finite where v is 0), got {s.tau}",
+    )
+    for name in ("beta_1", "beta_2"):
+        value = getattr(s, name)
+        _check(0 <= value < 1, f"strategy.{name}", f"must be in [0, 1), got {value}")
+    _check(
+        s.server_learning_rate > 0,
+        "strategy.server_learning_rate",
+        f"must be > 0, got {s.server_learning_rate}",
+    )
+    _check(
+        0 <= s.server_momentum < 1,
+        "strategy.server_momentum",
+        f"must be in [0, 1), got {s.server_momentum}",
+    )
+    _check(0 <= s.beta < 0.5, "strategy.beta", f"must be in [0, 0.5), got {s.beta}")
+    f = s.num_malicious_clients
+    _check(f >= 0, "strategy.num_malicious_clients", f"must be >= 0, got {f}")
+    sampled = sampled_clients(cfg.federation)
+    # Krum scores each update by its n - f - 2 nearest others, and tolerates f attackers
+    # only when n > 2f + 2 (Blanchard et al., 2017).
+    _check(
+        s.name != "krum" or sampled > 2 * f + 2,
         "strategy.num_malicious_clients",
-        f"must be >= 0, got {s.num_malicious_clients}",
+        f"krum tolerates {f} malicious clients only with more than {2 * f + 2} clients "
+        f"sampled per round, and {sampled} are; lower it or sample more clients",
     )
     _check(
         s.batchnorm_batches >= 1,
@@ -485,43 +721,170 @@ def validate(cfg: Config) -> None:
         f"recompute changes only BatchNorm statistics, and model.name={cfg.model.name} has "
         f"no BatchNorm layers; use strategy.batchnorm=average",
     )
+
+
+def _validate_trainer(cfg: Config) -> None:
+    t = cfg.trainer
     _check(t.max_epochs >= 1, "trainer.max_epochs", f"must be >= 1, got {t.max_epochs}")
     _check(
         t.gradient_clip_val is None or t.gradient_clip_val > 0,
         "trainer.gradient_clip_val",
         f"must be > 0 or null, got {t.gradient_clip_val}",
     )
-    _check(f.num_clients >= 1, "federation.num_clients", f"must be >= 1, got {f.num_clients}")
-    _check(f.num_rounds >= 1, "federation.num_rounds", f"must be >= 1, got {f.num_rounds}")
     _check(
-        0.0 < f.fraction_train <= 1.0,
-        "federation.fraction_train",
-        f"must be in (0, 1], got {f.fraction_train}",
+        t.accumulate_grad_batches >= 1,
+        "trainer.accumulate_grad_batches",
+        f"must be >= 1, got {t.accumulate_grad_batches}",
     )
+    if _differs_from_default(t, LIGHTNING_CHECKED_FLAGS):
+        # Importing Lightning costs seconds (the CLI loads the config before it would),
+        # and the defaults are valid: only a changed flag is checked against Lightning.
+        _check_lightning_flags(t)
+    _check_one_device(t)
+
+
+# Trainer flags whose accepted values only Lightning knows; checked against Lightning itself.
+LIGHTNING_CHECKED_FLAGS = ("accelerator", "devices", "strategy", "precision", "limit_train_batches")
+# Lightning strategies that train on one device in the client's own process.
+SINGLE_DEVICE_STRATEGIES = ("auto", "single_device")
+
+
+def _differs_from_default(t: TrainerConfig, names: tuple[str, ...]) -> bool:
+    default = TrainerConfig()
+    return any(getattr(t, name) != getattr(default, name) for name in names)
+
+
+def device_count(t: TrainerConfig) -> int | None:
+    """Devices each client's Trainer would use; None: every visible one (unknown here)."""
+    devices = t.devices
+    if isinstance(devices, list):
+        return len(devices)
+    if isinstance(devices, str):
+        text = devices.strip()
+        if text in ("auto", "-1"):
+            # Lightning's CPU accelerator counts 1 device for "auto" (auto_device_count).
+            return 1 if t.accelerator == "cpu" and text == "auto" else None
+        if "," in text:
+            return len([item for item in text.split(",") if item.strip()])
+        return int(text) if text.isdecimal() else None
+    return None if devices == -1 else devices
+
+
+def _check_one_device(t: TrainerConfig) -> None:
+    """Item 9 of issue #18: settings that train a client on several devices cannot run yet."""
+    count = device_count(t)
+    what = "every visible device" if count is None else f"{count} devices"
     _check(
-        0.0 <= f.fraction_evaluate <= 1.0,
-        "federation.fraction_evaluate",
-        f"must be in [0, 1], got {f.fraction_evaluate}",
+        count == 1,
+        "trainer.devices",
+        f"{_show(t.devices)} trains each client on {what}, and several devices per client "
+        "is not supported yet (issue #20); set trainer.devices=1",
     )
-    _check(f.round_timeout > 0, "federation.round_timeout", f"must be > 0, got {f.round_timeout}")
+    # A multi-process strategy on one device only adds a process group (and DDP kills the
+    # client's Ray worker on several): each client trains in its own process, on one device.
     _check(
-        1 <= f.min_train_clients <= sampled_clients(f),
-        "federation.min_train_clients",
-        f"must be between 1 and the {sampled_clients(f)} clients sampled per round, "
-        f"got {f.min_train_clients}",
+        t.strategy.lower() in SINGLE_DEVICE_STRATEGIES,
+        "trainer.strategy",
+        f"{_show(t.strategy)} is a multi-device strategy, and several devices per client is "
+        "not supported yet (issue #20); set trainer.strategy=auto trainer.devices=1",
     )
-    r = f.client_resources
-    _check(r.num_cpus > 0, "federation.client_resources.num_cpus", f"must be > 0, got {r.num_cpus}")
-    _check(
-        r.num_gpus >= 0, "federation.client_resources.num_gpus", f"must be >= 0, got {r.num_gpus}"
+
+
+def _check_lightning_flags(t: TrainerConfig) -> None:
+    """Check the Trainer flags against the values `lightning.Trainer` itself accepts."""
+    from lightning.fabric.plugins.precision.precision import (
+        _PRECISION_INPUT_INT,
+        _PRECISION_INPUT_STR,
+        _PRECISION_INPUT_STR_ALIAS,
     )
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    # As Lightning's _AcceleratorConnector._check_config_and_set_final_flags does.
+    accelerators = ["auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators())]
     _check(
-        not (r.num_gpus > 0 and t.accelerator == "cpu"),
+        t.accelerator in accelerators,
         "trainer.accelerator",
-        "is 'cpu' while federation.client_resources.num_gpus > 0; set trainer.accelerator=gpu",
+        f"{_show(t.accelerator)} is not a Lightning accelerator; use one of "
+        f"{', '.join(accelerators)}",
     )
-    _validate_privacy(cfg)
-    _validate_secure_aggregation(cfg)
+    strategies = ["auto", *StrategyRegistry.available_strategies()]
+    _check(
+        t.strategy.lower() in strategies,
+        "trainer.strategy",
+        f"{_show(t.strategy)} is not a Lightning strategy; use auto (one device per client)",
+    )
+    precisions = [
+        *typing.get_args(_PRECISION_INPUT_STR),
+        *typing.get_args(_PRECISION_INPUT_INT),
+        *typing.get_args(_PRECISION_INPUT_STR_ALIAS),
+    ]
+    _check(
+        t.precision in precisions,
+        "trainer.precision",
+        f"{_show(t.precision)} is not a Lightning precision; use one of "
+        f"{', '.join(dict.fromkeys(str(p) for p in precisions))}",
+    )
+    _check_lightning_devices(t)
+    _check_limit_train_batches(t)
+
+
+def _check_lightning_devices(t: TrainerConfig) -> None:
+    """`trainer.devices` parsed as Lightning parses it, without asking which devices exist.
+
+    The config is also loaded where the clients do not run (a server, a laptop that
+    starts a Ray cluster), so only the form of the value is checked here, not whether
+    this machine has those devices.
+    """
+    from lightning.fabric.utilities import device_parser
+    from lightning.pytorch.accelerators import CPUAccelerator
+
+    devices = t.devices
+    usage = 'an int >= 1, "auto", a list of device indices or a string like "0,1"'
+    # Lightning's _check_device_config_and_set_final_flags refuses these for every accelerator.
+    _check(devices not in ([], 0, "0"), "trainer.devices", f"{_show(devices)} is not {usage}")
+    try:
+        if t.accelerator == "cpu":
+            if devices == "auto":
+                devices = CPUAccelerator.auto_device_count()
+            CPUAccelerator.parse_devices(devices)  # type: ignore[arg-type]
+            return
+        if devices == "auto":
+            return
+        device_parser._check_data_type(devices)
+        parsed = device_parser._normalize_parse_gpu_string_input(devices)
+        if isinstance(parsed, list):
+            device_parser._check_unique(parsed)
+            bad = any(d < 0 for d in parsed)
+        else:
+            bad = parsed < -1
+    except (TypeError, ValueError, device_parser.MisconfigurationException) as err:
+        raise ConfigError(f"trainer.devices: {_show(devices)} is not {usage} ({err})") from None
+    _check(not bad, "trainer.devices", f"{_show(devices)} is not {usage}")
+
+
+def _check_limit_train_batches(t: TrainerConfig) -> None:
+    """`trainer.limit_train_batches` as Lightning's _determine_batch_limits reads it."""
+    from lightning.pytorch.trainer.setup import _determine_batch_limits
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    limit = t.limit_train_batches
+    if limit is None or limit == 1:
+        return  # valid; and Lightning would log an info line for exactly 1
+    try:
+        _determine_batch_limits(limit, "limit_train_batches")
+    except MisconfigurationException:
+        raise ConfigError(
+            f"trainer.limit_train_batches: must be a share in (0, 1] or a number of batches "
+            f">= 1, got {_show(limit)}"
+        ) from None
+    # Lightning accepts 0 (no training at all); a federated round that trains nothing
+    # would send the global model back as an update.
+    _check(
+        limit > 0,
+        "trainer.limit_train_batches",
+        "is 0, so clients would train nothing; use null (every batch) or a value > 0",
+    )
 
 
 # Strategies whose aggregate is the (weighted) mean of the updates: the only ones the DP
@@ -678,7 +1041,11 @@ def _load_named_config(path: str, overrides: str) -> Config:
     candidate = Path(path)
     if not candidate.is_absolute() and not candidate.exists():
         candidate = Path(__file__).resolve().parent.parent / path
-    return load_config(candidate, shlex.split(overrides))
+    try:
+        items = shlex.split(overrides)
+    except ValueError as err:  # an unclosed quote
+        raise ConfigError(f"run config 'overrides': {err}; quote each KEY=VALUE once") from None
+    return load_config(candidate, items)
 
 
 def parse_devices(text: str) -> list[int]:
@@ -705,7 +1072,10 @@ def apply_node_config(cfg: Config, node_config: typing.Mapping[str, Any]) -> Con
                 f"node-config '{key}' is missing: start the SuperNode with "
                 f"--node-config 'partition-id=K num-partitions=N'"
             )
-    partition, partitions = int(node_config["partition-id"]), int(node_config["num-partitions"])
+    partition, partitions = (
+        _node_int(node_config, "partition-id"),
+        _node_int(node_config, "num-partitions"),
+    )
     if partitions != cfg.federation.num_clients:
         raise ConfigError(
             f"node-config 'num-partitions' is {partitions} but federation.num_clients is "
@@ -722,5 +1092,23 @@ def apply_node_config(cfg: Config, node_config: typing.Mapping[str, Any]) -> Con
         devices = parse_devices(gpus)
     except ValueError as error:
         raise ConfigError(f"node-config 'gpus': {error}") from None
+    if len(devices) != 1:
+        raise ConfigError(
+            f"node-config 'gpus' names {len(devices)} devices, and several devices per client "
+            'is not supported yet (issue #20); give each SuperNode one GPU, e.g. gpus="0"'
+        )
     trainer = dataclasses.replace(cfg.trainer, accelerator="gpu", devices=devices)
     return dataclasses.replace(cfg, trainer=trainer)
+
+
+def _node_int(node_config: typing.Mapping[str, Any], key: str) -> int:
+    value = node_config[key]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return int(value)
+    raise ConfigError(
+        f"node-config '{key}' is {_show(value)}, not an integer: start the SuperNode with "
+        f"--node-config 'partition-id=K num-partitions=N'"
+    )

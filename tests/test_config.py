@@ -1,4 +1,6 @@
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -48,7 +50,7 @@ def test_overrides_are_parsed_as_yaml_values() -> None:
             "optimizer.lr=5e-4",
             "data.download=true",
             "data.max_train_samples=null",
-            "trainer.devices=[0, 1]",
+            "trainer.devices=[1]",
             "federation.client_resources.num_gpus=0.5",
             "trainer.accelerator=gpu",
         ],
@@ -57,7 +59,7 @@ def test_overrides_are_parsed_as_yaml_values() -> None:
     assert cfg.optimizer.lr == 5e-4
     assert cfg.data.download is True
     assert cfg.data.max_train_samples is None
-    assert cfg.trainer.devices == [0, 1]
+    assert cfg.trainer.devices == [1]
     assert cfg.federation.client_resources.num_gpus == 0.5
 
 
@@ -153,8 +155,13 @@ def test_flower_run_config_names_the_yaml_and_overrides() -> None:
 def test_node_config_checks_the_partition_and_puts_the_trainer_on_its_gpus() -> None:
     cfg = load_config("configs/mnist.yaml", ["federation.num_clients=2"])
     assert apply_node_config(cfg, {"partition-id": 1, "num-partitions": 2}) == cfg
-    on_gpus = apply_node_config(cfg, {"partition-id": 0, "num-partitions": 2, "gpus": "1,3"})
-    assert (on_gpus.trainer.accelerator, on_gpus.trainer.devices) == ("gpu", [1, 3])
+    on_gpus = apply_node_config(cfg, {"partition-id": 0, "num-partitions": 2, "gpus": "3"})
+    assert (on_gpus.trainer.accelerator, on_gpus.trainer.devices) == ("gpu", [3])
+    with pytest.raises(ConfigError, match="node-config 'gpus' names 2 devices, and several"):
+        apply_node_config(cfg, {"partition-id": 0, "num-partitions": 2, "gpus": "1,3"})
+    with pytest.raises(ConfigError, match="node-config 'partition-id' is 'one', not an integer"):
+        apply_node_config(cfg, {"partition-id": "one", "num-partitions": 2})
+    assert apply_node_config(cfg, {"partition-id": "1", "num-partitions": 2}) == cfg
     with pytest.raises(ConfigError, match="node-config 'num-partitions' is 5 but federation"):
         apply_node_config(cfg, {"partition-id": 0, "num-partitions": 5})
     with pytest.raises(ConfigError, match=r"node-config 'partition-id' is 2; it must be in 0\.\.1"):
@@ -165,3 +172,232 @@ def test_node_config_checks_the_partition_and_puts_the_trainer_on_its_gpus() -> 
         apply_node_config(cfg, {"partition-id": 0, "num-partitions": 2, "gpus": "0,-1"})
     with pytest.raises(ConfigError, match="node-config 'partition-id' is missing"):
         apply_node_config(cfg, {})
+
+
+# --- Issue #18, item 10: bad input refused at load, one line naming the key -------------
+
+
+ONE_GPU = ["federation.client_resources.num_gpus=1"]
+
+
+def load_error(overrides: list[str], path: Path = MNIST) -> str:
+    """The one-line ConfigError that loading `path` with `overrides` raises."""
+    with pytest.raises(ConfigError) as err:
+        load_config(path, overrides)
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("key", ["data.root", "data.cache_dir"])
+def test_a_home_folder_of_an_unknown_user_names_the_key(key: str) -> None:
+    message = load_error([f"{key}=~nosuchuser/x"])
+    assert message.startswith(f"{key}: cannot expand '~nosuchuser/x': there is no user")
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "strategy.eta=.nan",
+        "strategy.tau=.inf",
+        "optimizer.lr=-.inf",
+        "federation.round_timeout=.inf",
+        "privacy.delta=nan",  # a string YAML leaves alone, read as a float
+        "data.noise.std=1e999",
+        f"optimizer.lr={10**400}",  # an integer beyond float's range
+    ],
+)
+def test_non_finite_numbers_are_refused_anywhere(override: str) -> None:
+    key = override.split("=")[0]
+    assert load_error([override]).startswith(f"{key}: must be a finite number, got ")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("strategy.eta=0", "strategy.eta: must be > 0"),
+        ("strategy.tau=0", "strategy.tau: must be > 0"),
+        ("strategy.beta_1=5", "strategy.beta_1: must be in [0, 1), got 5.0"),
+        ("strategy.beta_1=-0.1", "strategy.beta_1: must be in [0, 1)"),
+        ("strategy.beta_2=1", "strategy.beta_2: must be in [0, 1), got 1.0"),
+        ("strategy.server_learning_rate=0", "strategy.server_learning_rate: must be > 0"),
+        ("strategy.server_momentum=1", "strategy.server_momentum: must be in [0, 1)"),
+    ],
+)
+def test_strategy_parameters_are_checked_against_their_ranges(override: str, message: str) -> None:
+    assert load_error([override]).startswith(message)
+
+
+def test_krum_needs_more_than_two_f_plus_two_clients() -> None:
+    krum = ["strategy.name=krum", "federation.num_clients=5"]
+    assert load_config(MNIST, [*krum, "strategy.num_malicious_clients=1"])
+    message = load_error([*krum, "strategy.num_malicious_clients=2"])
+    assert message.startswith("strategy.num_malicious_clients: krum tolerates 2 malicious")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.precision=bogus", "trainer.precision: 'bogus' is not a Lightning precision"),
+        ("trainer.precision=8", "trainer.precision: 8 is not a Lightning precision"),
+        ("trainer.accelerator=quantum", "trainer.accelerator: 'quantum' is not a Lightning"),
+        ("trainer.strategy=bogus", "trainer.strategy: 'bogus' is not a Lightning strategy"),
+        ("trainer.devices=0", "trainer.devices: 0 is not an int >= 1"),
+        ("trainer.devices=[]", "trainer.devices: [] is not an int >= 1"),
+        ("trainer.devices=abc", "trainer.devices: 'abc' is not an int >= 1"),
+        ("trainer.devices=-1", "trainer.devices: -1 is not an int >= 1"),  # on the CPU
+        ("trainer.limit_train_batches=-1", "trainer.limit_train_batches: must be a share"),
+        ("trainer.limit_train_batches=1.5", "trainer.limit_train_batches: must be a share"),
+        ("trainer.limit_train_batches=0", "trainer.limit_train_batches: is 0, so clients"),
+        ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches: must be >= 1"),
+    ],
+)
+def test_trainer_flags_are_checked_against_lightning(override: str, message: str) -> None:
+    assert load_error([override]).startswith(message)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["trainer.precision=bf16-mixed"],
+        ["trainer.precision=16"],
+        ["trainer.precision='64'"],
+        ["trainer.devices=auto"],  # one device on the CPU
+        ["trainer.devices='1'"],
+        ["trainer.strategy=single_device"],
+        ["trainer.limit_train_batches=0.5"],
+        ["trainer.limit_train_batches=3"],
+        ["trainer.limit_train_batches=2.0"],
+        ["trainer.accelerator=auto"],
+        [
+            "trainer.accelerator=gpu",
+            "trainer.devices=[1]",
+            "federation.client_resources.num_gpus=1",
+        ],
+        [
+            "trainer.accelerator=cuda",
+            "trainer.devices='3,'",
+            "federation.client_resources.num_gpus=1",
+        ],
+    ],
+)
+def test_trainer_flags_lightning_accepts_still_load(overrides: list[str]) -> None:
+    load_config(MNIST, overrides)
+
+
+def test_lightning_flag_lists_are_lightnings_own() -> None:
+    # The accepted values come from Lightning, not from a list this project keeps.
+    from lightning.fabric.utilities.seed import max_seed_value
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    from fl_lightning.config import MAX_SEED
+
+    assert max_seed_value == MAX_SEED
+    assert "ddp" in StrategyRegistry.available_strategies()
+    assert load_config(MNIST, [f"seed={MAX_SEED}"]).seed == MAX_SEED
+    assert load_error([f"seed={MAX_SEED + 1}"]).startswith("seed: must be in [0, 2**32 - 1]")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["trainer.devices=2", "trainer.strategy=ddp"], "trainer.devices"),
+        (["trainer.devices=2"], "trainer.devices"),  # Lightning would pick DDP itself
+        (["trainer.accelerator=gpu", "trainer.devices=[0, 1]"], "trainer.devices"),
+        (["trainer.accelerator=gpu", "trainer.devices='0,1'"], "trainer.devices"),
+        (["trainer.accelerator=gpu", "trainer.devices=-1"], "trainer.devices"),
+        (["trainer.accelerator=gpu", "trainer.devices=auto"], "trainer.devices"),
+        (["trainer.strategy=ddp"], "trainer.strategy"),
+        (["trainer.strategy=ddp_spawn"], "trainer.strategy"),
+        (["trainer.strategy=ddp_find_unused_parameters_true"], "trainer.strategy"),
+        (["trainer.accelerator=gpu", "trainer.strategy=fsdp"], "trainer.strategy"),
+        (["trainer.strategy=deepspeed_stage_2"], "trainer.strategy"),
+    ],
+)
+def test_several_devices_per_client_are_refused_at_load(overrides: list[str], key: str) -> None:
+    gpu = (
+        ["federation.client_resources.num_gpus=1"] if "trainer.accelerator=gpu" in overrides else []
+    )
+    message = load_error([*overrides, *gpu])
+    assert message.startswith(f"{key}: ")
+    assert "several devices per client is not supported yet (issue #20)" in message
+
+
+def test_default_trainer_flags_load_without_importing_lightning() -> None:
+    # `fl-lightning run` loads the config before anything imports Lightning (seconds).
+    code = (
+        "import sys; from fl_lightning.config import load_config; "
+        "load_config('configs/mnist.yaml', ['trainer.max_epochs=3']); "
+        "print('lightning' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("data:\n  dataset: mnist\ndata:\n  root: x\n", "data is written twice (lines 1 and 3)"),
+        (
+            "data:\n  root: a\n  batch_size: 8\n  root: b\n",
+            "data.root is written twice (lines 2 and 4)",
+        ),
+        ("seed: 1\nseed: 2\n", "seed is written twice (lines 1 and 2)"),
+        (
+            "federation:\n  client_resources:\n    num_cpus: 1\n    num_cpus: 2\n",
+            "federation.client_resources.num_cpus is written twice (lines 3 and 4)",
+        ),
+    ],
+)
+def test_a_key_written_twice_in_a_yaml_file_is_an_error(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    error = load_error([], path)
+    assert message in error and "keep one" in error
+
+
+def test_yaml_merge_keys_may_still_override(tmp_path: Path) -> None:
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("federation:\n  <<: {num_rounds: 3, num_clients: 4}\n  num_rounds: 1\n")
+    cfg = load_config(merged)
+    assert (cfg.federation.num_rounds, cfg.federation.num_clients) == (1, 4)
+
+
+def test_an_override_value_with_a_key_written_twice_is_an_error() -> None:
+    message = load_error(["data={root: a, root: b}"])
+    assert "override 'data': root is written twice" in message
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data=[1, 2]", "data: must be a section (mapping of keys), not [1, 2]"),
+        ("trainer=5", "trainer: must be a section (mapping of keys), not 5"),
+        (f"data.max_train_samples={2**64}", "data.max_train_samples: 18446744073709551616 is too"),
+        ("data.root=a\0b", "data.root: 'a\\x00b' contains a NUL character"),
+        ("data.channels=true", "data.channels: True is not one of 1, 3"),
+        ("data.channels=3.0", "data.channels: 3.0 is not one of 1, 3"),
+        ("a\nb=1", "'a\\nb': unknown config key"),
+    ],
+)
+def test_other_values_of_the_wrong_kind_name_the_key(override: str, message: str) -> None:
+    assert load_error([override]).startswith(message)
+
+
+def test_an_unreadable_config_file_is_one_line(tmp_path: Path) -> None:
+    assert "cannot be read" in load_error([], tmp_path)  # a folder
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    assert "is not UTF-8 text" in load_error([], binary)
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("seed: " + "[" * 5000 + "]" * 5000 + "\n")
+    assert "nested too deeply" in load_error([], deep)
+
+
+def test_run_config_overrides_with_an_unclosed_quote_are_one_line() -> None:
+    with pytest.raises(ConfigError, match=r"^run config 'overrides': No closing quotation"):
+        config_from_run_config({"config-path": str(MNIST), "overrides": "seed='7"})

@@ -1,0 +1,146 @@
+"""Feed `fl-lightning run` bad input and print, as markdown, what each one got back.
+
+    python benchmarks/bad_input.py --data ../shared/data
+
+Each case is `fl-lightning run <config> data.root=<data> <bad override>` (or a bad config
+file) in a subprocess, in a scratch folder that also holds its output root and decoded-data
+cache. The table says, per input: the exit code (2 for bad input), the line printed (one
+line naming the key), whether a traceback was printed, and whether anything was written
+(any file created or changed under the scratch folder, or at the bad path itself). Every
+case fails at load, so the whole table takes seconds per case, not a training run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CLI = REPO / ".venv" / "bin" / "fl-lightning"
+CONFIG = REPO / "configs" / "mnist.yaml"
+
+# A case: (what the table shows, builder of (config path, overrides) in a scratch folder).
+Case = tuple[str, Callable[[Path], tuple[Path, list[str]]]]
+
+
+def _override(*overrides: str) -> Callable[[Path], tuple[Path, list[str]]]:
+    return lambda scratch: (CONFIG, list(overrides))
+
+
+def _existing_file(scratch: Path) -> tuple[Path, list[str]]:
+    target = scratch / "notes.txt"
+    target.write_text("a file that is not a run directory\n")
+    return CONFIG, [f"output.dir={target}"]
+
+
+def _unwritable_dir(scratch: Path) -> tuple[Path, list[str]]:
+    if os.geteuid() == 0:  # root writes through any mode bits: use a folder nobody can write
+        return CONFIG, ["output.dir=/sys/fl-lightning-bad-input/run"]
+    locked = scratch / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    return CONFIG, [f"output.dir={locked / 'run'}"]
+
+
+def _duplicate_section(scratch: Path) -> tuple[Path, list[str]]:
+    path = scratch / "twice.yaml"
+    path.write_text(CONFIG.read_text() + "data:\n  batch_size: 64\n")
+    return path, []
+
+
+def _malformed(scratch: Path) -> tuple[Path, list[str]]:
+    path = scratch / "malformed.yaml"
+    path.write_text("data:\n  dataset: mnist\n   root: [unclosed\n")
+    return path, []
+
+
+CASES: list[Case] = [
+    ("`data.root=~nosuchuser/x`", _override("data.root=~nosuchuser/x")),
+    ("`data.cache_dir=~nosuchuser/x`", _override("data.cache_dir=~nosuchuser/x")),
+    ("`output.dir=` an existing file", _existing_file),
+    ("`output.dir=` in an unwritable folder", _unwritable_dir),
+    ("`strategy.eta=.nan`", _override("strategy.eta=.nan")),
+    ("`strategy.beta_1=5`", _override("strategy.beta_1=5")),
+    ("`trainer.precision=bogus`", _override("trainer.precision=bogus")),
+    ("`trainer.devices=0`", _override("trainer.devices=0")),
+    ("`trainer.limit_train_batches=-1`", _override("trainer.limit_train_batches=-1")),
+    (
+        "`trainer.devices=2 trainer.strategy=ddp`",
+        _override("trainer.devices=2", "trainer.strategy=ddp"),
+    ),
+    ("`seed=4294967296`", _override("seed=4294967296")),
+    ("a config with `data:` written twice", _duplicate_section),
+    ("a malformed config", _malformed),
+    ("a config file that does not exist", lambda scratch: (scratch / "missing.yaml", [])),
+]
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every path under `folder` with its size and mtime (what 'written' is judged by)."""
+    return {
+        str(p.relative_to(folder)): (p.lstat().st_size, p.lstat().st_mtime_ns)
+        for p in folder.rglob("*")
+    }
+
+
+def run_case(build: Callable[[Path], tuple[Path, list[str]]], data: Path) -> dict[str, str]:
+    """Run one bad input in a fresh scratch folder; what it printed and left behind."""
+    with tempfile.TemporaryDirectory(prefix="fl-bad-input-") as folder:
+        scratch = Path(folder)
+        config, overrides = build(scratch)
+        before = _snapshot(scratch)
+        command = [
+            str(CLI),
+            "run",
+            str(config),
+            f"data.root={data}",
+            f"data.cache_dir={scratch / 'cache'}",
+            f"output.root={scratch / 'runs'}",
+            *overrides,
+        ]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=scratch)
+        after = _snapshot(scratch)
+        written = sorted(path.split(os.sep)[0] for path in after if after[path] != before.get(path))
+        for path in (scratch / "locked",):
+            if path.exists():
+                path.chmod(0o700)  # so the scratch folder can be removed
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    shown = lines[-1] if lines else ""
+    if len(lines) > 1:
+        shown += f" (and {len(lines) - 1} more lines)"
+    return {
+        "code": str(done.returncode),
+        "line": shown.replace("|", "\\|").replace(str(scratch), "<tmp>"),
+        "traceback": "yes" if "Traceback" in done.stderr else "no",
+        # The top folders written to, e.g. `cache` (decoded data) or `runs` (a run).
+        "written": f"yes: {', '.join(sorted(set(written)))}" if written else "no",
+    }
+
+
+def main() -> None:
+    """Run every case and print the markdown table."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    args = parser.parse_args()
+    if not CLI.exists():
+        sys.exit(f"{CLI} is missing: install the project first (make install)")
+    print("| Input | Exit code | The line printed | Traceback? | Anything written? |")
+    print("|---|---|---|---|---|")
+    for label, build in CASES:
+        result = run_case(build, args.data.resolve())
+        print(
+            f"| {label} | {result['code']} | {result['line']} | {result['traceback']} "
+            f"| {result['written']} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
