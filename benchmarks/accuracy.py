@@ -90,10 +90,10 @@ GROUPS = {
 }
 
 
-def run_experiment(name: str, data: Path, workdir: Path) -> dict:
+def run_experiment(name: str, data: Path, workdir: Path, repeat: int = 0) -> dict:
     """Run one experiment and return its rounds, wall time and accuracies."""
     config, overrides, sub = EXPERIMENTS[name]
-    run_dir = workdir / name
+    run_dir = workdir / f"{name}-{repeat}"
     root = f"data.root={data / sub}"
     command = [sys.executable, "-m", "fl_lightning.cli", "run", config, root, *overrides]
     started = time.perf_counter()
@@ -106,7 +106,7 @@ def run_experiment(name: str, data: Path, workdir: Path) -> dict:
     epsilon = [r["epsilon"] for r in records if r["round"] > 0 and "epsilon" in r]
     clients = run_dir / "clients.json"
     return {
-        "experiment": name,
+        "experiment": f"{name} #{repeat + 1}" if repeat else name,
         "command": " ".join(["fl-lightning", *command[3:]]),
         "rounds": len(accuracy),
         "wall_seconds": wall,
@@ -147,7 +147,9 @@ def markdown(results: list[dict], invocation: str, script: str = "benchmarks/acc
             lines += ["", f"{r['experiment']}: epsilon after each round: {values}."]
         if r["stopped"]:
             lines += ["", f"{r['experiment']} stopped early: {r['stopped']}"]
-    lines += ["", "Commands:", ""] + [f"- `{r['experiment']}`: `{r['command']}`" for r in results]
+    lines += spread(results)
+    commands = {r["command"]: r["experiment"].split(" #")[0] for r in results}
+    lines += ["", "Commands:", ""] + [f"- `{name}`: `{cmd}`" for cmd, name in commands.items()]
     for r in results:
         if r["clients"]:
             lines += [
@@ -163,6 +165,29 @@ def markdown(results: list[dict], invocation: str, script: str = "benchmarks/acc
                 for c in r["clients"]
             ]
     return "\n".join(lines)
+
+
+def spread(results: list[dict]) -> list[str]:
+    """One line per repeated experiment: its final accuracy and epsilon over the repeats."""
+    lines = []
+    for name in dict.fromkeys(r["experiment"].split(" #")[0] for r in results):
+        runs = [r for r in results if r["experiment"].split(" #")[0] == name]
+        if len(runs) < 2:
+            continue
+        finals = [r["final_accuracy"] for r in runs]
+        mean = sum(finals) / len(finals)
+        lines += [
+            "",
+            f"{name}, {len(runs)} runs: final accuracy min {min(finals):.4f}, mean {mean:.4f}, "
+            f"max {max(finals):.4f}"
+            + (
+                f"; final epsilon max {max(r['epsilon_per_round'][-1] for r in runs):.2f}"
+                if all(r["epsilon_per_round"] for r in runs)
+                else ""
+            )
+            + ".",
+        ]
+    return lines
 
 
 def machine() -> str:
@@ -201,14 +226,17 @@ def main() -> None:
     parser.add_argument("--record", type=Path, help="markdown file to write the tables into")
     parser.add_argument("--block", help="name of the block in --record (default: the names)")
     parser.add_argument("--json", type=Path, help="write the figures here as JSON")
+    parser.add_argument("--repeats", type=int, default=1, help="run each experiment N times")
     args = parser.parse_args()
     experiments = [e for name in args.names for e in GROUPS.get(name, [name])]
     with tempfile.TemporaryDirectory(prefix="fl-accuracy-") as workdir:
         results = []
         for name in experiments:
-            results.append(run_experiment(name, args.data.resolve(), Path(workdir)))
-            print(f"{name}: {results[-1]['accuracy_per_round']}", file=sys.stderr)
-    table = markdown(results, " ".join(args.names))
+            for repeat in range(args.repeats):
+                results.append(run_experiment(name, args.data.resolve(), Path(workdir), repeat))
+                print(f"{name}: {results[-1]['accuracy_per_round']}", file=sys.stderr)
+    repeats = f" --repeats {args.repeats}" if args.repeats > 1 else ""
+    table = markdown(results, " ".join(args.names) + repeats)
     print(table)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -23,6 +23,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fl_lightning import dp_randomness
 from fl_lightning.config import Config
 from fl_lightning.errors import ConfigError
 from fl_lightning.module import ImageClassifier
@@ -30,8 +31,8 @@ from fl_lightning.module import ImageClassifier
 
 def quiet_opacus() -> None:
     """Silence Opacus warnings that are expected here and that users cannot act on."""
-    # Noise comes from torch's seeded PRNG (same seed, same run), not a CSPRNG: Opacus
-    # says so on every engine, and the README's Privacy section says it once.
+    # Opacus's secure mode needs torchcsprng (no build for current torch); our generators
+    # are seeded from OS entropy instead (dp_randomness), as the README's Privacy says.
     warnings.filterwarnings("ignore", message="Secure RNG turned off")
     # Opacus's hooks on the first layer, whose input needs no gradient: expected.
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -112,7 +113,8 @@ class ClientDPSGD:
     """One client's DP-SGD for one round: the Poisson loader, the private optimizer, epsilon.
 
     `accountant_state` is what `state()` returned after the client's previous round (None
-    in its first), so the accountant composes every step the client ever took.
+    in its first), so the accountant composes every step the client ever took. Sampling and
+    noise are secret (OS entropy) unless `privacy.reproducible_noise` seeds them from `seed`.
     """
 
     def __init__(
@@ -127,11 +129,12 @@ class ClientDPSGD:
             state = json.loads(accountant_state)
             state["history"] = [tuple(step) for step in state["history"]]
             self.engine.accountant.load_state_dict(state)
+        self.privacy = cfg.privacy
         self.seed = seed
 
     def loader(self, loader: DataLoader) -> DPDataLoader:
-        """Poisson sampling over `loader`'s dataset, seeded (same seed, same batches)."""
-        generator = torch.Generator().manual_seed(self.seed)
+        """Poisson sampling over `loader`'s dataset (batch membership secret by default)."""
+        generator = dp_randomness.torch_generator(self.privacy, self.seed)
         return DPDataLoader.from_data_loader(loader, generator=generator)
 
     def make_private(
@@ -142,7 +145,7 @@ class ClientDPSGD:
         Hooks are attached to `module` in place (`wrap_model=False`), so the Trainer keeps
         driving the LightningModule itself.
         """
-        noise = torch.Generator().manual_seed(self.seed + 1)
+        noise = dp_randomness.torch_generator(self.privacy, self.seed + 1)
         _, private_optimizer, _ = self.engine.make_private(
             module=module,
             optimizer=optimizer,
@@ -153,6 +156,9 @@ class ClientDPSGD:
             noise_generator=noise,
             wrap_model=False,
         )
+        # Opacus's defence against floating-point attacks on the noise (each draw the sum of
+        # several Gaussians); PrivacyEngine only turns it on with torchcsprng installed.
+        private_optimizer.secure_mode = not self.privacy.reproducible_noise
         return private_optimizer
 
     def epsilon(self) -> float:

@@ -17,6 +17,7 @@ Flower 1.41 has SecAgg+ for its legacy API only (`SecAggPlusWorkflow` on the ser
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -43,6 +44,7 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
 from fl_lightning.config import Config, apply_node_config, config_from_run_config, sampled_clients
+from fl_lightning.dp_randomness import add_gaussian_noise, numpy_generator
 from fl_lightning.rounds import RoundRecorder, round_lr
 
 log = logging.getLogger(__name__)
@@ -119,8 +121,11 @@ class LightningNumPyClient(NumPyClient):
 
             clip_inputs_inplace(delta, self.cfg.privacy.clipping_norm)
             weight = 1  # the noise is calibrated to an unweighted mean
-        metrics: dict[str, Scalar] = {**result.metrics, "partition-id": self.partition[0]}
-        metrics[CLIPPED_KEY] = self._clipped(delta, weight, config)
+        # What the server sees in the clear: only what it needs, so no training metrics.
+        metrics: dict[str, Scalar] = {CLIPPED_KEY: self._clipped(delta, weight, config)}
+        if self.cfg.privacy.mode == "dp_sgd":  # the server's ledger: epsilon per partition
+            metrics["partition-id"] = self.partition[0]
+            metrics["privacy/epsilon"] = result.metrics["privacy/epsilon"]
         return delta, weight, metrics
 
     def _clipped(self, delta: NDArrays, weight: int, config: dict[str, Scalar]) -> int:
@@ -213,21 +218,16 @@ class SecureFedAvg(FedAvg):
             )
         ledger = self.recorder.ledger
         if ledger is not None and self.cfg.privacy.mode == "dp_sgd":
-            ledger.record_dp_sgd(
-                {
-                    int(cast(int, r.metrics["partition-id"])): float(
-                        cast(float, r.metrics["privacy/epsilon"])
-                    )
-                    for _, r in results
-                }
-            )
+            ledger.record_dp_sgd(_reported_epsilons(results, self.cfg.federation.num_clients))
         aggregated, metrics = super().aggregate_fit(server_round, results, failures)
         if aggregated is None:
             return None, metrics
         delta = parameters_to_ndarrays(aggregated)
+        if not all(np.isfinite(d).all() for d in delta):
+            log.warning("round %d skipped: the secure sum is not finite", server_round)
+            return None, metrics
         updated = [(g + d).astype(g.dtype) for g, d in zip(self._global, delta, strict=True)]
-        self.recorder.add({k: float(v) for k, v in metrics.items() if k.startswith("train/")})
-        clipped = sum(int(cast(int, r.metrics.get(CLIPPED_KEY, 0))) for _, r in results)
+        clipped = sum(_count(r.metrics.get(CLIPPED_KEY)) for _, r in results)
         self.recorder.add({CLIPPED_KEY: float(clipped)})
         self.recorder.lap("aggregation")
         return ndarrays_to_parameters(updated), metrics
@@ -265,9 +265,15 @@ class SecureFedAvg(FedAvg):
 
 
 class _AccountedClientSideClipping(DifferentialPrivacyClientSideFixedClipping):
-    """Flower's legacy client-side-clipping DP wrapper, adding each release to the ledger."""
+    """Flower's legacy client-side-clipping DP wrapper: calibrated, secret noise, accounted.
+
+    The noise std is `noise_multiplier * clipping_norm / m` for the m clients whose updates
+    are in the secure sum (SecAgg+ leaves out those that dropped out), not the m sampled,
+    and it is drawn from a secret generator (`dp_randomness`), not NumPy's global one.
+    """
 
     ledger: Any
+    cfg: Config
 
     def aggregate_fit(
         self,
@@ -275,18 +281,72 @@ class _AccountedClientSideClipping(DifferentialPrivacyClientSideFixedClipping):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        """Aggregate, add Flower's noise to the sum, account for the release."""
-        parameters, metrics = super().aggregate_fit(server_round, results, failures)
-        if parameters is not None:
-            self.ledger.record_release()
-        return parameters, metrics
+        """Aggregate, add noise calibrated to the updates summed, account for the release."""
+        if failures or not results:
+            return None, {}  # as Flower's wrapper: a round with failures releases nothing
+        parameters, metrics = self.strategy.aggregate_fit(server_round, results, failures)
+        if parameters is None:
+            return None, metrics
+        arrays = parameters_to_ndarrays(parameters)
+        std = self.noise_multiplier * self.clipping_norm / len(results)
+        rng = numpy_generator(self.cfg.privacy, self.cfg.seed, server_round)
+        add_gaussian_noise(arrays, std, rng)
+        self.ledger.record_release()
+        return ndarrays_to_parameters(arrays), metrics
+
+
+def _count(value: object) -> int:
+    """A non-negative integer a client reported, or 0 for anything else (hostile input)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _reported_epsilons(
+    results: list[tuple[ClientProxy, FitRes]], num_clients: int
+) -> dict[int, float]:
+    """DP-SGD: partition id -> reported epsilon, for the well-formed reports only.
+
+    An update already in the secure sum cannot be taken out again; a report that is not an
+    in-range integer partition id with a finite, non-negative epsilon is left out (warned).
+    """
+    epsilons: dict[int, float] = {}
+    for _, res in results:
+        partition, epsilon = res.metrics.get("partition-id"), res.metrics.get("privacy/epsilon")
+        if (
+            isinstance(partition, int)
+            and not isinstance(partition, bool)
+            and 0 <= partition < num_clients
+            and partition not in epsilons
+            and isinstance(epsilon, int | float)
+            and not isinstance(epsilon, bool)
+            and math.isfinite(epsilon)
+            and epsilon >= 0
+        ):
+            epsilons[partition] = float(epsilon)
+        else:
+            log.warning("a malformed privacy report was ignored: %r", dict(res.metrics))
+    return epsilons
 
 
 def _weighted_mean(results: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:
-    total = sum(n for n, _ in results) or 1
-    keys = {k for _, m in results for k in m if k.startswith(("train/", "val/"))}
+    """Example-weighted mean of the `val/*` metrics, over the well-formed reports only.
+
+    Evaluation replies are outside the secure sum and come from clients: a report with a
+    weight that is not a positive integer, or a non-finite or non-numeric value, is skipped.
+    """
+    usable = [
+        (n, m)
+        for n, m in results
+        if _count(n) > 0
+        and all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            for k, v in m.items()
+            if k.startswith("val/")
+        )
+    ]
+    keys = {k for _, m in usable for k in m if k.startswith("val/")}
     return {
-        k: sum(n * float(cast(float, m[k])) for n, m in results if k in m) / total
+        k: sum(n * float(cast(float, m[k])) for n, m in usable if k in m)
+        / sum(n for n, m in usable if k in m)
         for k in sorted(keys)
     }
 
@@ -324,6 +384,7 @@ def run_secure_rounds(
             num_sampled_clients=sampled_clients(fed),
         )
         wrapper.ledger = recorder.ledger
+        wrapper.cfg = cfg
         strategy = wrapper
     legacy = LegacyContext(
         context=context,

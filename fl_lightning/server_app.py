@@ -10,14 +10,16 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from fl_lightning.config import Config, config_from_run_config
-from fl_lightning.errors import PrivacyBudgetExceeded
+from fl_lightning.errors import NothingTrained, PrivacyBudgetExceeded
 from fl_lightning.rundir import RunDir, create_run_dir
 
 if TYPE_CHECKING:  # torch and Lightning load when the ServerApp runs, not at import
     import torch
 
+    from fl_lightning.census import Census
     from fl_lightning.resume import ResumeState
     from fl_lightning.rounds import RoundRecorder
+    from fl_lightning.tracking import RunTracker
 
 
 def run_federation(
@@ -37,9 +39,9 @@ def run_federation(
     """
     import lightning as L
 
+    from fl_lightning.census import nothing_trained
     from fl_lightning.client_report import client_report
     from fl_lightning.evaluation import CentralEvaluator
-    from fl_lightning.partition import label_counts
     from fl_lightning.rounds import RoundRecorder
     from fl_lightning.tracking import RunTracker
 
@@ -53,10 +55,12 @@ def run_federation(
         tracker.history.update(resume.history)
         tracker.progress.update(resume.round)
         start = ArrayRecord(resume.weights)
-    counts = label_counts(cfg.data, fed.num_clients, cfg.seed)
-    tracker.log_label_histogram(counts.numpy(), evaluator.datamodule.splits.classes)
+    census = _census(grid, cfg, tracker, evaluator.datamodule.splits.classes)
     recorder = RoundRecorder(evaluator, tracker, run)
-    partition_sizes = [int(c.sum()) for c in counts]
+    # DP-SGD plans every partition: one without a census answer (it takes no part) gets
+    # the smallest reported size, whose epsilon per round is the largest (conservative).
+    fill = min(census.train_sizes.values()) if cfg.privacy.mode == "dp_sgd" else 0
+    partition_sizes = census.partition_sizes(fill)
     if cfg.privacy.mode != "none":
         import torch
 
@@ -65,6 +69,10 @@ def run_federation(
         recorder.ledger = PrivacyLedger(cfg, partition_sizes)
         if any(isinstance(m, torch.nn.GroupNorm) for m in evaluator.model.modules()):
             tracker.note("privacy: BatchNorm replaced by GroupNorm (Opacus ModuleValidator.fix)")
+        if cfg.privacy.reproducible_noise:
+            from fl_lightning.dp_randomness import REPRODUCIBLE_WARNING
+
+            tracker.note(f"privacy: {REPRODUCIBLE_WARNING}")
         if resume is not None and resume.ledger is not None:
             recorder.ledger.load_state(resume.ledger)
     if resume is not None and resume.rng is not None:
@@ -78,8 +86,13 @@ def run_federation(
             assert context is not None, "SecAgg+ runs in a ServerApp (it needs its Context)"
             final = run_secure_rounds(grid, context, cfg, recorder, initial, partition_sizes)
         else:
-            final = _run_rounds(grid, cfg, recorder, start, resume)
+            final = _run_rounds(grid, cfg, recorder, start, census, resume)
         recorder.wait()  # rounds closed in the background; the report reuses the evaluator
+        if _unchanged(final, initial):
+            # Every round skipped (or refused): the "trained" model is the initial one.
+            message = nothing_trained("no round of the run adopted an update", census.notices)
+            tracker.note(message)
+            raise NothingTrained(message)
         if cfg.output.client_report:
             tracker.log_clients(client_report(cfg, evaluator, initial.to_torch_state_dict(), final))
     except PrivacyBudgetExceeded as stop:
@@ -97,6 +110,7 @@ def _run_rounds(
     cfg: Config,
     recorder: RoundRecorder,
     initial: ArrayRecord,
+    census: Census,
     resume: ResumeState | None = None,
 ) -> dict[str, torch.Tensor]:
     """The Message-API strategy's rounds (those after `resume`'s); the final global weights."""
@@ -108,6 +122,7 @@ def _run_rounds(
     strategy = build_strategy(
         cfg,
         recorder,
+        census,
         fraction_train=fed.fraction_train,
         fraction_evaluate=fraction_evaluate,
         min_train_nodes=1,
@@ -118,8 +133,9 @@ def _run_rounds(
     done = 0
     if resume is not None:
         done = strategy.round_offset = resume.round
-        for name, value in resume.strategy.items():
-            setattr(strategy, name, value)
+        from fl_lightning.resume import load_strategy_state
+
+        load_strategy_state(strategy, resume, cfg)  # each attribute rebuilt with its own type
         strategy.resent_accountants = bool(strategy.accountants)
     runner: Strategy = strategy
     if cfg.privacy.mode == "client_dp":
@@ -136,7 +152,41 @@ def _run_rounds(
         evaluate_config=ConfigRecord(),
         evaluate_fn=strategy.evaluate,
     )
-    return result.arrays.to_torch_state_dict()
+    # Flower's Result holds no arrays when no round adopted an aggregate: the model stayed.
+    return (result.arrays if len(result.arrays) else initial).to_torch_state_dict()
+
+
+def _census(grid: Grid, cfg: Config, tracker: RunTracker, classes: tuple[str, ...]) -> Census:
+    """Ask every client what it holds (`fl_lightning.census`); draw the label histogram
+    from the counts clients sent, or say why there is none."""
+    from fl_lightning.census import take_census
+
+    try:
+        census = take_census(grid, cfg, len(classes))
+    except NothingTrained as err:
+        tracker.note(str(err))
+        tracker.close()  # the run directory keeps what was written
+        raise
+    if census.missing():
+        tracker.note(f"census: no client answered for partitions {census.missing()}")
+    if census.label_counts:
+        import numpy as np
+
+        tracker.log_label_histogram(np.array(census.label_count_rows(len(classes))), classes)
+    else:
+        tracker.note(
+            "label histogram: not drawn; under differential privacy or secure aggregation "
+            "clients send only their partition sizes, not their label counts"
+        )
+    return census
+
+
+def _unchanged(final: dict[str, torch.Tensor], initial: ArrayRecord) -> bool:
+    """Whether the run's final weights are exactly its initial model's."""
+    import torch
+
+    start = initial.to_torch_state_dict()
+    return final.keys() == start.keys() and all(torch.equal(final[k], start[k]) for k in start)
 
 
 def make_server_app(

@@ -56,12 +56,22 @@ def completed_round(run: Path) -> int:
     [
         # FedAvgM: its server momentum must survive the kill.
         ("configs/mnist.yaml", ["strategy.name=fedavgm"], 4, 2),
-        # DP-SGD: the clients' accountants and the server's ledger must survive it.
-        ("configs/mnist_dp_sgd.yaml", ["data.batch_size=64"], 2, 1),
-        # Client-level DP: Flower's wrapper draws its noise from the server's NumPy RNG.
+        # DP-SGD: the clients' accountants and the server's ledger must survive it. DP noise
+        # repeats only when the run opts into seeded noise (secret by default).
+        (
+            "configs/mnist_dp_sgd.yaml",
+            ["data.batch_size=64", "privacy.reproducible_noise=true"],
+            2,
+            1,
+        ),
+        # Client-level DP: the server's noise, seeded by (seed, round) on request.
         (
             "configs/mnist.yaml",
-            ["privacy.mode=client_dp", "privacy.noise_multiplier=0.3"],
+            [
+                "privacy.mode=client_dp",
+                "privacy.noise_multiplier=0.3",
+                "privacy.reproducible_noise=true",
+            ],
             2,
             1,
         ),

@@ -1,0 +1,59 @@
+"""Client-level DP: the noise added is what the ledger's epsilon assumes, whoever replied."""
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message
+
+from fl_lightning.client_dp import clip_update, wrap_strategy
+from fl_lightning.config import load_config
+from fl_lightning.privacy_ledger import PrivacyLedger
+from fl_lightning.strategy import build_strategy
+from tests.test_config import MNIST
+from tests.test_strategy import FakeGrid, census, node_partition, recorder, train_content
+
+__all__ = ["task_identity"]  # the autouse fixture Flower's messages need
+from tests.test_strategy import task_identity
+
+
+@pytest.mark.parametrize("clipping", ["server", "client"])
+def test_noise_matches_the_ledger_when_two_of_five_sampled_clients_fail(clipping: str) -> None:
+    cfg = load_config(
+        MNIST,
+        ["privacy.mode=client_dp", "privacy.noise_multiplier=2.0", "privacy.clipping_norm=0.5",
+         f"privacy.clipping={clipping}"],
+    )  # fmt: skip
+    ledger = PrivacyLedger(cfg, [100] * 5)
+    rounds = recorder()
+    rounds.ledger = ledger
+    strategy = build_strategy(cfg, rounds, census(), min_available_nodes=5)
+    runner = wrap_strategy(strategy, cfg, ledger)
+    model = ArrayRecord({"w": Array(np.zeros(400_000, np.float32))})
+    messages = list(runner.configure_train(1, model, ConfigRecord(), FakeGrid()))  # type: ignore[arg-type]
+    assert len(messages) == 5
+    # Three clients send back the global model unchanged (a zero update), two fail: the
+    # released model minus the global one is the noise alone.
+    replies = [Message(train_content(model, node_partition(m)), reply_to=m) for m in messages[:3]]
+    replies += [Message(Error(0, "RuntimeError: out of memory"), reply_to=m) for m in messages[3:]]
+    arrays, _ = runner.aggregate_train(1, replies)
+    assert arrays is not None
+    noise = arrays["w"].numpy()
+    # The ledger composes a Gaussian release of multiplier sigma on a mean of clipped
+    # updates; a mean of the 3 updates that arrived has sensitivity clipping_norm / 3.
+    assumed = ledger.client_dp_noise_multiplier * cfg.privacy.clipping_norm / 3
+    assert noise.std() == pytest.approx(assumed, rel=0.01)
+    assert abs(noise.mean()) < 0.01 * assumed
+    assert len(ledger.releases.history) == 1
+
+
+def test_the_server_clips_every_update_it_sees_and_a_zero_update_stays_zero() -> None:
+    reference = ArrayRecord({"w": Array(np.ones(4, np.float32))})
+    big = ArrayRecord({"w": Array(np.array([4.0, 1.0, 1.0, 1.0], np.float32))})  # update norm 3
+    clipped = clip_update(big, reference, 0.5)["w"].numpy()
+    assert clipped.dtype == np.float32
+    np.testing.assert_allclose(clipped, [1.5, 1.0, 1.0, 1.0], rtol=1e-6)
+    small = ArrayRecord({"w": Array(np.array([1.1, 1.0, 1.0, 1.0], np.float32))})
+    np.testing.assert_array_equal(
+        clip_update(small, reference, 0.5)["w"].numpy(), small["w"].numpy()
+    )
+    # Flower's own clipping divides by the update's norm: an unchanged model ended the run.
+    np.testing.assert_array_equal(clip_update(reference, reference, 0.5)["w"].numpy(), np.ones(4))
