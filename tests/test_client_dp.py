@@ -57,3 +57,24 @@ def test_the_server_clips_every_update_it_sees_and_a_zero_update_stays_zero() ->
     )
     # Flower's own clipping divides by the update's norm: an unchanged model ended the run.
     np.testing.assert_array_equal(clip_update(reference, reference, 0.5)["w"].numpy(), np.ones(4))
+
+
+def released_noise(*overrides: str) -> np.ndarray:
+    """The noise one client-DP release adds when all 5 clients send a zero update."""
+    cfg = load_config(MNIST, ["privacy.mode=client_dp", "privacy.noise_multiplier=1.0", *overrides])
+    ledger = PrivacyLedger(cfg, [100] * 5)
+    rounds = recorder()
+    rounds.ledger = ledger
+    runner = wrap_strategy(build_strategy(cfg, rounds, census()), cfg, ledger)
+    model = ArrayRecord({"w": Array(np.zeros(1000, np.float32))})
+    messages = list(runner.configure_train(1, model, ConfigRecord(), FakeGrid()))  # type: ignore[arg-type]
+    replies = [Message(train_content(model, node_partition(m)), reply_to=m) for m in messages]
+    arrays, _ = runner.aggregate_train(1, replies)
+    assert arrays is not None
+    return arrays["w"].numpy()
+
+
+def test_two_client_dp_runs_with_the_same_seed_draw_different_noise_unless_asked() -> None:
+    assert not np.array_equal(released_noise(), released_noise())
+    seeded = "privacy.reproducible_noise=true"
+    np.testing.assert_array_equal(released_noise(seeded), released_noise(seeded))
