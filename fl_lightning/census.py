@@ -5,7 +5,7 @@ samples and, only when neither differential privacy nor secure aggregation is on
 training-label counts, counted by the client on its own partition. From the answers the
 server binds each node to its partition (every later reply from that node must carry
 it), takes the sizes as the most examples a reply can weigh, sizes the privacy ledger
-and SecAgg+'s weights, and draws the label histogram: it never opens a client's data.
+and SecAgg+'s weights, and draws the label histogram: it never opens a client's data for that.
 """
 
 from __future__ import annotations
@@ -56,8 +56,15 @@ class Census:
         return [self.label_counts.get(p, [0] * num_classes) for p in range(self.num_clients)]
 
 
-def census_problem(reply: Message, cfg: Config, num_classes: int) -> str | None:
-    """Why a (non-failed) census reply cannot be believed; None if it can."""
+def census_problem(
+    reply: Message, cfg: Config, num_classes: int, max_train: int | None = None
+) -> str | None:
+    """Why a (non-failed) census reply cannot be believed; None if it can.
+
+    `max_train` is the most training samples the server knows a client can hold (the
+    dataset's training split): a larger claim would buy its sender the weight of samples
+    that do not exist.
+    """
     content = reply.content
     found = (set(content.array_records), set(content.metric_records), set(content.config_records))
     if found != (set(), set(), {IDENTITY_RECORD, CENSUS_RECORD}):
@@ -74,6 +81,9 @@ def census_problem(reply: Message, cfg: Config, num_classes: int) -> str | None:
     train, val = record["train-size"], record["val-size"]
     if not is_int(train) or train < 1 or not is_int(val) or val < 0:  # type: ignore[operator]
         return f"train-size {train!r} and val-size {val!r} are not counts of samples"
+    claimed = int(train) + int(val)  # type: ignore[arg-type]
+    if max_train is not None and claimed > max_train:
+        return f"it claims {claimed} samples, more than the {max_train} the dataset holds"
     if "label-counts" in keys:
         counts = record["label-counts"]
         if (
@@ -86,7 +96,9 @@ def census_problem(reply: Message, cfg: Config, num_classes: int) -> str | None:
     return None
 
 
-def tally(replies: Iterable[Message], cfg: Config, num_classes: int) -> Census:
+def tally(
+    replies: Iterable[Message], cfg: Config, num_classes: int, max_train: int | None = None
+) -> Census:
     """The census from its replies: bad ones said and dropped, a partition claimed twice
     bound to neither node."""
     census = Census(cfg.federation.num_clients)
@@ -96,7 +108,7 @@ def tally(replies: Iterable[Message], cfg: Config, num_classes: int) -> Census:
         if reply.has_error():
             census.notices.say("a client failed the census", error_summary(reply.error.reason))
             continue
-        problem = census_problem(reply, cfg, num_classes)
+        problem = census_problem(reply, cfg, num_classes, max_train)
         if problem is not None:
             census.notices.say(f"census reply of node {node} rejected", problem)
             continue
@@ -119,7 +131,7 @@ def tally(replies: Iterable[Message], cfg: Config, num_classes: int) -> Census:
     return census
 
 
-def take_census(grid: Grid, cfg: Config, num_classes: int) -> Census:
+def take_census(grid: Grid, cfg: Config, num_classes: int, max_train: int | None = None) -> Census:
     """Ask every node (once `federation.num_clients` are connected) what it holds.
 
     Raises NothingTrained when no partition could be bound: no round could use a reply.
@@ -129,7 +141,8 @@ def take_census(grid: Grid, cfg: Config, num_classes: int) -> Census:
     messages = [
         Message(RecordDict(), dst_node_id=node, message_type=CENSUS_MESSAGE_TYPE) for node in nodes
     ]
-    census = tally(grid.send_and_receive(messages, timeout=fed.round_timeout), cfg, num_classes)
+    replies = grid.send_and_receive(messages, timeout=fed.round_timeout)
+    census = tally(replies, cfg, num_classes, max_train)
     if not census.nodes:
         raise NothingTrained(nothing_trained("no client answered the census", census.notices))
     if census.missing():

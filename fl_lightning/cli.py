@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 
 def _gpu_list(text: str) -> list[int]:
-    from fl_lightning.config import parse_devices
+    from fl_lightning.node_config import parse_devices
 
     try:
         return parse_devices(text)

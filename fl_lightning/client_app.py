@@ -9,7 +9,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
-from fl_lightning.config import Config, apply_node_config, config_from_run_config
+from fl_lightning.config import Config
+from fl_lightning.node_config import apply_node_config, config_from_run_config
 
 # Metric every reply carries with value 1: the aggregation weight under client_dp, whose
 # noise is calibrated to an unweighted mean of clipped updates.

@@ -23,7 +23,7 @@ from fl_lightning.strategy import LightningFedAvg
 
 
 class _LedgerMixin:
-    """Flower's DP-FedAvg wrapper: screened, clipped, calibrated to the replies averaged.
+    """Flower's DP-FedAvg wrapper: screened, clipped, noised over a fixed denominator.
 
     Replaces Flower's `aggregate_train` (its sampling and configuration stay):
     - Replies are screened (`LightningFedAvg.screen_train`) first: a malformed reply must
@@ -31,12 +31,17 @@ class _LedgerMixin:
     - Every update the server sees is clipped to `clipping_norm`, also with client-side
       clipping (a no-op for an honest client, a bound on a dishonest one); a zero update
       stays zero (Flower's clipping divides by its norm).
-    - The noise std is `noise_multiplier * clipping_norm / m` for the m updates actually
-      averaged, not those sampled: the ledger's epsilon assumes exactly that multiplier.
+    - The release is the sum of the m usable clipped updates over the n clients sampled
+      (a missing or rejected client counts as a zero update), plus noise of std
+      `noise_multiplier * clipping_norm / n`: its sensitivity to any one client is
+      `clipping_norm / n` whoever replied, which is what the ledger's epsilon assumes.
+      (A mean over the m who replied would make both the sensitivity and the noise
+      depend on who replied, and its epsilon would not be the ledger's.)
     - The noise is drawn from a secret generator (`dp_randomness`), not NumPy's global one.
     """
 
     ledger: PrivacyLedger
+    num_sampled_clients: int
     noise_multiplier: float
     clipping_norm: float
     current_arrays: ArrayRecord
@@ -63,8 +68,16 @@ class _LedgerMixin:
         arrays, metrics = inner.aggregate_train(server_round, usable)
         if arrays is None:
             return None, metrics
-        values = {key: array.numpy().copy() for key, array in arrays.items()}
-        std = self.noise_multiplier * self.clipping_norm / len(usable)
+        sampled = self.num_sampled_clients
+        share = len(usable) / sampled  # the mean of m updates, as a sum over n
+        values = {
+            key: np.asarray(
+                reference + share * (array.numpy() - reference), dtype=array.numpy().dtype
+            )
+            for key, array in arrays.items()
+            for reference in [self.current_arrays[key].numpy()]
+        }
+        std = self.noise_multiplier * self.clipping_norm / sampled
         rng = dp_randomness.numpy_generator(
             self.privacy, self.seed, server_round + inner.round_offset
         )

@@ -1,24 +1,19 @@
-"""Typed run configuration: YAML + dotted overrides, loaded and validated once."""
+"""Typed run configuration: the dataclasses, built from YAML + overrides and validated once."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
-import functools
 import math
-import re
-import reprlib
-import shlex
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from fl_lightning.errors import ConfigError
+from fl_lightning.trainer_flags import validate_trainer
+from fl_lightning.yaml_input import _key_text, _show, apply_override, parse_yaml
 
 DatasetName = Literal["mnist", "cifar10", "imagefolder"]
 ModelName = Literal["mnist_net", "cifar10_net", "mlp"]
@@ -291,80 +286,6 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
     return config_from_dict(raw)
 
 
-def parse_yaml(text: str, what: str) -> Any:
-    """Safely parse YAML `text`; a syntax error or a key written twice names `what` and the line."""
-    try:
-        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(err, "problem", None) or "not valid YAML"
-        raise _MalformedYaml(f"{what} is malformed{where}: {problem}") from None
-    except RecursionError:
-        # PyYAML composes nested collections recursively.
-        raise ConfigError(f"{what} is nested too deeply to be a config") from None
-    except _DuplicateKey as err:
-        raise ConfigError(
-            f"{what}: {err.key} is written twice (lines {err.first} and {err.second}); "
-            "keep one (a second section or key would silently replace the first)"
-        ) from None
-
-
-class _MalformedYaml(ConfigError):
-    """Text that is not YAML at all (an override's value is then taken as plain text)."""
-
-
-class _DuplicateKey(Exception):
-    """A mapping key written twice in one YAML document (internal; becomes a ConfigError)."""
-
-    def __init__(self, key: str, first: int, second: int) -> None:
-        super().__init__(key)
-        self.key, self.first, self.second = key, first, second
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, except that a key written twice in a mapping is an error.
-
-    PyYAML keeps the last of duplicate keys, so a second `data:` section silently drops
-    the first. The whole node tree is checked before construction, so the error names the
-    dotted key (`data.root`), not just the innermost one.
-    """
-
-    def construct_document(self, node: yaml.Node) -> Any:
-        """Check `node` for duplicate keys, then construct it as SafeLoader does."""
-        _check_duplicate_keys(node, "", set())
-        return super().construct_document(node)
-
-
-def _check_duplicate_keys(node: yaml.Node, prefix: str, seen_nodes: set[int]) -> None:
-    # An alias is the same node object again: visiting each node once keeps this linear
-    # even for a "billion laughs" document (and finite for a recursive one).
-    stack = [(node, prefix)]
-    while stack:
-        current, path = stack.pop()
-        if id(current) in seen_nodes:
-            continue
-        seen_nodes.add(id(current))
-        if isinstance(current, yaml.SequenceNode):
-            stack.extend((child, path) for child in current.value)
-        if not isinstance(current, yaml.MappingNode):
-            continue
-        lines: dict[Any, int] = {}
-        for key_node, value_node in current.value:
-            # `<<: *base` merges are not in `current.value` yet (PyYAML flattens them when
-            # it constructs the mapping), so overriding a merged key is not a duplicate.
-            if isinstance(key_node, yaml.ScalarNode):
-                key = (key_node.tag, key_node.value)
-                line = key_node.start_mark.line + 1
-                name = f"{path}{_key_text(key_node.value)}"
-                if key in lines:
-                    raise _DuplicateKey(name, lines[key], line)
-                lines[key] = line
-                stack.append((value_node, f"{name}."))
-            else:
-                stack.append((value_node, path))
-
-
 def config_from_dict(raw: dict[str, Any]) -> Config:
     """Build and validate a Config from a nested dict (unknown keys are errors)."""
     cfg = _build(Config, raw, prefix="")
@@ -394,31 +315,6 @@ def _resolve_path(text: str, key: str) -> str:
         return str(path.resolve())
     except (OSError, RuntimeError, ValueError) as err:  # a symlink loop, an odd file system
         raise ConfigError(f"{key}: {_show(text)} is not a usable path ({err})") from None
-
-
-def apply_override(raw: dict[str, Any], item: str) -> None:
-    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (2, 1e-3, true, null)."""
-    key, sep, text = item.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"override {_show(item)} is not KEY=VALUE, e.g. federation.num_rounds=2")
-    value: Any = None
-    if text.strip():
-        try:
-            value = parse_yaml(text, f"override {_show(key.strip())}")
-        except _MalformedYaml:
-            value = text  # not YAML: the text itself (a string key checks it)
-    parts = key.strip().split(".")
-    node = raw
-    for depth, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            dotted = ".".join(parts[: depth + 1])
-            raise ConfigError(
-                f"{_key_text(dotted)}: is a value, not a section, so {_key_text(key.strip())} "
-                "cannot be set"
-            )
-        node = child
-    node[parts[-1]] = value
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
@@ -529,29 +425,6 @@ def _parse_float(text: str, key: str) -> float:
         raise ConfigError(f"{key}: {_show(text)} is not a number") from None
 
 
-# Values quoted in one-line messages: short, one line, and cheap even for a huge value.
-_SHORT = reprlib.Repr()
-_SHORT.maxstring = _SHORT.maxother = 60
-_SHORT.maxlist = _SHORT.maxdict = 6
-_SHORT.maxlevel = 3
-
-
-def _show(value: Any) -> str:
-    """`value` as a short one-line repr for an error message."""
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**30:
-        # repr of a huge int is slow (and long); Python refuses it past 4300 digits.
-        return f"an integer of about 2**{value.bit_length()}"
-    return _SHORT.repr(value)
-
-
-def _key_text(key: Any) -> str:
-    """A config key as it can appear in a one-line message (odd keys quoted, cut short)."""
-    text = str(key) if isinstance(key, str) else _show(key)
-    if isinstance(key, str) and not re.fullmatch(r"[\w.\-\[\]]{1,80}", key):
-        text = _show(key)
-    return text
-
-
 def _type_name(hint: Any) -> str:
     return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
 
@@ -617,7 +490,7 @@ def validate(cfg: Config) -> None:
         "is 'cpu' while federation.client_resources.num_gpus > 0; set trainer.accelerator=gpu",
     )
     _validate_strategy(cfg)
-    _validate_trainer(cfg)
+    validate_trainer(cfg.trainer)
     _validate_privacy(cfg)
     _validate_secure_aggregation(cfg)
 
@@ -720,170 +593,6 @@ def _validate_strategy(cfg: Config) -> None:
         "strategy.batchnorm",
         f"recompute changes only BatchNorm statistics, and model.name={cfg.model.name} has "
         f"no BatchNorm layers; use strategy.batchnorm=average",
-    )
-
-
-def _validate_trainer(cfg: Config) -> None:
-    t = cfg.trainer
-    _check(t.max_epochs >= 1, "trainer.max_epochs", f"must be >= 1, got {t.max_epochs}")
-    _check(
-        t.gradient_clip_val is None or t.gradient_clip_val > 0,
-        "trainer.gradient_clip_val",
-        f"must be > 0 or null, got {t.gradient_clip_val}",
-    )
-    _check(
-        t.accumulate_grad_batches >= 1,
-        "trainer.accumulate_grad_batches",
-        f"must be >= 1, got {t.accumulate_grad_batches}",
-    )
-    if _differs_from_default(t, LIGHTNING_CHECKED_FLAGS):
-        # Importing Lightning costs seconds (the CLI loads the config before it would),
-        # and the defaults are valid: only a changed flag is checked against Lightning.
-        _check_lightning_flags(t)
-    _check_one_device(t)
-
-
-# Trainer flags whose accepted values only Lightning knows; checked against Lightning itself.
-LIGHTNING_CHECKED_FLAGS = ("accelerator", "devices", "strategy", "precision", "limit_train_batches")
-# Lightning strategies that train on one device in the client's own process.
-SINGLE_DEVICE_STRATEGIES = ("auto", "single_device")
-
-
-def _differs_from_default(t: TrainerConfig, names: tuple[str, ...]) -> bool:
-    default = TrainerConfig()
-    return any(getattr(t, name) != getattr(default, name) for name in names)
-
-
-def device_count(t: TrainerConfig) -> int | None:
-    """Devices each client's Trainer would use; None: every visible one (unknown here)."""
-    devices = t.devices
-    if isinstance(devices, list):
-        return len(devices)
-    if isinstance(devices, str):
-        text = devices.strip()
-        if text in ("auto", "-1"):
-            # Lightning's CPU accelerator counts 1 device for "auto" (auto_device_count).
-            return 1 if t.accelerator == "cpu" and text == "auto" else None
-        if "," in text:
-            return len([item for item in text.split(",") if item.strip()])
-        return int(text) if text.isdecimal() else None
-    return None if devices == -1 else devices
-
-
-def _check_one_device(t: TrainerConfig) -> None:
-    """Item 9 of issue #18: settings that train a client on several devices cannot run yet."""
-    count = device_count(t)
-    what = "every visible device" if count is None else f"{count} devices"
-    _check(
-        count == 1,
-        "trainer.devices",
-        f"{_show(t.devices)} trains each client on {what}, and several devices per client "
-        "is not supported yet (issue #20); set trainer.devices=1",
-    )
-    # A multi-process strategy on one device only adds a process group (and DDP kills the
-    # client's Ray worker on several): each client trains in its own process, on one device.
-    _check(
-        t.strategy.lower() in SINGLE_DEVICE_STRATEGIES,
-        "trainer.strategy",
-        f"{_show(t.strategy)} is a multi-device strategy, and several devices per client is "
-        "not supported yet (issue #20); set trainer.strategy=auto trainer.devices=1",
-    )
-
-
-def _check_lightning_flags(t: TrainerConfig) -> None:
-    """Check the Trainer flags against the values `lightning.Trainer` itself accepts."""
-    from lightning.fabric.plugins.precision.precision import (
-        _PRECISION_INPUT_INT,
-        _PRECISION_INPUT_STR,
-        _PRECISION_INPUT_STR_ALIAS,
-    )
-    from lightning.pytorch.accelerators import AcceleratorRegistry
-    from lightning.pytorch.strategies import StrategyRegistry
-
-    # As Lightning's _AcceleratorConnector._check_config_and_set_final_flags does.
-    accelerators = ["auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators())]
-    _check(
-        t.accelerator in accelerators,
-        "trainer.accelerator",
-        f"{_show(t.accelerator)} is not a Lightning accelerator; use one of "
-        f"{', '.join(accelerators)}",
-    )
-    strategies = ["auto", *StrategyRegistry.available_strategies()]
-    _check(
-        t.strategy.lower() in strategies,
-        "trainer.strategy",
-        f"{_show(t.strategy)} is not a Lightning strategy; use auto (one device per client)",
-    )
-    precisions = [
-        *typing.get_args(_PRECISION_INPUT_STR),
-        *typing.get_args(_PRECISION_INPUT_INT),
-        *typing.get_args(_PRECISION_INPUT_STR_ALIAS),
-    ]
-    _check(
-        t.precision in precisions,
-        "trainer.precision",
-        f"{_show(t.precision)} is not a Lightning precision; use one of "
-        f"{', '.join(dict.fromkeys(str(p) for p in precisions))}",
-    )
-    _check_lightning_devices(t)
-    _check_limit_train_batches(t)
-
-
-def _check_lightning_devices(t: TrainerConfig) -> None:
-    """`trainer.devices` parsed as Lightning parses it, without asking which devices exist.
-
-    The config is also loaded where the clients do not run (a server, a laptop that
-    starts a Ray cluster), so only the form of the value is checked here, not whether
-    this machine has those devices.
-    """
-    from lightning.fabric.utilities import device_parser
-    from lightning.pytorch.accelerators import CPUAccelerator
-
-    devices = t.devices
-    usage = 'an int >= 1, "auto", a list of device indices or a string like "0,1"'
-    # Lightning's _check_device_config_and_set_final_flags refuses these for every accelerator.
-    _check(devices not in ([], 0, "0"), "trainer.devices", f"{_show(devices)} is not {usage}")
-    try:
-        if t.accelerator == "cpu":
-            if devices == "auto":
-                devices = CPUAccelerator.auto_device_count()
-            CPUAccelerator.parse_devices(devices)  # type: ignore[arg-type]
-            return
-        if devices == "auto":
-            return
-        device_parser._check_data_type(devices)
-        parsed = device_parser._normalize_parse_gpu_string_input(devices)
-        if isinstance(parsed, list):
-            device_parser._check_unique(parsed)
-            bad = any(d < 0 for d in parsed)
-        else:
-            bad = parsed < -1
-    except (TypeError, ValueError, device_parser.MisconfigurationException) as err:
-        raise ConfigError(f"trainer.devices: {_show(devices)} is not {usage} ({err})") from None
-    _check(not bad, "trainer.devices", f"{_show(devices)} is not {usage}")
-
-
-def _check_limit_train_batches(t: TrainerConfig) -> None:
-    """`trainer.limit_train_batches` as Lightning's _determine_batch_limits reads it."""
-    from lightning.pytorch.trainer.setup import _determine_batch_limits
-    from lightning.pytorch.utilities.exceptions import MisconfigurationException
-
-    limit = t.limit_train_batches
-    if limit is None or limit == 1:
-        return  # valid; and Lightning would log an info line for exactly 1
-    try:
-        _determine_batch_limits(limit, "limit_train_batches")
-    except MisconfigurationException:
-        raise ConfigError(
-            f"trainer.limit_train_batches: must be a share in (0, 1] or a number of batches "
-            f">= 1, got {_show(limit)}"
-        ) from None
-    # Lightning accepts 0 (no training at all); a federated round that trains nothing
-    # would send the global model back as an update.
-    _check(
-        limit > 0,
-        "trainer.limit_train_batches",
-        "is 0, so clients would train nothing; use null (every batch) or a value > 0",
     )
 
 
@@ -1022,93 +731,4 @@ def _validate_secure_aggregation(cfg: Config) -> None:
         cfg.privacy.mode != "client_dp" or cfg.privacy.clipping == "client",
         "privacy.clipping",
         "must be 'client' with secure aggregation: the server cannot clip updates it cannot see",
-    )
-
-
-def config_from_run_config(run_config: typing.Mapping[str, Any]) -> Config:
-    """The Config named by a Flower run config's `config-path` and `overrides` (`flwr run .`)."""
-    if "config-path" not in run_config:
-        raise ConfigError(
-            "run config key 'config-path' is missing: set it in [tool.flwr.app.config]"
-        )
-    return _load_named_config(str(run_config["config-path"]), str(run_config.get("overrides", "")))
-
-
-@functools.lru_cache(maxsize=4)
-def _load_named_config(path: str, overrides: str) -> Config:
-    # A relative path is looked up from the working directory, then from the app's own
-    # directory (where Flower unpacks the app: the parent of this package).
-    candidate = Path(path)
-    if not candidate.is_absolute() and not candidate.exists():
-        candidate = Path(__file__).resolve().parent.parent / path
-    try:
-        items = shlex.split(overrides)
-    except ValueError as err:  # an unclosed quote
-        raise ConfigError(f"run config 'overrides': {err}; quote each KEY=VALUE once") from None
-    return load_config(candidate, items)
-
-
-def parse_devices(text: str) -> list[int]:
-    """CUDA device indices from "0" or "0,1"; ValueError says what is wrong."""
-    try:
-        devices = [int(g) for g in text.split(",")]
-    except ValueError:
-        raise ValueError(f"expected CUDA device indices like 0 or 0,1; got {text!r}") from None
-    if any(d < 0 for d in devices):
-        raise ValueError(f"CUDA device indices are >= 0; got {text!r}")
-    return devices
-
-
-def apply_node_config(cfg: Config, node_config: typing.Mapping[str, Any]) -> Config:
-    """`cfg` as one SuperNode runs it: its partition checked, its `gpus` (e.g. "0,1") applied.
-
-    `partition-id` and `num-partitions` come from the Simulation Engine or from
-    `flower-supernode --node-config`; `gpus`, where a SuperNode's config names it, puts that
-    node's Trainer on those CUDA devices.
-    """
-    for key in ("partition-id", "num-partitions"):
-        if key not in node_config:
-            raise ConfigError(
-                f"node-config '{key}' is missing: start the SuperNode with "
-                f"--node-config 'partition-id=K num-partitions=N'"
-            )
-    partition, partitions = (
-        _node_int(node_config, "partition-id"),
-        _node_int(node_config, "num-partitions"),
-    )
-    if partitions != cfg.federation.num_clients:
-        raise ConfigError(
-            f"node-config 'num-partitions' is {partitions} but federation.num_clients is "
-            f"{cfg.federation.num_clients}; start one SuperNode per client with matching values"
-        )
-    if not 0 <= partition < partitions:
-        raise ConfigError(
-            f"node-config 'partition-id' is {partition}; it must be in 0..{partitions - 1}"
-        )
-    gpus = str(node_config.get("gpus", "")).strip()
-    if not gpus:
-        return cfg
-    try:
-        devices = parse_devices(gpus)
-    except ValueError as error:
-        raise ConfigError(f"node-config 'gpus': {error}") from None
-    if len(devices) != 1:
-        raise ConfigError(
-            f"node-config 'gpus' names {len(devices)} devices, and several devices per client "
-            'is not supported yet (issue #20); give each SuperNode one GPU, e.g. gpus="0"'
-        )
-    trainer = dataclasses.replace(cfg.trainer, accelerator="gpu", devices=devices)
-    return dataclasses.replace(cfg, trainer=trainer)
-
-
-def _node_int(node_config: typing.Mapping[str, Any], key: str) -> int:
-    value = node_config[key]
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str):
-        with contextlib.suppress(ValueError):
-            return int(value)
-    raise ConfigError(
-        f"node-config '{key}' is {_show(value)}, not an integer: start the SuperNode with "
-        f"--node-config 'partition-id=K num-partitions=N'"
     )

@@ -31,6 +31,7 @@ REPRODUCIBLE_WARNING = (
 
 
 def _secret_seed() -> int:
+    # 64 bits: what torch.Generator.manual_seed takes; beyond a brute force of the seed.
     return secrets.randbits(64)
 
 

@@ -44,3 +44,7 @@ class Stopped(BaseException):
 
 class NothingTrained(FlLightningError):
     """No round of the run adopted an aggregate: the model it ends with is the initial one."""
+
+
+class SecureAggregationError(FlLightningError):
+    """Flower's SecAgg+ protocol failed mid-round (e.g. a client's malformed message)."""

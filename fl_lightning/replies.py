@@ -30,6 +30,7 @@ from flwr.app import Array, ArrayRecord, Message
 from flwr.common.constant import SType
 from flwr.common.logger import log
 
+from fl_lightning.accountant_state import accountant_state_problem
 from fl_lightning.client_app import ACCOUNTANT_RECORD, IDENTITY_RECORD, UNIFORM_WEIGHT
 from fl_lightning.config import Config
 
@@ -42,9 +43,6 @@ TRAIN, EVALUATE, BATCHNORM = "train", "evaluate", "batchnorm statistics"
 _STAGE_METRICS = {TRAIN: ("train/loss", "train/accuracy"), EVALUATE: ("val/loss", "val/accuracy")}
 _WEIGHTS = ("num-examples", UNIFORM_WEIGHT)
 EPSILON_METRIC = "privacy/epsilon"
-# A DP-SGD accountant's JSON grows by a few dozen bytes a round; this bounds what the server
-# keeps and resends after --resume.
-MAX_ACCOUNTANT_CHARS = 1_000_000
 # numpy's own bound on a .npy header (np.lib.format's default max_header_size).
 _MAX_NPY_HEADER = 10_000
 # What numpy's .npy reader raises on bytes that are not a well-formed array of a plain dtype.
@@ -63,16 +61,26 @@ class Screened:
 class Notices:
     """Says each distinct client problem once per run, and remembers the first one."""
 
+    # Details hold text a client chose (key names, error messages): each is cut to one
+    # short printable line, and a client inventing new ones every round is said about
+    # only so often.
+    MAX_DETAIL = 300
+    MAX_SAID = 100
+
     def __init__(self) -> None:
         self._said: set[str] = set()
         self.first: str | None = None
 
     def say(self, what: str, detail: str) -> None:
         """Warn `what: detail` unless this detail was said before."""
+        detail = "".join(c if c.isprintable() else " " for c in detail)
+        detail = " ".join(detail.split())
+        if len(detail) > self.MAX_DETAIL:
+            detail = detail[: self.MAX_DETAIL] + "..."
         line = f"{what}: {detail}"
         if self.first is None:
-            self.first = " ".join(line.split())  # one line, whatever the client wrote
-        if detail not in self._said:
+            self.first = line
+        if detail not in self._said and len(self._said) < self.MAX_SAID:
             self._said.add(detail)
             log(WARNING, "%s (repeats are counted, not shown)", line)
 
@@ -184,6 +192,9 @@ def arrays_problem(arrays: ArrayRecord, reference: ArrayRecord) -> str | None:
             return f"{key}: {values}"
         if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
             return f"{key} contains {int((~np.isfinite(values)).sum())} NaN/Inf values"
+        # A variance below zero is finite but breaks BatchNorm (the square root of it).
+        if str(key).endswith(".running_var") and (values < 0).any():
+            return f"{key} contains {int((values < 0).sum())} negative variances"
     return None
 
 
@@ -216,8 +227,9 @@ def _records_problem(reply: Message, stage: str, cfg: Config) -> str | None:
         state = record.get("state")
         if set(record.keys()) != {"state"} or not isinstance(state, str):
             return f"its {ACCOUNTANT_RECORD!r} record is not one 'state' string"
-        if len(state) > MAX_ACCOUNTANT_CHARS:
-            return f"its accountant state is over {MAX_ACCOUNTANT_CHARS} characters"
+        problem = accountant_state_problem(state)  # the check --resume makes of it too
+        if problem is not None:
+            return f"its accountant state {problem}"
     return None
 
 

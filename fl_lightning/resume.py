@@ -10,39 +10,36 @@ The file holds tensors and plain data only (dicts, lists, tuples, strings, numbe
 and is read with `torch.load(weights_only=True)`, which builds nothing else: a file that
 holds Python objects (a pickle payload) is refused without running any of it. Every part is
 then checked against the run's config and model before anything is used or changed, and
-each strategy attribute is rebuilt with the type its Flower class keeps it in.
+each strategy attribute is rebuilt with the type its Flower class keeps it in
+(`fl_lightning.strategy_state`).
 """
 
 from __future__ import annotations
 
-import json
 import random
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
 import yaml
-from flwr.app import Array, ArrayRecord
-from flwr.serverapp.strategy import (
-    FedAdagrad,
-    FedAdam,
-    FedAvg,
-    FedAvgM,
-    FedMedian,
-    FedProx,
-    FedTrimmedAvg,
-    FedYogi,
-    Krum,
-)
-from flwr.serverapp.strategy.fedopt import FedOpt
 
+from fl_lightning.accountant_state import is_rdp_step
 from fl_lightning.config import Config
 from fl_lightning.errors import ConfigError
-from fl_lightning.rundir import RunDir, write_atomically
+from fl_lightning.rundir import RunDir, round_of, write_atomically
+from fl_lightning.strategy_state import (
+    Malformed,
+    by_name,
+    decode_strategy_state,
+    expect,
+    is_int,
+    is_partition,
+    is_tensor,
+)
+from fl_lightning.yaml_input import parse_yaml
 
 # resume.pt's layout. Before it, resume.pt was a pickle of Python objects: refused now.
 FORMAT = 2
@@ -52,19 +49,6 @@ _NUMPY_RNG_KEYS = {"key", "pos", "has_gauss", "cached_gaussian"}
 _LEDGER_KEYS = {"rounds_taken", "reported", "releases"}
 _MT19937_WORDS = 624  # NumPy's legacy global RNG (MT19937) keeps 624 32-bit words
 
-# The Flower class behind each strategy.name: which attributes of `_FIELDS` a run keeps.
-_FLOWER_CLASSES: dict[str, type] = {
-    "fedavg": FedAvg,
-    "fedprox": FedProx,
-    "fedadam": FedAdam,
-    "fedyogi": FedYogi,
-    "fedadagrad": FedAdagrad,
-    "fedavgm": FedAvgM,
-    "fedmedian": FedMedian,
-    "fedtrimmedavg": FedTrimmedAvg,
-    "krum": Krum,
-}
-
 
 @dataclass(frozen=True)
 class ResumeState:
@@ -72,31 +56,11 @@ class ResumeState:
 
     round: int
     weights: dict[str, torch.Tensor]
-    strategy: dict[str, Any]  # `strategy_state`: tensors and plain data
+    strategy: dict[str, Any]  # `strategy_state.strategy_state`: tensors and plain data
     history: dict[int, dict[str, float]]
     ledger: dict[str, Any] | None = None  # the server's privacy ledger
     # The server process's global RNGs (`capture_rng`; Flower's DP wrappers draw from NumPy's).
     rng: dict[str, Any] | None = None
-
-
-class _Malformed(Exception):
-    """What is wrong with a part of resume.pt (one fragment of the one-line refusal)."""
-
-
-class _Frame(NamedTuple):
-    """What a strategy attribute is checked against: the model's arrays and the clients."""
-
-    weights: dict[str, torch.Tensor]
-    num_clients: int
-
-
-@dataclass(frozen=True)
-class _Field:
-    """How one strategy attribute is kept in resume.pt."""
-
-    owner: type  # the Flower class that keeps it (with every subclass)
-    encode: Callable[[Any], Any]  # the attribute -> tensors and plain data
-    decode: Callable[[Any, _Frame, str], Any]  # back, checked; raises _Malformed
 
 
 def capture_rng() -> dict[str, Any]:
@@ -129,22 +93,13 @@ def resume_path(run: RunDir) -> Path:
     return run.path / "checkpoints" / "resume.pt"
 
 
-def strategy_state(strategy: object) -> dict[str, Any]:
-    """A copy of the strategy's cross-round state as tensors and plain data (`_FIELDS`)."""
-    state = {}
-    for name, field in _fields_of(type(strategy)).items():
-        value = getattr(strategy, name, None)
-        if value is not None:
-            state[name] = field.encode(value)
-    return state
-
-
 def load_strategy_state(strategy: object, resume: ResumeState, cfg: Config) -> None:
     """Set the strategy's attributes from `resume.strategy`, each rebuilt with its own type."""
-    frame = _Frame(resume.weights, cfg.federation.num_clients)
     try:
-        values = _decode_strategy(type(strategy), resume.strategy, frame)
-    except _Malformed as err:
+        values = decode_strategy_state(
+            type(strategy), resume.strategy, resume.weights, cfg.federation.num_clients
+        )
+    except Malformed as err:
         raise ConfigError(f"--resume: the resume state's {err}; start a new run") from None
     for name, value in values.items():
         setattr(strategy, name, value)
@@ -185,7 +140,7 @@ def load(cfg: Config, path: Path) -> tuple[RunDir, ResumeState]:
     raw = _read(file)
     try:
         state = _parse(raw, cfg, _model_state(cfg))
-    except _Malformed as err:
+    except Malformed as err:
         raise ConfigError(
             f"--resume: {file} is not resume state of this run ({err}); start a new run"
         ) from None
@@ -201,7 +156,7 @@ def _check_config(cfg: Config, run: RunDir, path: Path) -> None:
     """Refuse a folder that holds no run, or a run of another config."""
     if not run.config.exists():
         raise ConfigError(f"--resume: {path} holds no run (no config.yaml); check the path")
-    saved = yaml.safe_load(run.config.read_text())
+    saved = _saved_config(run)
     ours = yaml.safe_load(yaml.safe_dump(cfg.to_dict()))  # as config.yaml holds it
     for section in (saved, ours):
         section.pop("output", None)  # where a run writes is not part of what it computes
@@ -211,6 +166,29 @@ def _check_config(cfg: Config, run: RunDir, path: Path) -> None:
             f"--resume: {path} was run with another config ({key} differs); "
             "resume it with the config and overrides it was started with"
         )
+
+
+def _saved_config(run: RunDir) -> dict[Any, Any]:
+    """The run's config.yaml as a mapping, read as strictly as a config file is."""
+    try:
+        text = run.config.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(
+            f"--resume: cannot read {run.config} ({err.strerror or err}); "
+            "check it and its permissions"
+        ) from None
+    except UnicodeDecodeError:
+        text, problem = None, "not UTF-8 text"
+    if text is not None:
+        try:
+            saved = parse_yaml(text, "its YAML")
+        except ConfigError as err:  # malformed, a key written twice, nested too deeply
+            problem = " ".join(str(err).split())
+        else:
+            if isinstance(saved, dict):
+                return saved
+            problem = "empty" if saved is None else f"a YAML {type(saved).__name__}, no mapping"
+    raise ConfigError(f"--resume: {run.config} is not a run's config ({problem}); start a new run")
 
 
 def _read(file: Path) -> Any:
@@ -233,9 +211,9 @@ def _read(file: Path) -> Any:
 
 def _parse(raw: Any, cfg: Config, model: dict[str, torch.Tensor]) -> ResumeState:
     """Check every part of resume.pt's contents against the run's config and model."""
-    _expect(isinstance(raw, dict) and set(raw) == _KEYS, "not the parts resume state has")
-    _expect(_is_int(raw["format"]) and raw["format"] == FORMAT, "an unknown format")
-    _expect(_is_int(raw["round"]) and raw["round"] >= 0, "round is not a round number")
+    expect(isinstance(raw, dict) and set(raw) == _KEYS, "not the parts resume state has")
+    expect(is_int(raw["format"]) and raw["format"] == FORMAT, "an unknown format")
+    expect(is_int(raw["round"]) and raw["round"] >= 0, "round is not a round number")
     weights = _check_weights(raw["weights"], model)
     state = ResumeState(
         raw["round"],
@@ -246,11 +224,11 @@ def _parse(raw: Any, cfg: Config, model: dict[str, torch.Tensor]) -> ResumeState
         raw["rng"],
     )
     _decode_rng(raw["rng"])
-    _decode_strategy(
-        _FLOWER_CLASSES[cfg.strategy.name],
-        raw["strategy"],
-        _Frame(weights, cfg.federation.num_clients),
-    )
+    # Here, not at the top: strategy.py imports rounds.py, which imports this module.
+    from fl_lightning.strategy import STRATEGY_CLASSES
+
+    cls = STRATEGY_CLASSES[cfg.strategy.name]
+    decode_strategy_state(cls, raw["strategy"], weights, cfg.federation.num_clients)
     return state
 
 
@@ -265,26 +243,26 @@ def _model_state(cfg: Config) -> dict[str, torch.Tensor]:
 
 def _check_weights(weights: Any, model: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The global weights, if they are the model's arrays (names, shapes, dtypes), finite."""
-    _expect(_by_name(weights) and set(weights) == set(model), "weights: not the model's")
+    expect(by_name(weights) and set(weights) == set(model), "weights: not the model's")
     for key, reference in model.items():
         value = weights[key]
-        _expect(_is_tensor(value), f"weights.{key}: not a tensor")
-        _expect(
+        expect(is_tensor(value), f"weights.{key}: not a tensor")
+        expect(
             value.shape == reference.shape and value.dtype == reference.dtype,
             f"weights.{key}: {value.dtype} {tuple(value.shape)}, the model's "
             f"{reference.dtype} {tuple(reference.shape)}",
         )
         if value.is_floating_point():
-            _expect(bool(torch.isfinite(value).all()), f"weights.{key}: not finite")
+            expect(bool(torch.isfinite(value).all()), f"weights.{key}: not finite")
     return {key: weights[key].detach() for key in model}
 
 
 def _check_history(history: Any) -> dict[int, dict[str, float]]:
     """The round records behind summary.md: round -> metric name -> number."""
-    _expect(isinstance(history, dict), "history: not a record per round")
+    expect(isinstance(history, dict), "history: not a record per round")
     for server_round, metrics in history.items():
-        _expect(
-            _is_int(server_round)
+        expect(
+            is_int(server_round)
             and server_round >= 0
             and isinstance(metrics, dict)
             and all(isinstance(k, str) and _is_number(v) for k, v in metrics.items()),
@@ -296,28 +274,26 @@ def _check_history(history: Any) -> dict[int, dict[str, float]]:
 def _check_ledger(ledger: Any, cfg: Config) -> dict[str, Any] | None:
     """The privacy ledger's `state()`: present exactly when the run has a privacy mode."""
     if cfg.privacy.mode == "none":
-        _expect(ledger is None, "ledger: a privacy ledger in a run without privacy")
+        expect(ledger is None, "ledger: a privacy ledger in a run without privacy")
         return None
     clients = cfg.federation.num_clients
     # Without it the epsilon would silently start again from 0.
-    _expect(isinstance(ledger, dict) and set(ledger) == _LEDGER_KEYS, "ledger: missing")
+    expect(isinstance(ledger, dict) and set(ledger) == _LEDGER_KEYS, "ledger: missing")
     taken = ledger["rounds_taken"]
-    _expect(
+    expect(
         isinstance(taken, list)
         and len(taken) == clients
-        and all(_is_int(t) and t >= 0 for t in taken),
+        and all(is_int(t) and t >= 0 for t in taken),
         "ledger.rounds_taken: not a count per client",
     )
     reported = ledger["reported"]
-    _expect(
+    expect(
         isinstance(reported, dict)
-        and all(
-            _is_partition(p, clients) and _is_number(e) and e >= 0 for p, e in reported.items()
-        ),
+        and all(is_partition(p, clients) and _is_number(e) and e >= 0 for p, e in reported.items()),
         "ledger.reported: not an epsilon per client",
     )
     releases = ledger["releases"]
-    _expect(
+    expect(
         isinstance(releases, list) and all(_is_release(r) for r in releases),
         "ledger.releases: not an RDP accountant's history",
     )
@@ -325,158 +301,51 @@ def _check_ledger(ledger: Any, cfg: Config) -> dict[str, Any] | None:
 
 
 def _is_release(entry: Any) -> bool:
-    """An RDP accountant's history entry: (noise multiplier, sample rate, steps)."""
-    return (
-        isinstance(entry, tuple)
-        and len(entry) == 3
-        and _is_number(entry[0])
-        and entry[0] >= 0
-        and _is_number(entry[1])
-        and 0 <= entry[1] <= 1
-        and _is_int(entry[2])
-        and entry[2] >= 1
-    )
+    """An RDP accountant's history entry, as the ledger keeps it: a tuple."""
+    return isinstance(entry, tuple) and is_rdp_step(entry)
 
 
 def _decode_rng(rng: Any) -> tuple[Any, Any, torch.Tensor]:
     """`capture_rng`'s states as Python, NumPy and torch take them; each tried on a fresh RNG."""
-    _expect(isinstance(rng, dict) and set(rng) == _RNG_KEYS, "rng: not the server's RNG states")
+    expect(isinstance(rng, dict) and set(rng) == _RNG_KEYS, "rng: not the server's RNG states")
     python = rng["python"]
     what = "rng.python: not a Python RNG state"
     # (version, 625 words, None or a cached gauss), as random.getstate() gives it.
-    _expect(isinstance(python, tuple) and len(python) == 3 and _is_int(python[0]), what)
+    expect(isinstance(python, tuple) and len(python) == 3 and is_int(python[0]), what)
     words, gauss = python[1], python[2]
-    _expect(isinstance(words, tuple) and all(_is_int(w) and w >= 0 for w in words), what)
-    _expect(gauss is None or isinstance(gauss, float), what)
+    expect(isinstance(words, tuple) and all(is_int(w) and w >= 0 for w in words), what)
+    expect(gauss is None or isinstance(gauss, float), what)
     try:
         random.Random().setstate(python)
     except (TypeError, ValueError, OverflowError):
-        raise _Malformed(what) from None
+        raise Malformed(what) from None
     numpy = _decode_numpy_rng(rng["numpy"])
     generator = rng["torch"]
     try:
-        _expect(_is_tensor(generator), "")
+        expect(is_tensor(generator), "")
         torch.Generator().set_state(generator)
-    except (_Malformed, RuntimeError, TypeError):
-        raise _Malformed("rng.torch: not a torch RNG state") from None
+    except (Malformed, RuntimeError, TypeError):
+        raise Malformed("rng.torch: not a torch RNG state") from None
     return python, numpy, generator
 
 
 def _decode_numpy_rng(state: Any) -> tuple[str, np.ndarray, int, int, float]:
     """NumPy's legacy MT19937 state tuple, from `capture_rng`'s dict."""
     what = "rng.numpy: not a NumPy RNG state"
-    _expect(isinstance(state, dict) and set(state) == _NUMPY_RNG_KEYS, what)
+    expect(isinstance(state, dict) and set(state) == _NUMPY_RNG_KEYS, what)
     key = state["key"]
-    _expect(_is_tensor(key) and key.dtype == torch.int64 and key.shape == (_MT19937_WORDS,), what)
+    expect(is_tensor(key) and key.dtype == torch.int64 and key.shape == (_MT19937_WORDS,), what)
     words = key.numpy()
-    _expect(bool((words >= 0).all() and (words < 2**32).all()), what)
+    expect(bool((words >= 0).all() and (words < 2**32).all()), what)
     pos, has_gauss, cached = state["pos"], state["has_gauss"], state["cached_gaussian"]
-    _expect(_is_int(pos) and 0 <= pos <= _MT19937_WORDS, what)
-    _expect(_is_int(has_gauss) and has_gauss in (0, 1) and isinstance(cached, float), what)
+    expect(is_int(pos) and 0 <= pos <= _MT19937_WORDS, what)
+    expect(is_int(has_gauss) and has_gauss in (0, 1) and isinstance(cached, float), what)
     decoded = ("MT19937", words.astype(np.uint32), pos, has_gauss, cached)
     try:
         np.random.RandomState().set_state(decoded)
     except (TypeError, ValueError):
-        raise _Malformed(what) from None
+        raise Malformed(what) from None
     return decoded
-
-
-# Strategy state. What each Flower strategy (flwr 1.41, flwr/serverapp/strategy) keeps
-# across rounds beyond its constructor's arguments, and the type it keeps it in:
-#   FedOpt (FedAdam, FedYogi, FedAdagrad): m_t, v_t: dict[str, NDArray] | None (0-d
-#     entries are NumPy scalars). Its current_arrays is set from the global arrays in
-#     every configure_train before it is read: not kept.
-#   FedAvgM: current_arrays: ArrayRecord | None (the model its momentum steps from, in the
-#     model's key order); momentum_vector: list[NDArray] | None, in that order.
-#   LightningFedAvg (every strategy of fl-lightning): accountants: dict[int, str], each
-#     DP-SGD client's accountant as JSON, by partition id.
-#   FedProx, FedMedian, FedTrimmedAvg, Krum: nothing more.
-
-
-def _tensor(array: Any) -> torch.Tensor:
-    """A copy of a NumPy array or scalar as a tensor (0-d for a scalar)."""
-    return torch.from_numpy(np.array(array))
-
-
-def _array(value: Any, shape: torch.Size, where: str) -> Any:
-    """A tensor of `shape` as a NumPy array (a NumPy scalar if 0-d, as Flower's math makes)."""
-    _expect(_is_tensor(value) and not value.is_complex(), f"{where}: not a real tensor")
-    _expect(value.shape == shape, f"{where}: shape {tuple(value.shape)}, not {tuple(shape)}")
-    try:
-        array = value.detach().numpy().copy()
-    except (TypeError, RuntimeError):
-        raise _Malformed(f"{where}: {value.dtype} is no NumPy dtype") from None
-    return array[()] if array.ndim == 0 else array
-
-
-def _encode_named(arrays: dict[str, Any]) -> dict[str, torch.Tensor]:
-    return {name: _tensor(array) for name, array in arrays.items()}
-
-
-def _decode_named(value: Any, frame: _Frame, where: str) -> dict[str, Any]:
-    _expect(_by_name(value) and set(value) == set(frame.weights), f"{where}: not by array")
-    return {k: _array(value[k], w.shape, f"{where}.{k}") for k, w in frame.weights.items()}
-
-
-def _encode_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    return {name: _tensor(array.numpy()) for name, array in record.items()}
-
-
-def _decode_record(value: Any, frame: _Frame, where: str) -> ArrayRecord:
-    # FedAvgM pairs these with the aggregate's arrays by position: the model's order.
-    ordered = _by_name(value) and list(value) == list(frame.weights)
-    _expect(ordered, f"{where}: not the model's arrays in its order")
-    arrays = {k: _array(value[k], w.shape, f"{where}.{k}") for k, w in frame.weights.items()}
-    return ArrayRecord({k: Array(np.asarray(a)) for k, a in arrays.items()})
-
-
-def _encode_list(arrays: list[Any]) -> list[torch.Tensor]:
-    return [_tensor(array) for array in arrays]
-
-
-def _decode_list(value: Any, frame: _Frame, where: str) -> list[Any]:
-    shapes = [w.shape for w in frame.weights.values()]
-    _expect(isinstance(value, list) and len(value) == len(shapes), f"{where}: not one per array")
-    return [
-        _array(v, s, f"{where}[{i}]") for i, (v, s) in enumerate(zip(value, shapes, strict=True))
-    ]
-
-
-def _encode_accountants(accountants: dict[int, str]) -> dict[int, str]:
-    return {int(partition): str(state) for partition, state in accountants.items()}
-
-
-def _decode_accountants(value: Any, frame: _Frame, where: str) -> dict[int, str]:
-    _expect(isinstance(value, dict), f"{where}: not an accountant per client")
-    for partition, state in value.items():
-        _expect(_is_partition(partition, frame.num_clients), f"{where}: not by partition id")
-        _expect(_is_json_object(state), f"{where}[{partition}]: not an accountant's JSON")
-    return dict(value)
-
-
-_FIELDS: dict[str, _Field] = {
-    "accountants": _Field(FedAvg, _encode_accountants, _decode_accountants),
-    "m_t": _Field(FedOpt, _encode_named, _decode_named),
-    "v_t": _Field(FedOpt, _encode_named, _decode_named),
-    "current_arrays": _Field(FedAvgM, _encode_record, _decode_record),
-    "momentum_vector": _Field(FedAvgM, _encode_list, _decode_list),
-}
-
-
-def _fields_of(cls: type) -> dict[str, _Field]:
-    """The attributes a strategy of class `cls` keeps across rounds."""
-    return {name: field for name, field in _FIELDS.items() if issubclass(cls, field.owner)}
-
-
-def _decode_strategy(cls: type, state: Any, frame: _Frame) -> dict[str, Any]:
-    """`strategy_state`'s output back as `cls` keeps each attribute; raises _Malformed."""
-    _expect(isinstance(state, dict), "strategy: not a strategy's state")
-    fields = _fields_of(cls)
-    for name in state:
-        _expect(name in fields, f"strategy: holds {str(name)[:40]!r}, not kept by {cls.__name__}")
-    return {
-        name: fields[name].decode(value, frame, f"strategy.{name}") for name, value in state.items()
-    }
 
 
 def _plain(value: Any) -> Any:
@@ -493,45 +362,8 @@ def _plain(value: Any) -> Any:
     raise TypeError(f"resume state holds a {type(value).__name__}: only tensors and plain data")
 
 
-def _expect(condition: bool, what: str) -> None:
-    if not condition:
-        raise _Malformed(what)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _by_name(value: Any) -> bool:
-    """A dict keyed by strings (array names)."""
-    return isinstance(value, dict) and all(isinstance(key, str) for key in value)
-
-
-def _is_partition(value: Any, clients: int) -> bool:
-    return _is_int(value) and 0 <= value < clients
-
-
-def _is_tensor(value: Any) -> bool:
-    """A plain dense CPU tensor (not sparse, quantized or a subclass)."""
-    return (
-        type(value) is torch.Tensor
-        and value.layout == torch.strided
-        and not value.is_quantized
-        and value.device.type == "cpu"
-    )
-
-
-def _is_json_object(text: Any) -> bool:
-    if not isinstance(text, str):
-        return False
-    try:
-        return isinstance(json.loads(text), dict)
-    except (ValueError, RecursionError):
-        return False
 
 
 def _cut_metrics(run: RunDir, last_round: int) -> None:
@@ -539,7 +371,7 @@ def _cut_metrics(run: RunDir, last_round: int) -> None:
     if not run.metrics.exists():
         return
     old = run.metrics.read_bytes()
-    rounds = [(line, _round_of(line)) for line in old.splitlines()]
+    rounds = [(line, round_of(line)) for line in old.splitlines()]
     new = b"".join(line + b"\n" for line, r in rounds if r is not None and r <= last_round)
     if new != old:
 
@@ -549,16 +381,9 @@ def _cut_metrics(run: RunDir, last_round: int) -> None:
         write_atomically(run.metrics, write)
 
 
-def _round_of(line: bytes) -> int | None:
-    try:
-        return int(json.loads(line)["round"])
-    except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
-        return None  # a record cut short by the kill
-
-
 def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
     if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
+        for key in sorted(set(a) | set(b), key=str):  # a damaged file may have int keys
             if a.get(key) != b.get(key):
                 return _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
     return prefix.rstrip(".") or "the config"

@@ -16,6 +16,7 @@ from fl_lightning.config import OptimizerConfig
 from fl_lightning.errors import RoundCloseError
 from fl_lightning.evaluation import CentralEvaluator
 from fl_lightning.rundir import RunDir
+from fl_lightning.strategy_state import strategy_state
 from fl_lightning.tracking import RunTracker
 
 if TYPE_CHECKING:  # opacus loads only for runs with differential privacy
@@ -140,7 +141,7 @@ class RoundRecorder:
     ) -> _Closing:
         """The round's close as of now: what keeps changing while the next round runs is copied."""
         self.lap("between")  # anything since the last lap (the strategy's own bookkeeping)
-        strategy = resume.strategy_state(self.strategy) if self.strategy is not None else {}
+        strategy = strategy_state(self.strategy) if self.strategy is not None else {}
         return _Closing(
             server_round,
             {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()},

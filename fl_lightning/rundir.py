@@ -77,20 +77,32 @@ class RunDir:
         """
         if not self.metrics.exists():
             return -1
-        lines = self.metrics.read_text(errors="replace").splitlines()
+        lines = self.metrics.read_bytes().splitlines()
         for number, line in reversed(list(enumerate(lines, 1))):
-            try:
-                return int(json.loads(line)["round"])
-            except (ValueError, KeyError, TypeError):
-                warnings.warn(
-                    f"{self.metrics}: line {number} is not a complete record (cut short?); skipped",
-                    stacklevel=2,
-                )
+            recorded = round_of(line)
+            if recorded is not None:
+                return recorded
+            warnings.warn(
+                f"{self.metrics}: line {number} is not a complete record (cut short?); skipped",
+                stacklevel=2,
+            )
         return -1
 
     def checkpoint(self, name: str) -> Path:
         """`checkpoints/<name>.ckpt` (round_<k> or last)."""
         return self.path / "checkpoints" / f"{name}.ckpt"
+
+
+def round_of(line: str | bytes) -> int | None:
+    """The round a metrics.jsonl line records; None for a line that is no complete record."""
+    try:
+        recorded = json.loads(line)["round"]
+    except (ValueError, KeyError, TypeError, RecursionError):
+        return None  # cut short by a kill or a full disk (ValueError: also bad UTF-8)
+    # An integer as the run writes it: not a bool, a float (1e999 is inf) or a string.
+    if isinstance(recorded, bool) or not isinstance(recorded, int):
+        return None
+    return recorded
 
 
 def run_dir_path(cfg: Config) -> Path:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import numpy as np
@@ -29,6 +29,7 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 from flwr.common import (
+    EvaluateRes,
     FitRes,
     NDArrays,
     Parameters,
@@ -43,8 +44,10 @@ from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping, Fed
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
-from fl_lightning.config import Config, apply_node_config, config_from_run_config, sampled_clients
+from fl_lightning.config import Config, sampled_clients
 from fl_lightning.dp_randomness import add_gaussian_noise, numpy_generator
+from fl_lightning.errors import FlLightningError, SecureAggregationError
+from fl_lightning.node_config import apply_node_config, config_from_run_config
 from fl_lightning.rounds import RoundRecorder, round_lr
 
 log = logging.getLogger(__name__)
@@ -123,8 +126,7 @@ class LightningNumPyClient(NumPyClient):
             weight = 1  # the noise is calibrated to an unweighted mean
         # What the server sees in the clear: only what it needs, so no training metrics.
         metrics: dict[str, Scalar] = {CLIPPED_KEY: self._clipped(delta, weight, config)}
-        if self.cfg.privacy.mode == "dp_sgd":  # the server's ledger: epsilon per partition
-            metrics["partition-id"] = self.partition[0]
+        if self.cfg.privacy.mode == "dp_sgd":  # the server's ledger: epsilon per client
             metrics["privacy/epsilon"] = result.metrics["privacy/epsilon"]
         return delta, weight, metrics
 
@@ -173,9 +175,11 @@ class SecureFedAvg(FedAvg):
         recorder: RoundRecorder,
         initial: dict[str, torch.Tensor],
         max_weight: float,
+        nodes: Mapping[int, int] | None = None,
         **kwargs: Any,
     ) -> None:
         self.keys = secure_keys(initial)
+        self.nodes = dict(nodes or {})  # node id -> partition, from the census
         self.template = initial
         self.cfg = cfg
         self.recorder = recorder
@@ -218,7 +222,7 @@ class SecureFedAvg(FedAvg):
             )
         ledger = self.recorder.ledger
         if ledger is not None and self.cfg.privacy.mode == "dp_sgd":
-            ledger.record_dp_sgd(_reported_epsilons(results, self.cfg.federation.num_clients))
+            ledger.record_dp_sgd(_reported_epsilons(results, self.nodes))
         aggregated, metrics = super().aggregate_fit(server_round, results, failures)
         if aggregated is None:
             return None, metrics
@@ -254,7 +258,9 @@ class SecureFedAvg(FedAvg):
     ) -> tuple[float | None, dict[str, Scalar]]:
         """Keep the clients' `val/*` means as `distributed/*`, then close the round."""
         self.recorder.lap("client_evaluation")
-        loss, metrics = super().aggregate_evaluate(server_round, results, failures)
+        usable = _usable_evaluations(results)
+        self.recorder.count(failures=len(failures), rejected=len(results) - len(usable))
+        loss, metrics = super().aggregate_evaluate(server_round, usable, failures)
         self.recorder.add(
             {"distributed/" + k[4:]: float(v) for k, v in metrics.items() if k.startswith("val/")}
         )
@@ -265,15 +271,19 @@ class SecureFedAvg(FedAvg):
 
 
 class _AccountedClientSideClipping(DifferentialPrivacyClientSideFixedClipping):
-    """Flower's legacy client-side-clipping DP wrapper: calibrated, secret noise, accounted.
+    """Flower's legacy client-side-clipping DP wrapper: fixed denominator, secret noise.
 
-    The noise std is `noise_multiplier * clipping_norm / m` for the m clients whose updates
-    are in the secure sum (SecAgg+ leaves out those that dropped out), not the m sampled,
-    and it is drawn from a secret generator (`dp_randomness`), not NumPy's global one.
+    As `client_dp`'s wrapper: the release is the secure sum of the m clipped updates over
+    the n clients sampled (a client that silently dropped out of SecAgg+ counts as a zero
+    update), plus noise of std `noise_multiplier * clipping_norm / n` drawn from a secret
+    generator (`dp_randomness`), so its sensitivity to one client is the ledger's
+    whoever replied. A round in which a client reported an error releases nothing (as in
+    Flower's wrapper).
     """
 
     ledger: Any
     cfg: Config
+    strategy: SecureFedAvg
 
     def aggregate_fit(
         self,
@@ -287,8 +297,12 @@ class _AccountedClientSideClipping(DifferentialPrivacyClientSideFixedClipping):
         parameters, metrics = self.strategy.aggregate_fit(server_round, results, failures)
         if parameters is None:
             return None, metrics
-        arrays = parameters_to_ndarrays(parameters)
-        std = self.noise_multiplier * self.clipping_norm / len(results)
+        share = len(results) / self.num_sampled_clients  # the mean of m, as a sum over n
+        arrays = [
+            np.asarray(g + share * (a - g), dtype=a.dtype)
+            for a, g in zip(parameters_to_ndarrays(parameters), self.strategy._global, strict=True)
+        ]
+        std = self.noise_multiplier * self.clipping_norm / self.num_sampled_clients
         rng = numpy_generator(self.cfg.privacy, self.cfg.seed, server_round)
         add_gaussian_noise(arrays, std, rng)
         self.ledger.record_release()
@@ -301,30 +315,39 @@ def _count(value: object) -> int:
 
 
 def _reported_epsilons(
-    results: list[tuple[ClientProxy, FitRes]], num_clients: int
+    results: list[tuple[ClientProxy, FitRes]], nodes: Mapping[int, int]
 ) -> dict[int, float]:
     """DP-SGD: partition id -> reported epsilon, for the well-formed reports only.
 
-    An update already in the secure sum cannot be taken out again; a report that is not an
-    in-range integer partition id with a finite, non-negative epsilon is left out (warned).
+    The partition is the one the census bound to the reply's node, not one the reply
+    claims. An update already in the secure sum cannot be taken out again: a report
+    without a finite, non-negative epsilon is left out of the ledger (warned).
     """
     epsilons: dict[int, float] = {}
-    for _, res in results:
-        partition, epsilon = res.metrics.get("partition-id"), res.metrics.get("privacy/epsilon")
-        if (
-            isinstance(partition, int)
-            and not isinstance(partition, bool)
-            and 0 <= partition < num_clients
-            and partition not in epsilons
-            and isinstance(epsilon, int | float)
-            and not isinstance(epsilon, bool)
-            and math.isfinite(epsilon)
-            and epsilon >= 0
-        ):
-            epsilons[partition] = float(epsilon)
+    for proxy, res in results:
+        partition = nodes.get(getattr(proxy, "node_id", -1))
+        epsilon = res.metrics.get("privacy/epsilon")
+        if partition is not None and _is_number(epsilon) and epsilon >= 0:  # type: ignore[operator]
+            epsilons[partition] = float(epsilon)  # type: ignore[arg-type]
         else:
-            log.warning("a malformed privacy report was ignored: %r", dict(res.metrics))
+            log.warning("round's privacy report of node %s ignored: malformed", proxy.cid)
     return epsilons
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _usable_evaluations(results: list[tuple[ClientProxy, EvaluateRes]]) -> list:
+    """The evaluation results that are numbers a mean can use: a positive integer weight,
+    a finite loss, and only finite `val/*` metrics (replies outside the secure sum)."""
+    return [
+        (proxy, res)
+        for proxy, res in results
+        if _count(res.num_examples) > 0
+        and _is_number(res.loss)
+        and all(k.startswith("val/") and _is_number(v) for k, v in res.metrics.items())
+    ]
 
 
 def _weighted_mean(results: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:
@@ -358,8 +381,14 @@ def run_secure_rounds(
     recorder: RoundRecorder,
     initial: ArrayRecord,
     partition_sizes: Sequence[int],
+    nodes: Mapping[int, int],
 ) -> dict[str, torch.Tensor]:
-    """Run the rounds through Flower's SecAgg+ workflow; return the final global state dict."""
+    """Run the rounds through Flower's SecAgg+ workflow; return the final global state dict.
+
+    `nodes` binds each node id to its partition (the census). Flower's SecAgg+ cannot
+    leave one client out mid-protocol: a protocol message it cannot parse ends the run,
+    with one line.
+    """
     fed, a = cfg.federation, cfg.secure_aggregation
     fraction_evaluate = fed.fraction_evaluate if cfg.data.val_fraction > 0 else 0.0
     weight = max_weight(cfg, partition_sizes)
@@ -368,6 +397,7 @@ def run_secure_rounds(
         recorder,
         initial.to_torch_state_dict(),
         weight,
+        nodes,
         fraction_fit=fed.fraction_train,
         fraction_evaluate=fraction_evaluate,
         min_fit_clients=sampled_clients(fed),
@@ -401,7 +431,16 @@ def run_secure_rounds(
             timeout=fed.round_timeout,
         )
     )
-    workflow(grid, legacy)
+    try:
+        workflow(grid, legacy)
+    except FlLightningError:
+        raise  # ours (the privacy budget, a failed round close): already one line
+    except Exception as error:  # Flower parsing a client's protocol message, mid-protocol
+        raise SecureAggregationError(
+            f"secure aggregation stopped: {type(error).__name__}: {str(error)[:200]}; a "
+            "client's SecAgg+ message was malformed or the protocol failed, and SecAgg+ "
+            "cannot leave one client out mid-protocol (--verbose shows Flower's logs)"
+        ) from None
     # DefaultWorkflow keeps the current global model in its state's "parameters" record.
     final = legacy.state.array_records["parameters"].to_numpy_ndarrays()
     state = dict(secure.template)

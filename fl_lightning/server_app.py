@@ -9,8 +9,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from fl_lightning.config import Config, config_from_run_config
+from fl_lightning.config import Config
 from fl_lightning.errors import NothingTrained, PrivacyBudgetExceeded
+from fl_lightning.node_config import config_from_run_config
 from fl_lightning.rundir import RunDir, create_run_dir
 
 if TYPE_CHECKING:  # torch and Lightning load when the ServerApp runs, not at import
@@ -55,7 +56,10 @@ def run_federation(
         tracker.history.update(resume.history)
         tracker.progress.update(resume.round)
         start = ArrayRecord(resume.weights)
-    census = _census(grid, cfg, tracker, evaluator.datamodule.splits.classes)
+    splits = evaluator.datamodule.splits
+    # No client holds more samples than the training split (capped as the config caps it).
+    max_train = min(len(splits.train), cfg.data.max_train_samples or len(splits.train))
+    census = _census(grid, cfg, tracker, splits.classes, max_train)
     recorder = RoundRecorder(evaluator, tracker, run)
     # DP-SGD plans every partition: one without a census answer (it takes no part) gets
     # the smallest reported size, whose epsilon per round is the largest (conservative).
@@ -84,7 +88,9 @@ def run_federation(
             from fl_lightning.secure_aggregation import run_secure_rounds
 
             assert context is not None, "SecAgg+ runs in a ServerApp (it needs its Context)"
-            final = run_secure_rounds(grid, context, cfg, recorder, initial, partition_sizes)
+            final = run_secure_rounds(
+                grid, context, cfg, recorder, initial, partition_sizes, census.nodes
+            )
         else:
             final = _run_rounds(grid, cfg, recorder, start, census, resume)
         recorder.wait()  # rounds closed in the background; the report reuses the evaluator
@@ -156,13 +162,15 @@ def _run_rounds(
     return (result.arrays if len(result.arrays) else initial).to_torch_state_dict()
 
 
-def _census(grid: Grid, cfg: Config, tracker: RunTracker, classes: tuple[str, ...]) -> Census:
+def _census(
+    grid: Grid, cfg: Config, tracker: RunTracker, classes: tuple[str, ...], max_train: int
+) -> Census:
     """Ask every client what it holds (`fl_lightning.census`); draw the label histogram
     from the counts clients sent, or say why there is none."""
     from fl_lightning.census import take_census
 
     try:
-        census = take_census(grid, cfg, len(classes))
+        census = take_census(grid, cfg, len(classes), max_train)
     except NothingTrained as err:
         tracker.note(str(err))
         tracker.close()  # the run directory keeps what was written

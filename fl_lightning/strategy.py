@@ -353,6 +353,21 @@ class LightningKrum(LightningFedAvg, Krum):
     """Krum: the client model closest to its neighbours, robust to `num_malicious_nodes`."""
 
 
+# The class behind each `strategy.name`: what build_strategy builds, and what decides which
+# cross-round state resume.pt keeps (fl_lightning.strategy_state).
+STRATEGY_CLASSES: dict[str, type[LightningFedAvg]] = {
+    "fedavg": LightningFedAvg,
+    "fedprox": LightningFedProx,
+    "fedadam": LightningFedAdam,
+    "fedyogi": LightningFedYogi,
+    "fedadagrad": LightningFedAdagrad,
+    "fedavgm": LightningFedAvgM,
+    "fedmedian": LightningFedMedian,
+    "fedtrimmedavg": LightningFedTrimmedAvg,
+    "krum": LightningKrum,
+}
+
+
 def build_strategy(
     cfg: Config, recorder: RoundRecorder, census: Census, **sampling: Any
 ) -> LightningFedAvg:
@@ -360,24 +375,23 @@ def build_strategy(
     s = cfg.strategy
     adaptive = {"eta": s.eta, "tau": s.tau}
     moments = {"beta_1": s.beta_1, "beta_2": s.beta_2}
-    choices: dict[str, tuple[type[LightningFedAvg], dict[str, Any]]] = {
-        "fedavg": (LightningFedAvg, {}),
-        "fedprox": (LightningFedProx, {"proximal_mu": s.proximal_mu}),
-        "fedadam": (LightningFedAdam, {**adaptive, **moments}),
-        "fedyogi": (LightningFedYogi, {**adaptive, **moments}),
-        "fedadagrad": (LightningFedAdagrad, adaptive),
-        "fedavgm": (
-            LightningFedAvgM,
-            {"server_learning_rate": s.server_learning_rate, "server_momentum": s.server_momentum},
-        ),
-        "fedmedian": (LightningFedMedian, {}),
-        "fedtrimmedavg": (LightningFedTrimmedAvg, {"beta": s.beta}),
-        "krum": (LightningKrum, {"num_malicious_nodes": s.num_malicious_clients}),
+    own: dict[str, dict[str, Any]] = {
+        "fedprox": {"proximal_mu": s.proximal_mu},
+        "fedadam": {**adaptive, **moments},
+        "fedyogi": {**adaptive, **moments},
+        "fedadagrad": adaptive,
+        "fedavgm": {
+            "server_learning_rate": s.server_learning_rate,
+            "server_momentum": s.server_momentum,
+        },
+        "fedtrimmedavg": {"beta": s.beta},
+        "krum": {"num_malicious_nodes": s.num_malicious_clients},
     }
-    cls, params = choices[s.name]
+    params = dict(own.get(s.name, {}))
     if cfg.privacy.mode == "client_dp":
         # DP-FedAvg's noise is calibrated to an unweighted mean of clipped updates.
         params["weighted_by_key"] = UNIFORM_WEIGHT
+    cls = STRATEGY_CLASSES[s.name]
     return cls(cfg=cfg, recorder=recorder, census=census, **params, **sampling)
 
 

@@ -123,3 +123,10 @@ def test_take_census_asks_every_node_once() -> None:
 def test_a_census_nobody_answers_ends_the_run_with_one_line() -> None:
     with pytest.raises(NothingTrained, match=r"no client answered the census.*RuntimeError: down"):
         take_census(CensusGrid(fail=True), load_config(MNIST), CLASSES)  # type: ignore[arg-type]
+
+
+def test_a_claim_of_more_samples_than_the_dataset_holds_is_not_believed() -> None:
+    cfg = load_config(MNIST)
+    census = tally([answer(1, 0, train=90, val=10), answer(2, 1, train=95, val=10)], cfg,
+                   CLASSES, max_train=100)  # fmt: skip
+    assert census.nodes == {1: 0}  # node 2's 105 samples do not exist

@@ -16,7 +16,9 @@ from tests.test_strategy import task_identity
 
 
 @pytest.mark.parametrize("clipping", ["server", "client"])
-def test_noise_matches_the_ledger_when_two_of_five_sampled_clients_fail(clipping: str) -> None:
+def test_noise_is_what_the_ledger_assumes_when_two_of_five_sampled_clients_fail(
+    clipping: str,
+) -> None:
     cfg = load_config(
         MNIST,
         ["privacy.mode=client_dp", "privacy.noise_multiplier=2.0", "privacy.clipping_norm=0.5",
@@ -30,16 +32,18 @@ def test_noise_matches_the_ledger_when_two_of_five_sampled_clients_fail(clipping
     model = ArrayRecord({"w": Array(np.zeros(400_000, np.float32))})
     messages = list(runner.configure_train(1, model, ConfigRecord(), FakeGrid()))  # type: ignore[arg-type]
     assert len(messages) == 5
-    # Three clients send back the global model unchanged (a zero update), two fail: the
-    # released model minus the global one is the noise alone.
-    replies = [Message(train_content(model, node_partition(m)), reply_to=m) for m in messages[:3]]
+    # Three clients send the same small update (norm 0.2, under the clipping norm), two
+    # fail: what is released is their sum over the 5 sampled, plus the noise.
+    update = np.full(400_000, 0.2 / np.sqrt(400_000), np.float32)
+    sent = ArrayRecord({"w": Array(update)})
+    replies = [Message(train_content(sent, node_partition(m)), reply_to=m) for m in messages[:3]]
     replies += [Message(Error(0, "RuntimeError: out of memory"), reply_to=m) for m in messages[3:]]
     arrays, _ = runner.aggregate_train(1, replies)
     assert arrays is not None
-    noise = arrays["w"].numpy()
-    # The ledger composes a Gaussian release of multiplier sigma on a mean of clipped
-    # updates; a mean of the 3 updates that arrived has sensitivity clipping_norm / 3.
-    assumed = ledger.client_dp_noise_multiplier * cfg.privacy.clipping_norm / 3
+    noise = arrays["w"].numpy() - 3 / 5 * update
+    # The ledger composes Gaussian releases of multiplier sigma on a sum of clipped updates
+    # over the sampled clients: sensitivity clipping_norm / 5 whoever replied.
+    assumed = ledger.client_dp_noise_multiplier * cfg.privacy.clipping_norm / 5
     assert noise.std() == pytest.approx(assumed, rel=0.01)
     assert abs(noise.mean()) < 0.01 * assumed
     assert len(ledger.releases.history) == 1

@@ -1,16 +1,9 @@
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from fl_lightning.config import (
-    apply_node_config,
-    apply_override,
-    config_from_run_config,
-    load_config,
-)
+from fl_lightning.config import load_config
 from fl_lightning.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,45 +128,6 @@ def test_malformed_yaml_and_missing_file(tmp_path: Path) -> None:
         load_config(listing)
 
 
-def test_apply_override_creates_missing_sections() -> None:
-    raw: dict = {}
-    apply_override(raw, "federation.client_resources.num_cpus=2")
-    assert raw == {"federation": {"client_resources": {"num_cpus": 2}}}
-
-
-def test_flower_run_config_names_the_yaml_and_overrides() -> None:
-    cfg = config_from_run_config(
-        {"config-path": str(MNIST), "overrides": "federation.num_rounds=3 seed=7"}
-    )
-    assert (cfg.federation.num_rounds, cfg.seed) == (3, 7)
-    relative = config_from_run_config({"config-path": "configs/mnist.yaml", "overrides": ""})
-    assert relative.model.name == "mnist_net"
-    with pytest.raises(ConfigError, match="config-path"):
-        config_from_run_config({})
-
-
-def test_node_config_checks_the_partition_and_puts_the_trainer_on_its_gpus() -> None:
-    cfg = load_config("configs/mnist.yaml", ["federation.num_clients=2"])
-    assert apply_node_config(cfg, {"partition-id": 1, "num-partitions": 2}) == cfg
-    on_gpus = apply_node_config(cfg, {"partition-id": 0, "num-partitions": 2, "gpus": "3"})
-    assert (on_gpus.trainer.accelerator, on_gpus.trainer.devices) == ("gpu", [3])
-    with pytest.raises(ConfigError, match="node-config 'gpus' names 2 devices, and several"):
-        apply_node_config(cfg, {"partition-id": 0, "num-partitions": 2, "gpus": "1,3"})
-    with pytest.raises(ConfigError, match="node-config 'partition-id' is 'one', not an integer"):
-        apply_node_config(cfg, {"partition-id": "one", "num-partitions": 2})
-    assert apply_node_config(cfg, {"partition-id": "1", "num-partitions": 2}) == cfg
-    with pytest.raises(ConfigError, match="node-config 'num-partitions' is 5 but federation"):
-        apply_node_config(cfg, {"partition-id": 0, "num-partitions": 5})
-    with pytest.raises(ConfigError, match=r"node-config 'partition-id' is 2; it must be in 0\.\.1"):
-        apply_node_config(cfg, {"partition-id": 2, "num-partitions": 2})
-    with pytest.raises(ConfigError, match="node-config 'gpus': expected CUDA device indices"):
-        apply_node_config(cfg, {"partition-id": 0, "num-partitions": 2, "gpus": "cuda:0"})
-    with pytest.raises(ConfigError, match="node-config 'gpus': CUDA device indices are >= 0"):
-        apply_node_config(cfg, {"partition-id": 0, "num-partitions": 2, "gpus": "0,-1"})
-    with pytest.raises(ConfigError, match="node-config 'partition-id' is missing"):
-        apply_node_config(cfg, {})
-
-
 # --- Issue #18, item 10: bad input refused at load, one line naming the key -------------
 
 
@@ -235,56 +189,6 @@ def test_krum_needs_more_than_two_f_plus_two_clients() -> None:
     assert message.startswith("strategy.num_malicious_clients: krum tolerates 2 malicious")
 
 
-@pytest.mark.parametrize(
-    ("override", "message"),
-    [
-        ("trainer.precision=bogus", "trainer.precision: 'bogus' is not a Lightning precision"),
-        ("trainer.precision=8", "trainer.precision: 8 is not a Lightning precision"),
-        ("trainer.accelerator=quantum", "trainer.accelerator: 'quantum' is not a Lightning"),
-        ("trainer.strategy=bogus", "trainer.strategy: 'bogus' is not a Lightning strategy"),
-        ("trainer.devices=0", "trainer.devices: 0 is not an int >= 1"),
-        ("trainer.devices=[]", "trainer.devices: [] is not an int >= 1"),
-        ("trainer.devices=abc", "trainer.devices: 'abc' is not an int >= 1"),
-        ("trainer.devices=-1", "trainer.devices: -1 is not an int >= 1"),  # on the CPU
-        ("trainer.limit_train_batches=-1", "trainer.limit_train_batches: must be a share"),
-        ("trainer.limit_train_batches=1.5", "trainer.limit_train_batches: must be a share"),
-        ("trainer.limit_train_batches=0", "trainer.limit_train_batches: is 0, so clients"),
-        ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches: must be >= 1"),
-    ],
-)
-def test_trainer_flags_are_checked_against_lightning(override: str, message: str) -> None:
-    assert load_error([override]).startswith(message)
-
-
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        ["trainer.precision=bf16-mixed"],
-        ["trainer.precision=16"],
-        ["trainer.precision='64'"],
-        ["trainer.devices=auto"],  # one device on the CPU
-        ["trainer.devices='1'"],
-        ["trainer.strategy=single_device"],
-        ["trainer.limit_train_batches=0.5"],
-        ["trainer.limit_train_batches=3"],
-        ["trainer.limit_train_batches=2.0"],
-        ["trainer.accelerator=auto"],
-        [
-            "trainer.accelerator=gpu",
-            "trainer.devices=[1]",
-            "federation.client_resources.num_gpus=1",
-        ],
-        [
-            "trainer.accelerator=cuda",
-            "trainer.devices='3,'",
-            "federation.client_resources.num_gpus=1",
-        ],
-    ],
-)
-def test_trainer_flags_lightning_accepts_still_load(overrides: list[str]) -> None:
-    load_config(MNIST, overrides)
-
-
 def test_lightning_flag_lists_are_lightnings_own() -> None:
     # The accepted values come from Lightning, not from a list this project keeps.
     from lightning.fabric.utilities.seed import max_seed_value
@@ -296,44 +200,6 @@ def test_lightning_flag_lists_are_lightnings_own() -> None:
     assert "ddp" in StrategyRegistry.available_strategies()
     assert load_config(MNIST, [f"seed={MAX_SEED}"]).seed == MAX_SEED
     assert load_error([f"seed={MAX_SEED + 1}"]).startswith("seed: must be in [0, 2**32 - 1]")
-
-
-@pytest.mark.parametrize(
-    ("overrides", "key"),
-    [
-        (["trainer.devices=2", "trainer.strategy=ddp"], "trainer.devices"),
-        (["trainer.devices=2"], "trainer.devices"),  # Lightning would pick DDP itself
-        (["trainer.accelerator=gpu", "trainer.devices=[0, 1]"], "trainer.devices"),
-        (["trainer.accelerator=gpu", "trainer.devices='0,1'"], "trainer.devices"),
-        (["trainer.accelerator=gpu", "trainer.devices=-1"], "trainer.devices"),
-        (["trainer.accelerator=gpu", "trainer.devices=auto"], "trainer.devices"),
-        (["trainer.strategy=ddp"], "trainer.strategy"),
-        (["trainer.strategy=ddp_spawn"], "trainer.strategy"),
-        (["trainer.strategy=ddp_find_unused_parameters_true"], "trainer.strategy"),
-        (["trainer.accelerator=gpu", "trainer.strategy=fsdp"], "trainer.strategy"),
-        (["trainer.strategy=deepspeed_stage_2"], "trainer.strategy"),
-    ],
-)
-def test_several_devices_per_client_are_refused_at_load(overrides: list[str], key: str) -> None:
-    gpu = (
-        ["federation.client_resources.num_gpus=1"] if "trainer.accelerator=gpu" in overrides else []
-    )
-    message = load_error([*overrides, *gpu])
-    assert message.startswith(f"{key}: ")
-    assert "several devices per client is not supported yet (issue #20)" in message
-
-
-def test_default_trainer_flags_load_without_importing_lightning() -> None:
-    # `fl-lightning run` loads the config before anything imports Lightning (seconds).
-    code = (
-        "import sys; from fl_lightning.config import load_config; "
-        "load_config('configs/mnist.yaml', ['trainer.max_epochs=3']); "
-        "print('lightning' in sys.modules)"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
-    )
-    assert out.stdout.strip() == "False"
 
 
 @pytest.mark.parametrize(
@@ -396,8 +262,3 @@ def test_an_unreadable_config_file_is_one_line(tmp_path: Path) -> None:
     deep = tmp_path / "deep.yaml"
     deep.write_text("seed: " + "[" * 5000 + "]" * 5000 + "\n")
     assert "nested too deeply" in load_error([], deep)
-
-
-def test_run_config_overrides_with_an_unclosed_quote_are_one_line() -> None:
-    with pytest.raises(ConfigError, match=r"^run config 'overrides': No closing quotation"):
-        config_from_run_config({"config-path": str(MNIST), "overrides": "seed='7"})

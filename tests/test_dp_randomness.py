@@ -61,11 +61,14 @@ def test_generators_are_seeded_only_when_asked() -> None:
 class _Zeros:
     """A legacy inner strategy whose aggregate is all zeros: the wrapper's output is its noise."""
 
+    def __init__(self) -> None:
+        self._global = [np.zeros(400_000, np.float32)]
+
     def aggregate_fit(self, server_round: int, results: list, failures: list) -> tuple:
         return ndarrays_to_parameters([np.zeros(400_000, np.float32)]), {}
 
 
-def test_secure_client_dp_noise_is_calibrated_to_the_updates_in_the_sum() -> None:
+def test_secure_client_dp_noise_is_what_the_ledger_assumes_when_clients_drop_out() -> None:
     # 5 clients sampled, 2 dropped out of SecAgg+: the sum holds 3 updates.
     cfg = load_config(
         MNIST,
@@ -84,7 +87,7 @@ def test_secure_client_dp_noise_is_calibrated_to_the_updates_in_the_sum() -> Non
     parameters, _ = wrapper.aggregate_fit(1, results, [])  # type: ignore[arg-type]
     assert parameters is not None
     noise = parameters_to_ndarrays(parameters)[0]
-    # The std the ledger's epsilon assumes for a mean of 3 clipped updates.
-    assumed = ledger.client_dp_noise_multiplier * 0.5 / 3
+    # The std the ledger's epsilon assumes: a sum of clipped updates over the 5 sampled.
+    assumed = ledger.client_dp_noise_multiplier * 0.5 / 5
     assert noise.std() == pytest.approx(assumed, rel=0.01)
     assert len(ledger.releases.history) == 1

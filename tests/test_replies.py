@@ -25,9 +25,19 @@ from hypothesis import strategies as st
 
 from fl_lightning.client_app import ACCOUNTANT_RECORD, UNIFORM_WEIGHT
 from fl_lightning.config import Config, load_config
-from fl_lightning.replies import BATCHNORM, EVALUATE, TRAIN, ReplyScreen, error_summary
+from fl_lightning.replies import (
+    BATCHNORM,
+    EVALUATE,
+    TRAIN,
+    Notices,
+    ReplyScreen,
+    arrays_problem,
+    error_summary,
+)
 from fl_lightning.strategy import LightningFedAvg, build_strategy
 from tests import attacks
+from tests.test_accountant_state import MALFORMED as MALFORMED_ACCOUNTANTS
+from tests.test_accountant_state import honest_accountant
 from tests.test_config import MNIST, REPO
 from tests.test_strategy import FakeGrid, census, global_arrays, recorder, train_content
 
@@ -162,7 +172,7 @@ def test_dp_sgd_replies_need_their_epsilon_and_accountant() -> None:
 
     def dp_reply(content: RecordDict) -> None:
         content.metric_records["metrics"]["privacy/epsilon"] = 0.5
-        content[ACCOUNTANT_RECORD] = ConfigRecord({"state": "{}"})
+        content[ACCOUNTANT_RECORD] = ConfigRecord({"state": honest_accountant()})
 
     honest = attacked(train_reply(4), dp_reply)
     assert screen.problem(honest, TRAIN, global_arrays()) is None
@@ -174,6 +184,21 @@ def test_dp_sgd_replies_need_their_epsilon_and_accountant() -> None:
         assert screen.problem(attacked(honest, attack), TRAIN, global_arrays()) is not None
     # Without DP-SGD, an epsilon is an extra metric.
     assert screen_for().problem(honest, TRAIN, global_arrays()) is not None
+
+
+@pytest.mark.parametrize("state", MALFORMED_ACCOUNTANTS.values(), ids=MALFORMED_ACCOUNTANTS.keys())
+def test_a_reply_with_a_malformed_accountant_state_is_rejected(state: str) -> None:
+    # The server keeps it for --resume: one hostile state would make the run un-resumable.
+    screen = screen_for(load_config(REPO / "configs" / "mnist_dp_sgd.yaml"))
+
+    def dp_reply(content: RecordDict) -> None:
+        content.metric_records["metrics"]["privacy/epsilon"] = 0.5
+        content[ACCOUNTANT_RECORD] = ConfigRecord({"state": state})
+
+    reply = attacked(train_reply(4), dp_reply)
+    assert str(screen.problem(reply, TRAIN, global_arrays())).startswith("its accountant state ")
+    screened = screen.screen([train_reply(0), reply], TRAIN, global_arrays())
+    assert (len(screened.valid), screened.failures, screened.rejected) == (1, 0, 1)
 
 
 def test_client_dp_accepts_only_a_uniform_weight_of_one() -> None:
@@ -225,6 +250,21 @@ def test_batchnorm_statistics_replies_are_screened_like_updates() -> None:
     assert screen.problem(honest, BATCHNORM, reference) is None
     for attack in (attacks.metric("num-examples", 10**12), attacks.metric("num-examples", NAN)):
         assert screen.problem(attacked(honest, attack), BATCHNORM, reference) is not None
+
+
+def test_negative_batchnorm_variances_are_rejected() -> None:
+    reference = ArrayRecord({"bn.running_var": Array(np.ones(2, np.float32))})
+    negative = ArrayRecord({"bn.running_var": Array(np.array([1.0, -0.5], np.float32))})
+    assert "negative variances" in (arrays_problem(negative, reference) or "")
+    assert arrays_problem(reference, reference) is None
+
+
+def test_what_a_client_wrote_is_said_on_one_short_line() -> None:
+    notices = Notices()
+    notices.say("update rejected", "key\x1b[31m\n" + "x" * 10_000)
+    assert notices.first is not None
+    assert "\n" not in notices.first and "\x1b" not in notices.first
+    assert len(notices.first) < 400
 
 
 def aggregate(strategy: LightningFedAvg, replies: list[Message]) -> tuple[dict, dict]:

@@ -23,6 +23,7 @@ from fl_lightning.data import load_splits
 from fl_lightning.errors import ConfigError
 from fl_lightning.models import build_model
 from fl_lightning.rundir import RunDir, create_run_dir
+from fl_lightning.strategy_state import strategy_state
 from tests.conftest import REPO
 
 STRATEGIES = typing.get_args(typing.get_type_hints(StrategyConfig)["name"])
@@ -61,7 +62,11 @@ def fill(strategy: object, weights: dict[str, torch.Tensor]) -> None:
             {k: Array(np.asarray(a + 1)) for k, a in arrays.items()}
         )
         strategy.momentum_vector = [(a - 1)[()] if a.ndim == 0 else a - 1 for a in arrays.values()]
-    strategy.accountants = {0: '{"history": [[1.1, 0.01, 3]]}'}  # type: ignore[attr-defined]
+    strategy.accountants = {0: ACCOUNTANT}  # type: ignore[attr-defined]
+
+
+# What a DP-SGD client's Opacus RDPAccountant.state_dict() is as JSON, after 3 steps.
+ACCOUNTANT = '{"history": [[1.1, 0.01, 3]], "mechanism": "rdp"}'
 
 
 def assert_same_state(restored: object, original: object) -> None:
@@ -114,7 +119,7 @@ def write_state(
         resume.ResumeState(
             1,
             weights,
-            resume.strategy_state(strategy),
+            strategy_state(strategy),
             {0: {"centralized/accuracy": 0.1}, 1: {"centralized/accuracy": 0.5, "failures": 0}},
             ledger,
             resume.capture_rng(),
@@ -162,7 +167,7 @@ def test_zero_dim_and_integer_arrays_keep_their_types(
     original = cls()
     fill(original, weights)
     path = tmp_path / "state.pt"
-    torch.save(resume.strategy_state(original), path)
+    torch.save(strategy_state(original), path)
     kept = torch.load(path, weights_only=True)
     restored = cls()
     resume.load_strategy_state(restored, resume.ResumeState(1, weights, kept, {}), tiny_mnist)
@@ -266,6 +271,9 @@ DELETE = object()
         ("strategy/current_arrays/net.11.bias", torch.zeros(10, dtype=torch.complex64)),
         ("strategy/accountants", {5: "{}"}),
         ("strategy/accountants", {0: "not json"}),
+        ("strategy/accountants", {0: "{}"}),  # JSON, but no accountant a client could load
+        ("strategy/accountants", {0: ACCOUNTANT.replace("3]", "0]")}),  # 0 steps
+        ("strategy/accountants", {0: ACCOUNTANT.replace("rdp", "prv")}),
         ("strategy/accountants", {torch.tensor([1, 2]): "{}"}),
         ("history", {0: {"centralized/accuracy": "high"}}),
         ("history", [1, 2]),
@@ -314,3 +322,61 @@ def test_metrics_are_cut_to_the_saved_round_and_a_torn_line_is_dropped(
     run.metrics.write_text('{"round": 0}\n{"round": 1}\n{"round"')  # killed mid-write
     resume.load(cfg, run.path)
     assert run.metrics.read_text() == '{"round": 0}\n{"round": 1}\n'
+
+
+def empty(path: Path) -> None:
+    path.write_text("")
+
+
+def a_list(path: Path) -> None:
+    path.write_text("- 1\n- 2\n")
+
+
+def malformed(path: Path) -> None:
+    path.write_text("a: [\n")
+
+
+def not_utf8(path: Path) -> None:
+    path.write_bytes(b"\xff\xfe")
+
+
+def twice(path: Path) -> None:
+    path.write_text(path.read_text() + "seed: 1\n")  # a key written twice
+
+
+def a_folder(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
+def unreadable(path: Path) -> None:
+    pass  # its mode is taken away below, once the folder's files are read
+
+
+@pytest.mark.parametrize(
+    "damage", [empty, a_list, malformed, not_utf8, twice, a_folder, unreadable]
+)
+def test_a_damaged_config_yaml_is_refused_in_one_line(
+    damage: Any,
+    saved: tuple[Config, RunDir],
+    tiny_overrides: list[str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    if damage is unreadable and os.geteuid() == 0:
+        pytest.skip("root reads any file")
+    _, run = saved
+    damage(run.config)
+    run.metrics.write_text('{"round": 0}\n{"round": 1}\n{"round": 2}\n')  # a round to cut
+    before = {p: p.read_bytes() for p in run.path.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    args = ["run", str(REPO / "configs" / "mnist.yaml"), *tiny_overrides, "federation.num_rounds=3"]
+    if damage is unreadable:
+        run.config.chmod(0)
+    try:
+        assert main([*args, "strategy.name=fedavgm", "--resume", str(run.path)]) == 2
+    finally:
+        run.config.chmod(0o644)
+    err = capsys.readouterr().err
+    assert err.startswith("error: --resume: ") and err.count("\n") == 1, err
+    assert str(run.config) in err
+    assert {p: p.read_bytes() for p in run.path.rglob("*") if p.is_file()} == before

@@ -150,3 +150,20 @@ def test_a_torn_last_line_of_metrics_is_skipped_with_a_warning(tmp_path: Path) -
     run.metrics.write_text('{"round": 0}\n{"round": 1}\n{"round": 2, "centralized_acc')
     with pytest.warns(UserWarning, match=r"metrics.jsonl: line 3 is not a complete record"):
         assert run.last_round() == 1
+
+
+@pytest.mark.parametrize(
+    "line",
+    ['{"round": 1e999}', '{"round": "2"}', '{"round": true}', '{"round": 1.5}', "[1]", "[" * 5000],
+)
+def test_a_record_without_an_integer_round_is_skipped_by_last_round_and_resume(
+    line: str, tmp_path: Path
+) -> None:
+    from fl_lightning.resume import _cut_metrics
+
+    run = RunDir(tmp_path)
+    run.metrics.write_text(f'{{"round": 0}}\n{{"round": 1}}\n{line}\n')
+    with pytest.warns(UserWarning, match=r"line 3 is not a complete record"):
+        assert run.last_round() == 1
+    _cut_metrics(run, 1)  # what --resume keeps: the same lines last_round counts
+    assert run.metrics.read_text() == '{"round": 0}\n{"round": 1}\n'

@@ -143,3 +143,43 @@ def test_client_dp_on_top_of_secure_aggregation_clips_on_clients_and_accounts(
     assert 0.01 < update <= clipping_norm * 1.01
     records = read_metrics(run)
     assert records[1]["epsilon"] > 0
+
+
+def _evaluation(num_examples: object, loss: object, **metrics: object) -> tuple:
+    from types import SimpleNamespace
+
+    from flwr.common import Code, EvaluateRes, Status
+
+    res = EvaluateRes(Status(Code.OK, ""), loss, num_examples, metrics)  # type: ignore[arg-type]
+    return SimpleNamespace(cid="1", node_id=1), res
+
+
+def test_hostile_evaluation_results_are_left_out_of_the_distributed_metrics() -> None:
+    from fl_lightning.secure_aggregation import _usable_evaluations
+
+    honest = _evaluation(10, 0.5, **{"val/loss": 0.5, "val/accuracy": 0.9})
+    hostile = [
+        _evaluation(0, 0.5, **{"val/loss": 0.5}),  # a zero weight: Flower divides by the sum
+        _evaluation(-10, 0.5),
+        _evaluation(2.5, 0.5),
+        _evaluation(10, float("nan")),
+        _evaluation(10, 0.5, **{"val/loss": float("inf")}),
+        _evaluation(10, 0.5, **{"secret": 1.0}),
+    ]
+    assert _usable_evaluations([honest, *hostile]) == [honest]  # type: ignore[list-item]
+
+
+def test_dp_sgd_epsilons_are_credited_to_the_census_partition_of_the_node() -> None:
+    from types import SimpleNamespace
+
+    from fl_lightning.secure_aggregation import _reported_epsilons
+
+    def fit(node: int, **metrics: object) -> tuple:
+        return SimpleNamespace(cid=str(node), node_id=node), SimpleNamespace(metrics=metrics)
+
+    results = [
+        fit(7, **{"privacy/epsilon": 1.5, "partition-id": 0}),  # claims another partition
+        fit(8, **{"privacy/epsilon": float("nan")}),
+        fit(9, **{"privacy/epsilon": 2.0}),  # a node the census did not bind
+    ]
+    assert _reported_epsilons(results, {7: 3, 8: 4}) == {3: 1.5}  # type: ignore[arg-type]

@@ -1,0 +1,104 @@
+"""The config as a Flower run config names it and as one SuperNode's node config runs it."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import shlex
+import typing
+from pathlib import Path
+from typing import Any
+
+from fl_lightning.config import Config, load_config
+from fl_lightning.errors import ConfigError
+from fl_lightning.yaml_input import _show
+
+
+def config_from_run_config(run_config: typing.Mapping[str, Any]) -> Config:
+    """The Config named by a Flower run config's `config-path` and `overrides` (`flwr run .`)."""
+    if "config-path" not in run_config:
+        raise ConfigError(
+            "run config key 'config-path' is missing: set it in [tool.flwr.app.config]"
+        )
+    return _load_named_config(str(run_config["config-path"]), str(run_config.get("overrides", "")))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_named_config(path: str, overrides: str) -> Config:
+    # A relative path is looked up from the working directory, then from the app's own
+    # directory (where Flower unpacks the app: the parent of this package).
+    candidate = Path(path)
+    if not candidate.is_absolute() and not candidate.exists():
+        candidate = Path(__file__).resolve().parent.parent / path
+    try:
+        items = shlex.split(overrides)
+    except ValueError as err:  # an unclosed quote
+        raise ConfigError(f"run config 'overrides': {err}; quote each KEY=VALUE once") from None
+    return load_config(candidate, items)
+
+
+def parse_devices(text: str) -> list[int]:
+    """CUDA device indices from "0" or "0,1"; ValueError says what is wrong."""
+    try:
+        devices = [int(g) for g in text.split(",")]
+    except ValueError:
+        raise ValueError(f"expected CUDA device indices like 0 or 0,1; got {text!r}") from None
+    if any(d < 0 for d in devices):
+        raise ValueError(f"CUDA device indices are >= 0; got {text!r}")
+    return devices
+
+
+def apply_node_config(cfg: Config, node_config: typing.Mapping[str, Any]) -> Config:
+    """`cfg` as one SuperNode runs it: its partition checked, its `gpus` (e.g. "0,1") applied.
+
+    `partition-id` and `num-partitions` come from the Simulation Engine or from
+    `flower-supernode --node-config`; `gpus`, where a SuperNode's config names it, puts that
+    node's Trainer on those CUDA devices.
+    """
+    for key in ("partition-id", "num-partitions"):
+        if key not in node_config:
+            raise ConfigError(
+                f"node-config '{key}' is missing: start the SuperNode with "
+                f"--node-config 'partition-id=K num-partitions=N'"
+            )
+    partition, partitions = (
+        _node_int(node_config, "partition-id"),
+        _node_int(node_config, "num-partitions"),
+    )
+    if partitions != cfg.federation.num_clients:
+        raise ConfigError(
+            f"node-config 'num-partitions' is {partitions} but federation.num_clients is "
+            f"{cfg.federation.num_clients}; start one SuperNode per client with matching values"
+        )
+    if not 0 <= partition < partitions:
+        raise ConfigError(
+            f"node-config 'partition-id' is {partition}; it must be in 0..{partitions - 1}"
+        )
+    gpus = str(node_config.get("gpus", "")).strip()
+    if not gpus:
+        return cfg
+    try:
+        devices = parse_devices(gpus)
+    except ValueError as error:
+        raise ConfigError(f"node-config 'gpus': {error}") from None
+    if len(devices) != 1:
+        raise ConfigError(
+            f"node-config 'gpus' names {len(devices)} devices, and several devices per client "
+            'is not supported yet (issue #20); give each SuperNode one GPU, e.g. gpus="0"'
+        )
+    trainer = dataclasses.replace(cfg.trainer, accelerator="gpu", devices=devices)
+    return dataclasses.replace(cfg, trainer=trainer)
+
+
+def _node_int(node_config: typing.Mapping[str, Any], key: str) -> int:
+    value = node_config[key]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return int(value)
+    raise ConfigError(
+        f"node-config '{key}' is {_show(value)}, not an integer: start the SuperNode with "
+        f"--node-config 'partition-id=K num-partitions=N'"
+    )

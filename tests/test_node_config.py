@@ -1,0 +1,48 @@
+from pathlib import Path
+
+import pytest
+
+from fl_lightning.config import load_config
+from fl_lightning.errors import ConfigError
+from fl_lightning.node_config import apply_node_config, config_from_run_config
+
+REPO = Path(__file__).resolve().parents[1]
+MNIST = REPO / "configs" / "mnist.yaml"
+
+
+def test_flower_run_config_names_the_yaml_and_overrides() -> None:
+    cfg = config_from_run_config(
+        {"config-path": str(MNIST), "overrides": "federation.num_rounds=3 seed=7"}
+    )
+    assert (cfg.federation.num_rounds, cfg.seed) == (3, 7)
+    relative = config_from_run_config({"config-path": "configs/mnist.yaml", "overrides": ""})
+    assert relative.model.name == "mnist_net"
+    with pytest.raises(ConfigError, match="config-path"):
+        config_from_run_config({})
+
+
+def test_node_config_checks_the_partition_and_puts_the_trainer_on_its_gpus() -> None:
+    cfg = load_config("configs/mnist.yaml", ["federation.num_clients=2"])
+    assert apply_node_config(cfg, {"partition-id": 1, "num-partitions": 2}) == cfg
+    on_gpus = apply_node_config(cfg, {"partition-id": 0, "num-partitions": 2, "gpus": "3"})
+    assert (on_gpus.trainer.accelerator, on_gpus.trainer.devices) == ("gpu", [3])
+    with pytest.raises(ConfigError, match="node-config 'gpus' names 2 devices, and several"):
+        apply_node_config(cfg, {"partition-id": 0, "num-partitions": 2, "gpus": "1,3"})
+    with pytest.raises(ConfigError, match="node-config 'partition-id' is 'one', not an integer"):
+        apply_node_config(cfg, {"partition-id": "one", "num-partitions": 2})
+    assert apply_node_config(cfg, {"partition-id": "1", "num-partitions": 2}) == cfg
+    with pytest.raises(ConfigError, match="node-config 'num-partitions' is 5 but federation"):
+        apply_node_config(cfg, {"partition-id": 0, "num-partitions": 5})
+    with pytest.raises(ConfigError, match=r"node-config 'partition-id' is 2; it must be in 0\.\.1"):
+        apply_node_config(cfg, {"partition-id": 2, "num-partitions": 2})
+    with pytest.raises(ConfigError, match="node-config 'gpus': expected CUDA device indices"):
+        apply_node_config(cfg, {"partition-id": 0, "num-partitions": 2, "gpus": "cuda:0"})
+    with pytest.raises(ConfigError, match="node-config 'gpus': CUDA device indices are >= 0"):
+        apply_node_config(cfg, {"partition-id": 0, "num-partitions": 2, "gpus": "0,-1"})
+    with pytest.raises(ConfigError, match="node-config 'partition-id' is missing"):
+        apply_node_config(cfg, {})
+
+
+def test_run_config_overrides_with_an_unclosed_quote_are_one_line() -> None:
+    with pytest.raises(ConfigError, match=r"^run config 'overrides': No closing quotation"):
+        config_from_run_config({"config-path": str(MNIST), "overrides": "seed='7"})

@@ -1,0 +1,108 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fl_lightning.config import load_config
+from fl_lightning.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+MNIST = REPO / "configs" / "mnist.yaml"
+
+
+def load_error(overrides: list[str], path: Path = MNIST) -> str:
+    """The one-line ConfigError that loading `path` with `overrides` raises."""
+    with pytest.raises(ConfigError) as err:
+        load_config(path, overrides)
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.precision=bogus", "trainer.precision: 'bogus' is not a Lightning precision"),
+        ("trainer.precision=8", "trainer.precision: 8 is not a Lightning precision"),
+        ("trainer.accelerator=quantum", "trainer.accelerator: 'quantum' is not a Lightning"),
+        ("trainer.strategy=bogus", "trainer.strategy: 'bogus' is not a Lightning strategy"),
+        ("trainer.devices=0", "trainer.devices: 0 is not an int >= 1"),
+        ("trainer.devices=[]", "trainer.devices: [] is not an int >= 1"),
+        ("trainer.devices=abc", "trainer.devices: 'abc' is not an int >= 1"),
+        ("trainer.devices=-1", "trainer.devices: -1 is not an int >= 1"),  # on the CPU
+        ("trainer.limit_train_batches=-1", "trainer.limit_train_batches: must be a share"),
+        ("trainer.limit_train_batches=1.5", "trainer.limit_train_batches: must be a share"),
+        ("trainer.limit_train_batches=0", "trainer.limit_train_batches: is 0, so clients"),
+        ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches: must be >= 1"),
+    ],
+)
+def test_trainer_flags_are_checked_against_lightning(override: str, message: str) -> None:
+    assert load_error([override]).startswith(message)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["trainer.precision=bf16-mixed"],
+        ["trainer.precision=16"],
+        ["trainer.precision='64'"],
+        ["trainer.devices=auto"],  # one device on the CPU
+        ["trainer.devices='1'"],
+        ["trainer.strategy=single_device"],
+        ["trainer.limit_train_batches=0.5"],
+        ["trainer.limit_train_batches=3"],
+        ["trainer.limit_train_batches=2.0"],
+        ["trainer.accelerator=auto"],
+        [
+            "trainer.accelerator=gpu",
+            "trainer.devices=[1]",
+            "federation.client_resources.num_gpus=1",
+        ],
+        [
+            "trainer.accelerator=cuda",
+            "trainer.devices='3,'",
+            "federation.client_resources.num_gpus=1",
+        ],
+    ],
+)
+def test_trainer_flags_lightning_accepts_still_load(overrides: list[str]) -> None:
+    load_config(MNIST, overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["trainer.devices=2", "trainer.strategy=ddp"], "trainer.devices"),
+        (["trainer.devices=2"], "trainer.devices"),  # Lightning would pick DDP itself
+        (["trainer.accelerator=gpu", "trainer.devices=[0, 1]"], "trainer.devices"),
+        (["trainer.accelerator=gpu", "trainer.devices='0,1'"], "trainer.devices"),
+        (["trainer.accelerator=gpu", "trainer.devices=-1"], "trainer.devices"),
+        (["trainer.accelerator=gpu", "trainer.devices=auto"], "trainer.devices"),
+        (["trainer.strategy=ddp"], "trainer.strategy"),
+        (["trainer.strategy=ddp_spawn"], "trainer.strategy"),
+        (["trainer.strategy=ddp_find_unused_parameters_true"], "trainer.strategy"),
+        (["trainer.accelerator=gpu", "trainer.strategy=fsdp"], "trainer.strategy"),
+        (["trainer.strategy=deepspeed_stage_2"], "trainer.strategy"),
+    ],
+)
+def test_several_devices_per_client_are_refused_at_load(overrides: list[str], key: str) -> None:
+    gpu = (
+        ["federation.client_resources.num_gpus=1"] if "trainer.accelerator=gpu" in overrides else []
+    )
+    message = load_error([*overrides, *gpu])
+    assert message.startswith(f"{key}: ")
+    assert "several devices per client is not supported yet (issue #20)" in message
+
+
+def test_default_trainer_flags_load_without_importing_lightning() -> None:
+    # `fl-lightning run` loads the config before anything imports Lightning (seconds).
+    code = (
+        "import sys; from fl_lightning.config import load_config; "
+        "load_config('configs/mnist.yaml', ['trainer.max_epochs=3']); "
+        "print('lightning' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "False"
