@@ -66,12 +66,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _prepare(path: str, overrides: list[str]) -> Config:
+def _prepare(path: str, overrides: list[str], claim_output: bool = True) -> Config:
     """Load and validate the config and check data and model, before any process starts."""
     from fl_lightning.config import load_config
     from fl_lightning.partition import client_splits
 
     cfg = load_config(path, overrides)
+    if claim_output:
+        from fl_lightning.rundir import check_claimable, run_dir_path
+
+        # A directory the run could not claim is said before any data is decoded.
+        check_claimable(run_dir_path(cfg), "output.dir" if cfg.output.dir else "output.root")
     # Fail on missing data or impossible partitions here, with one line, not inside Ray.
     client_splits(cfg.data, cfg.federation.num_clients, cfg.seed)
     if cfg.privacy.mode != "none":
@@ -104,7 +109,7 @@ def run_command(args: argparse.Namespace) -> int:
     from fl_lightning.rundir import create_run_dir
     from fl_lightning.simulation import backend_config, run_simulation
 
-    cfg = _prepare(args.config, args.overrides)
+    cfg = _prepare(args.config, args.overrides, claim_output=args.resume is None)
     backend_config(cfg)  # Ray's settings are valid before any directory is made
     if args.resume is None:
         run = create_run_dir(cfg)

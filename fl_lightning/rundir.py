@@ -183,6 +183,31 @@ def _check_empty(path: Path, key: str) -> None:
         )
 
 
+def check_claimable(path: Path, key: str = "output.dir") -> None:
+    """Refuse, before any work, a `path` that `claim` would refuse (it still decides races).
+
+    An existing path must be an empty directory; otherwise a probe directory is made and
+    removed where the first missing folder would go, so an unwritable place is said now,
+    before the data is decoded.
+    """
+    if path.exists() or path.is_symlink():
+        _check_empty(path, key)
+        return
+    created: list[Path] = []
+    try:
+        _make_parents(path.parent, created)
+        probe = path.with_name(f".{path.name}.probe-{os.getpid()}")
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as err:
+        raise ConfigError(
+            f"{key}: cannot create the run directory {path} ({err.strerror or err}); "
+            "choose a directory you can write to"
+        ) from None
+    finally:
+        _remove_empty(created)
+
+
 def _remove_empty(created: list[Path]) -> None:
     """Undo a failed claim: remove the directories it made, if still empty."""
     for folder in reversed(created):

@@ -191,13 +191,17 @@ def test_a_reply_with_a_malformed_accountant_state_is_rejected(state: str) -> No
     # The server keeps it for --resume: one hostile state would make the run un-resumable.
     screen = screen_for(load_config(REPO / "configs" / "mnist_dp_sgd.yaml"))
 
-    def dp_reply(content: RecordDict) -> None:
-        content.metric_records["metrics"]["privacy/epsilon"] = 0.5
-        content[ACCOUNTANT_RECORD] = ConfigRecord({"state": state})
+    def dp_reply(accountant: str) -> attacks.Attack:
+        def make(content: RecordDict) -> None:
+            content.metric_records["metrics"]["privacy/epsilon"] = 0.5
+            content[ACCOUNTANT_RECORD] = ConfigRecord({"state": accountant})
 
-    reply = attacked(train_reply(4), dp_reply)
+        return make
+
+    reply = attacked(train_reply(4), dp_reply(state))
     assert str(screen.problem(reply, TRAIN, global_arrays())).startswith("its accountant state ")
-    screened = screen.screen([train_reply(0), reply], TRAIN, global_arrays())
+    honest = attacked(train_reply(0), dp_reply(honest_accountant()))
+    screened = screen.screen([honest, reply], TRAIN, global_arrays())
     assert (len(screened.valid), screened.failures, screened.rejected) == (1, 0, 1)
 
 

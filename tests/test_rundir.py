@@ -59,6 +59,7 @@ def _run(tmp_path: Path, data_root: Path, output_dir: Path) -> int:
             "configs/mnist.yaml",
             f"data.root={data_root}",
             "data.max_train_samples=300",
+            f"data.cache_dir={tmp_path / 'cache'}",  # nothing is decoded for a bad output.dir
             f"output.dir={output_dir}",
         ]
     )
