@@ -123,15 +123,28 @@ class LightningFedAvg(FedAvg):
         self._train_round, self._train_seen, self._train_partitions = None, {}, set()
         self._grid = grid  # strategy.batchnorm=recompute messages the round's clients again
         config["lr"] = round_lr(self.cfg.optimizer, server_round)
-        if self.resent_accountants:
-            # A resumed DP-SGD run: clients' own accountants died with the killed run. Sent
-            # every round: a client first sampled later needs its state then.
-            for partition, state in self.accountants.items():
-                config[f"accountant-{partition}"] = state
         with self._sampling(grid, server_round, "train") as ordered:
             messages = list(super().configure_train(server_round, arrays, config, ordered))
+        if self.resent_accountants:
+            messages = [self._with_own_accountant(message) for message in messages]
         self._sent["train"] = len(messages)
         return messages
+
+    def _with_own_accountant(self, message: Message) -> Message:
+        """A resumed DP-SGD run: the clients' accountants died with the killed run, so each
+        sampled client gets its own back (every round: one first sampled later needs it
+        then), and nobody else's (a client's accountant tells its sample rate)."""
+        partition = self.census.nodes.get(message.metadata.dst_node_id)
+        state = self.accountants.get(partition) if partition is not None else None
+        if state is None:
+            return message
+        content = RecordDict(dict(message.content.items()))
+        config = ConfigRecord(dict(message.content.config_records["config"]))
+        config[f"accountant-{partition}"] = state
+        content["config"] = config
+        return Message(
+            content, dst_node_id=message.metadata.dst_node_id, message_type=MessageType.TRAIN
+        )
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -228,3 +228,17 @@ def test_recompute_replaces_averaged_batchnorm_statistics_with_measured_ones() -
     np.testing.assert_array_equal(arrays["w"].numpy(), 7.0)  # weights as aggregated
     assert list(arrays.keys()) == list(start.keys())
     assert (strategy.recorder.metrics["failures"], strategy.recorder.metrics["rejected"]) == (1, 1)
+
+
+def test_after_a_resume_each_client_gets_back_its_own_accountant_only() -> None:
+    strategy = build_strategy(load_config(MNIST), recorder(), census(), min_available_nodes=5)
+    strategy.accountants = {0: "state of 0", 1: "state of 1"}
+    strategy.resent_accountants = True
+    messages = list(strategy.configure_train(1, global_arrays(), ConfigRecord(), FakeGrid()))  # type: ignore[arg-type]
+    for message in messages:
+        config = message.content.config_records["config"]
+        partition = node_partition(message)
+        resent = {k: v for k, v in config.items() if str(k).startswith("accountant-")}
+        expected = strategy.accountants.get(partition)
+        assert resent == ({f"accountant-{partition}": expected} if expected else {})
+        assert "lr" in config and "arrays" in message.content.array_records
