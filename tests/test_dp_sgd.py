@@ -72,7 +72,14 @@ def test_target_epsilon_calibrates_the_noise_for_the_whole_run(dp_mnist: Config)
     assert p.epsilon(rounds + 1, delta) > 3.0
 
 
-def test_dp_training_is_deterministic_and_noisy(dp_mnist: Config) -> None:
+def test_dp_training_with_reproducible_noise_is_deterministic_and_noisy(
+    tiny_overrides: list[str],
+) -> None:
+    # Secret noise (the default) is tested in test_dp_randomness.py.
+    dp_mnist = load_config(
+        REPO / "configs" / "mnist_dp_sgd.yaml",
+        [*tiny_overrides, "data.batch_size=64", "privacy.reproducible_noise=true"],
+    )
     torch.manual_seed(0)
     state = build_model(dp_mnist, 10).state_dict()
     a = training.fit(dp_mnist, state, partition_id=1, num_partitions=2, server_round=1)
