@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -148,7 +147,7 @@ class RoundRecorder:
             dict(self.metrics),
             self._started,
             self.ledger.metrics() if self.ledger is not None else {},
-            copy.deepcopy(strategy),
+            strategy,  # strategy_state already copies
             self.ledger.state() if self.ledger is not None else None,
             resume.capture_rng(),
             background,

@@ -17,7 +17,6 @@ Flower 1.41 has SecAgg+ for its legacy API only (`SecAggPlusWorkflow` on the ser
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
@@ -48,6 +47,7 @@ from fl_lightning.config import Config, sampled_clients
 from fl_lightning.dp_randomness import add_gaussian_noise, numpy_generator
 from fl_lightning.errors import FlLightningError, SecureAggregationError
 from fl_lightning.node_config import apply_node_config, config_from_run_config
+from fl_lightning.replies import is_int, is_number
 from fl_lightning.rounds import RoundRecorder, round_lr
 
 log = logging.getLogger(__name__)
@@ -310,8 +310,8 @@ class _AccountedClientSideClipping(DifferentialPrivacyClientSideFixedClipping):
 
 
 def _count(value: object) -> int:
-    """A non-negative integer a client reported, or 0 for anything else (hostile input)."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+    """A positive integer a client reported, or 0 for anything else (hostile input)."""
+    return int(value) if is_int(value) and value > 0 else 0  # type: ignore[operator, call-overload]
 
 
 def _reported_epsilons(
@@ -327,15 +327,11 @@ def _reported_epsilons(
     for proxy, res in results:
         partition = nodes.get(getattr(proxy, "node_id", -1))
         epsilon = res.metrics.get("privacy/epsilon")
-        if partition is not None and _is_number(epsilon) and epsilon >= 0:  # type: ignore[operator]
+        if partition is not None and is_number(epsilon) and epsilon >= 0:  # type: ignore[operator]
             epsilons[partition] = float(epsilon)  # type: ignore[arg-type]
         else:
             log.warning("round's privacy report of node %s ignored: malformed", proxy.cid)
     return epsilons
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _usable_evaluations(results: list[tuple[ClientProxy, EvaluateRes]]) -> list:
@@ -345,8 +341,8 @@ def _usable_evaluations(results: list[tuple[ClientProxy, EvaluateRes]]) -> list:
         (proxy, res)
         for proxy, res in results
         if _count(res.num_examples) > 0
-        and _is_number(res.loss)
-        and all(k.startswith("val/") and _is_number(v) for k, v in res.metrics.items())
+        and is_number(res.loss)
+        and all(k.startswith("val/") and is_number(v) for k, v in res.metrics.items())
     ]
 
 
@@ -359,12 +355,7 @@ def _weighted_mean(results: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Sc
     usable = [
         (n, m)
         for n, m in results
-        if _count(n) > 0
-        and all(
-            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-            for k, v in m.items()
-            if k.startswith("val/")
-        )
+        if _count(n) > 0 and all(is_number(v) for k, v in m.items() if k.startswith("val/"))
     ]
     keys = {k for _, m in usable for k in m if k.startswith("val/")}
     return {
