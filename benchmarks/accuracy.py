@@ -102,7 +102,7 @@ def run_experiment(name: str, data: Path, workdir: Path, repeat: int = 0) -> dic
     )
     wall = time.perf_counter() - started
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    accuracy = [r["centralized_accuracy"] for r in records if r["round"] > 0]
+    accuracy = [r["test/accuracy"] for r in records if r["round"] > 0]
     epsilon = [r["epsilon"] for r in records if r["round"] > 0 and "epsilon" in r]
     clients = run_dir / "clients.json"
     return {

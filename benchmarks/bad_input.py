@@ -59,6 +59,39 @@ def _malformed(scratch: Path) -> tuple[Path, list[str]]:
     return path, []
 
 
+def _own_model(*overrides: str) -> Callable[[Path], tuple[Path, list[str]]]:
+    """A config naming a LightningModule by class_path (the package's MLP), then `overrides`."""
+
+    def build(scratch: Path) -> tuple[Path, list[str]]:
+        path = scratch / "own_model.yaml"
+        path.write_text(
+            "model:\n  class_path: fl_lightning.models.MLP\n  init_args: {num_classes: 10}\n"
+        )
+        return path, list(overrides)
+
+    return build
+
+
+NO_TEST_DATA = """
+import lightning.pytorch as pl
+
+
+class NoTestData(pl.LightningDataModule):
+    def __init__(self, root: str):
+        super().__init__()
+"""
+
+
+def _datamodule_without_test_data(scratch: Path) -> tuple[Path, list[str]]:
+    (scratch / "no_test_data.py").write_text(NO_TEST_DATA)  # the scratch folder is the cwd
+    path = scratch / "own_data.yaml"
+    path.write_text(
+        "model:\n  class_path: fl_lightning.models.MLP\n  init_args: {num_classes: 10}\n"
+        "data:\n  class_path: no_test_data.NoTestData\n  init_args: {root: .}\n"
+    )
+    return path, []
+
+
 CASES: list[Case] = [
     ("`data.root=~nosuchuser/x`", _override("data.root=~nosuchuser/x")),
     ("`data.cache_dir=~nosuchuser/x`", _override("data.cache_dir=~nosuchuser/x")),
@@ -77,6 +110,16 @@ CASES: list[Case] = [
     ("a config with `data:` written twice", _duplicate_section),
     ("a malformed config", _malformed),
     ("a config file that does not exist", lambda scratch: (scratch / "missing.yaml", [])),
+    # Issue #19: the user's own classes.
+    ("`model.class_path=` a module that does not import", _own_model("model.class_path=my.Net")),
+    ("`model.class_path=` not a LightningModule", _own_model("model.class_path=torch.nn.Linear")),
+    ("`model.init_args.` one the constructor lacks", _own_model("model.init_args.hiden=3")),
+    ("`trainer.max_epoch=2` (not a Trainer keyword)", _override("trainer.max_epoch=2")),
+    (
+        "`trainer.callbacks=` one that does not import",
+        _override("trainer.callbacks=[{class_path: my.callbacks.Missing}]"),
+    ),
+    ("a DataModule with no test data", _datamodule_without_test_data),
 ]
 
 
@@ -94,12 +137,14 @@ def run_case(build: Callable[[Path], tuple[Path, list[str]]], data: Path) -> dic
         scratch = Path(folder)
         config, overrides = build(scratch)
         before = _snapshot(scratch)
+        # A DataModule of the user's takes its own arguments, not the built-in data keys.
+        own_data = "data:\n  class_path" in (config.read_text() if config.is_file() else "")
+        data_keys = [] if own_data else [f"data.root={data}", f"data.cache_dir={scratch / 'cache'}"]
         command = [
             str(CLI),
             "run",
             str(config),
-            f"data.root={data}",
-            f"data.cache_dir={scratch / 'cache'}",
+            *data_keys,
             f"output.root={scratch / 'runs'}",
             *overrides,
         ]

@@ -47,9 +47,9 @@ def run(mode: str, config: str, data: Path, workdir: Path, extra: list[str]) -> 
     return {
         "wall_seconds": wall,
         "round_seconds": [r["seconds"] for r in rounds],
-        "client_training_seconds": [r["time_client_training"] for r in rounds],
-        "client_evaluation_seconds": [r.get("time_client_evaluation", 0.0) for r in rounds],
-        "final_accuracy": rounds[-1]["centralized_accuracy"],
+        "client_training_seconds": [r["time/client_training"] for r in rounds],
+        "client_evaluation_seconds": [r.get("time/client_evaluation", 0.0) for r in rounds],
+        "final_accuracy": rounds[-1]["test/accuracy"],
     }
 
 

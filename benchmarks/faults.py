@@ -188,17 +188,17 @@ def run_scenario(name: str, setup: list[str], data: Path, workdir: Path) -> dict
         "rejected": sum(r.get("rejected", 0) for r in rounds),
         "reasons": list(dict.fromkeys(rejections.reasons)),
         "error": error,
-        "train_loss": [r.get("train_loss") for r in rounds],
-        "accuracy_per_round": [r["centralized_accuracy"] for r in rounds],
-        "final_accuracy": last.get("centralized_accuracy"),
-        "final_loss": last.get("centralized_loss"),
+        "train/loss": [r.get("train/loss") for r in rounds],
+        "accuracy_per_round": [r["test/accuracy"] for r in rounds],
+        "final_accuracy": last.get("test/accuracy"),
+        "final_loss": last.get("test/loss"),
         "wall_seconds": time.perf_counter() - started,
     }
 
 
 def what_it_did(r: dict) -> str:
     """Rounds completed and aggregated, and the error the run ended with, if any."""
-    aggregated = sum(loss is not None for loss in r["train_loss"])
+    aggregated = sum(loss is not None for loss in r["train/loss"])
     did = f"completed {r['rounds']} rounds, aggregated {aggregated}"
     if aggregated < r["rounds"]:
         did += f", skipped {r['rounds'] - aggregated} (too few usable updates)"

@@ -172,14 +172,14 @@ def run_federated(config: str, overrides: list[str], workdir: Path) -> dict[str,
         "startup": last_record - round_seconds - launched,
         "logging": summary - last_record,
         "shutdown": launched + wall - summary,
-        "accuracy": rounds[-1]["centralized_accuracy"],
+        "accuracy": rounds[-1]["test/accuracy"],
     }
     for phase in PHASES:
-        figures[phase] = sum(r.get(f"time_{phase}", 0.0) for r in records)
+        figures[phase] = sum(r.get(f"time/{phase}", 0.0) for r in records)
     # Every round but the last is evaluated in the background while the next one trains
     # (fl_lightning.rounds): those seconds overlap the others, so they are counted apart.
     last = max(r["round"] for r in records)
-    background = [r.get("time_centralized_evaluation", 0.0) for r in records if r["round"] < last]
+    background = [r.get("time/centralized_evaluation", 0.0) for r in records if r["round"] < last]
     figures["centralized_evaluation"] -= sum(background)
     figures["background_evaluation"] = sum(background)
     return figures

@@ -42,7 +42,7 @@ def main() -> None:
         "accuracy_difference": secure["final_accuracy"] - plain["final_accuracy"],
         "plain_seconds_per_round": plain_round,
         "secagg_seconds_per_round": secure_round,
-        "time_ratio": secure_round / plain_round,
+        "time/ratio": secure_round / plain_round,
     }
     table = markdown([plain, secure], "", script="benchmarks/secure_aggregation.py") + (
         f"\n\nSecAgg+ vs plain: final accuracy {figures['secagg_final_accuracy']:.4f} vs "

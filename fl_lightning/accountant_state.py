@@ -1,7 +1,7 @@
 """What a DP-SGD client's accountant state must be, wherever the server meets one.
 
-A DP-SGD client sends its Opacus RDP accountant with every train reply, as the JSON of
-`RDPAccountant.state_dict()` (`fl_lightning.dp_sgd.ClientDPSGD.state`); the server keeps it
+A DP-SGD client sends its Opacus accountant (RDP or PRV) with every train reply, as the JSON
+of its `state_dict()` (`fl_lightning.dp_sgd.ClientDPSGD.state`); the server keeps it
 in resume.pt and, after `--resume`, sends it back to the client, which loads it. The reply
 screen and the resume check both use `accountant_state_problem`, so a state the server
 accepts from a client is exactly one that a resumed run accepts from resume.pt and that
@@ -17,16 +17,17 @@ from typing import Any
 # A DP-SGD accountant's JSON grows by a few dozen bytes a round; this bounds what the server
 # keeps and resends after --resume.
 MAX_ACCOUNTANT_CHARS = 1_000_000
-# The keys of Opacus's `RDPAccountant.state_dict()` (opacus 1.6), and its mechanism's name.
+# The keys of an Opacus accountant's `state_dict()` (opacus 1.6), and the mechanisms whose
+# history (noise multiplier, sample rate, steps) a client may keep (`privacy.accountant`).
 _KEYS = {"history", "mechanism"}
-_MECHANISM = "rdp"
+_MECHANISMS = ("rdp", "prv")
 
 
 def accountant_state_problem(text: object) -> str | None:
-    """Why `text` is not an RDP accountant's state as a DP-SGD client sends it; None if it is.
+    """Why `text` is not an accountant's state as a DP-SGD client sends it; None if it is.
 
     That is a JSON object `{"history": [[noise multiplier, sample rate, steps], ...],
-    "mechanism": "rdp"}` of at most `MAX_ACCOUNTANT_CHARS` characters, each step a finite
+    "mechanism": "rdp" or "prv"}` of at most `MAX_ACCOUNTANT_CHARS` characters, each step a finite
     noise multiplier >= 0, a sample rate in [0, 1] and an integer count >= 1.
     """
     if not isinstance(text, str):
@@ -39,8 +40,8 @@ def accountant_state_problem(text: object) -> str | None:
         return "is not JSON"
     if not isinstance(state, dict) or set(state) != _KEYS:
         return f"is not a JSON object with exactly the keys {sorted(_KEYS)}"
-    if state["mechanism"] != _MECHANISM:
-        return f"is not an RDP accountant's (mechanism {str(state['mechanism'])[:40]!r})"
+    if state["mechanism"] not in _MECHANISMS:
+        return f"is not an RDP or PRV accountant's (mechanism {str(state['mechanism'])[:40]!r})"
     history = state["history"]
     if not isinstance(history, list):
         return "has a history that is not a list"
@@ -54,7 +55,7 @@ def accountant_state_problem(text: object) -> str | None:
 
 
 def is_rdp_step(entry: Any) -> bool:
-    """An RDP accountant's history entry: (noise multiplier, sample rate, steps), in range."""
+    """An accountant's history entry: (noise multiplier, sample rate, steps), in range."""
     if not isinstance(entry, (list, tuple)) or len(entry) != 3:
         return False
     noise, rate, steps = entry

@@ -19,15 +19,15 @@ from flwr.app import Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fl_lightning.client_app import (
+from fl_lightning.config import Config
+from fl_lightning.errors import NothingTrained
+from fl_lightning.replies import Notices, error_summary, is_int, partition_of
+from fl_lightning.vocabulary import (
     CENSUS_ACTION,
     CENSUS_RECORD,
     IDENTITY_RECORD,
     sends_label_counts,
 )
-from fl_lightning.config import Config
-from fl_lightning.errors import NothingTrained
-from fl_lightning.replies import Notices, error_summary, is_int, partition_of
 
 CENSUS_MESSAGE_TYPE = f"{MessageType.QUERY}.{CENSUS_ACTION}"
 

@@ -57,11 +57,30 @@ def _parser() -> argparse.ArgumentParser:
         help="SuperNodes to start, one client each (default and override: federation.num_clients)",
     )
     deploy.add_argument(
+        "--node-config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE ...",
+        help="settings of one SuperNode, once per node in order, e.g. "
+        """--node-config 'data-root="/sites/a"' --node-config 'data-root="/sites/b"'""",
+    )
+    deploy.add_argument(
         "--gpus",
         type=_gpu_list,
         default=[],
         help="CUDA devices to spread the SuperNodes over, one each, e.g. 0,1 "
         "(sets node-config gpus; default: the trainer.* keys decide)",
+    )
+    init = commands.add_parser(
+        "init",
+        help="write a small working project (a LightningModule, a DataModule, a config) "
+        "to start from",
+    )
+    init.add_argument("folder", help="where to write it: a folder that does not exist or is empty")
+    init.add_argument(
+        "--data-root",
+        help="the folder holding MNIST/, written into the config (downloaded there if "
+        "missing; default: FOLDER/data)",
     )
     return parser
 
@@ -69,7 +88,6 @@ def _parser() -> argparse.ArgumentParser:
 def _prepare(path: str, overrides: list[str], claim_output: bool = True) -> Config:
     """Load and validate the config and check data and model, before any process starts."""
     from fl_lightning.config import load_config
-    from fl_lightning.partition import client_splits
 
     cfg = load_config(path, overrides)
     if claim_output:
@@ -78,13 +96,29 @@ def _prepare(path: str, overrides: list[str], claim_output: bool = True) -> Conf
         # A directory the run could not claim is said before any data is decoded.
         check_claimable(run_dir_path(cfg), "output.dir" if cfg.output.dir else "output.root")
     # Fail on missing data or impossible partitions here, with one line, not inside Ray.
-    client_splits(cfg.data, cfg.federation.num_clients, cfg.seed)
-    if cfg.privacy.mode != "none":
-        from fl_lightning.data import load_splits
-        from fl_lightning.models import build_model
+    if cfg.data.class_path is None:
+        from fl_lightning.partition import client_splits
 
-        build_model(cfg, load_splits(cfg.data).num_classes)  # can Opacus train this model?
+        client_splits(cfg.data, cfg.federation.num_clients, cfg.seed)
+    else:
+        from fl_lightning.client_data import central_test_loader
+
+        central_test_loader(cfg)  # the server's test data: there, and not empty
+    _check_model(cfg)
     return cfg
+
+
+def _check_model(cfg: Config) -> None:
+    """Build the module as the server will: its constructor, Opacus, BatchNorm all checked."""
+    from fl_lightning.errors import ConfigError
+    from fl_lightning.models import build_model, has_batchnorm
+
+    model = build_model(cfg)  # a user's constructor; under DP, can Opacus train it?
+    if cfg.strategy.batchnorm == "recompute" and not has_batchnorm(model):
+        raise ConfigError(
+            "strategy.batchnorm: recompute changes only BatchNorm statistics, and the model "
+            "has no BatchNorm layer; use strategy.batchnorm=average"
+        )
 
 
 def _report(cfg: Config, run: RunDir) -> int:
@@ -140,6 +174,7 @@ def deploy_command(args: argparse.Namespace) -> int:
     if args.nodes is not None:
         overrides.append(f"federation.num_clients={args.nodes}")
     cfg = _prepare(args.config, overrides)
+    node_configs = _checked_node_configs(cfg, args.node_config)
     path = run_dir_path(cfg).resolve()
     # Claimed here, before any process starts (the deployment's logs are kept in it); the
     # ServerApp, holding the claim's token, takes it over and writes the run.
@@ -152,13 +187,74 @@ def deploy_command(args: argparse.Namespace) -> int:
         config,
         cfg.federation.num_clients,
         args.gpus,
+        node_configs=node_configs,
         keep=path,
         verbose=args.verbose,
         # Each SuperNode's threads, like each simulated client's CPUs under Ray.
         threads_per_node=max(1, int(cfg.federation.client_resources.num_cpus)),
-        env={CLAIM_TOKEN_ENV: token},
+        # The config's folder is importable in every process, as for `run` (load_config).
+        env={
+            CLAIM_TOKEN_ENV: token,
+            "FL_LIGHTNING_IMPORT_PATH": str(Path(args.config).resolve().parent),
+        },
     )
     return _report(cfg, run)
+
+
+def _checked_node_configs(cfg: Config, texts: list[str]) -> list[str]:
+    """Each `--node-config` as its SuperNode will apply it, checked before any process starts."""
+    from flwr.common.config import parse_config_args
+
+    from fl_lightning.errors import ConfigError
+    from fl_lightning.node_config import apply_node_config
+
+    nodes = cfg.federation.num_clients
+    if len(texts) > nodes:
+        raise ConfigError(
+            f"--node-config: given {len(texts)} times for {nodes} SuperNodes; give it once per "
+            "node at most"
+        )
+    sites = 0
+    for k, text in enumerate(texts):
+        try:
+            settings = parse_config_args([text])
+        except Exception:  # Flower's ClickException: the format is wrong
+            raise ConfigError(
+                f"--node-config {text!r}: write it as key=value pairs, strings quoted, e.g. "
+                """'data-root="/sites/a"'"""
+            ) from None
+        # deploy-local numbers the nodes itself, and --gpus places them.
+        owned = sorted({"partition-id", "num-partitions", "gpus"} & set(settings))
+        if owned:
+            raise ConfigError(
+                f"--node-config {text!r}: {', '.join(owned)} is set by deploy-local "
+                "(--nodes, --gpus); remove it"
+            )
+        apply_node_config(cfg, {**settings, "partition-id": k, "num-partitions": nodes})
+        if "data-root" in settings:
+            sites += 1
+            if not Path(str(settings["data-root"])).is_dir():
+                raise ConfigError(
+                    f"--node-config {text!r}: data-root {settings['data-root']} is not a folder"
+                )
+    if sites not in (0, nodes):
+        raise ConfigError(
+            f"--node-config: {sites} of {nodes} SuperNodes name a data-root; give every node "
+            "its own, or none (then the config's data is partitioned)"
+        )
+    return list(texts)
+
+
+def init_command(args: argparse.Namespace) -> int:
+    """Write a new project into `args.folder` and say how to run it."""
+    from fl_lightning.scaffold import init_project
+
+    folder = Path(args.folder)
+    data_root = Path(args.data_root) if args.data_root is not None else None
+    init_project(folder, data_root)
+    print(f"fl-lightning: wrote a project into {folder}; run it with")
+    print(f"  fl-lightning run {folder / 'config.yaml'}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,14 +262,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     # KEY=VALUE overrides may also follow options (`deploy-local CONFIG --nodes 2 a.b=1`).
     args, extra = parser.parse_known_args(argv)
-    unknown = [item for item in extra if item.startswith("-") or "=" not in item]
+    # `init` takes no overrides.
+    takes_overrides = args.command != "init"
+    unknown = [i for i in extra if i.startswith("-") or "=" not in i or not takes_overrides]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    args.overrides = [*args.overrides, *extra]
+    if takes_overrides:
+        args.overrides = [*args.overrides, *extra]
     from fl_lightning.errors import FlLightningError, Stopped
 
     try:
-        return deploy_command(args) if args.command == "deploy-local" else run_command(args)
+        command = {"run": run_command, "deploy-local": deploy_command, "init": init_command}
+        return command[args.command](args)
     except FlLightningError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -11,28 +11,19 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from fl_lightning.config import Config
 from fl_lightning.node_config import apply_node_config, config_from_run_config
-
-# Metric every reply carries with value 1: the aggregation weight under client_dp, whose
-# noise is calibrated to an unweighted mean of clipped updates.
-UNIFORM_WEIGHT = "uniform-weight"
-# Where a DP-SGD client keeps its privacy accountant between rounds (Context.state).
-ACCOUNTANT_RECORD = "dp-sgd-accountant"
-# Query action (message type "query.batchnorm_statistics") of strategy.batchnorm=recompute.
-BATCHNORM_ACTION = "batchnorm_statistics"
-# Query action of the census the server takes at the start of a run (fl_lightning.census).
-CENSUS_ACTION = "census"
-# The ConfigRecord every reply names its partition in, and the census reply's own record.
-IDENTITY_RECORD = "client"
-CENSUS_RECORD = "census"
-
-
-def sends_label_counts(cfg: Config) -> bool:
-    """Whether clients tell the census their label counts: only with no privacy mechanism on.
-
-    Under differential privacy or secure aggregation a client's label mix is exactly what
-    the mechanism keeps from the server, so clients send only their partition sizes.
-    """
-    return cfg.privacy.mode == "none" and not cfg.secure_aggregation.enabled
+from fl_lightning.vocabulary import (
+    ACCOUNTANT_RECORD,
+    BATCHNORM_ACTION,
+    CENSUS_ACTION,
+    CENSUS_RECORD,
+    IDENTITY_RECORD,
+    LR_FACTOR,
+    NUM_EXAMPLES,
+    PROXIMAL_MU,
+    SERVER_ROUND,
+    UNIFORM_WEIGHT,
+    sends_label_counts,
+)
 
 
 def _partition(context: Context) -> tuple[int, int]:
@@ -111,9 +102,9 @@ def make_client_app(
             config,
             msg.content.array_records["arrays"].to_torch_state_dict(),
             *_partition(context),
-            server_round=cast(int, round_config["server-round"]),
-            lr=cast(float, round_config.get("lr", config.optimizer.lr)),
-            proximal_mu=cast(float, round_config.get("proximal-mu", 0.0)),
+            server_round=cast(int, round_config[SERVER_ROUND]),
+            lr_factor=cast(float, round_config.get(LR_FACTOR, 1.0)),
+            proximal_mu=cast(float, round_config.get(PROXIMAL_MU, 0.0)),
             accountant_state=cast(str | None, accountant_state),
         )
         assert result.state_dict is not None
@@ -158,7 +149,7 @@ def make_client_app(
             config,
             msg.content.array_records["arrays"].to_torch_state_dict(),
             *_partition(context),
-            server_round=cast(int, round_config["server-round"]),
+            server_round=cast(int, round_config[SERVER_ROUND]),
         )
         assert result.state_dict is not None
         content = RecordDict(
@@ -173,13 +164,12 @@ def make_client_app(
     @app.query(CENSUS_ACTION)
     def census(msg: Message, context: Context) -> Message:
         """This node's partition and its sizes (and label counts when no privacy is on)."""
-        from fl_lightning.partition import client_census  # torch, not Lightning
+        from fl_lightning.training import census as client_census
 
         config = _node_config(cfg, context)
-        with_labels = sends_label_counts(config)
         partition, num_partitions = _partition(context)
         train, val, labels = client_census(
-            config.data, num_partitions, config.seed, partition, with_labels
+            config, partition, num_partitions, with_labels=sends_label_counts(config)
         )
         record = ConfigRecord({"train-size": train, "val-size": val})
         if labels is not None:
@@ -191,7 +181,7 @@ def make_client_app(
 
 
 def _metrics(metrics: dict[str, float], num_examples: int) -> MetricRecord:
-    return MetricRecord({**metrics, "num-examples": num_examples, UNIFORM_WEIGHT: 1})
+    return MetricRecord({**metrics, NUM_EXAMPLES: num_examples, UNIFORM_WEIGHT: 1})
 
 
 # Entry point for `flwr run .` and SuperNodes ([tool.flwr.app.components] in pyproject.toml).

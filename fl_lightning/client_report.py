@@ -28,7 +28,7 @@ def client_report(
     num_clients = cfg.federation.num_clients
     budget = cfg.federation.num_rounds * cfg.trainer.max_epochs
     after = {
-        noisy: evaluator.evaluate(final_state, noisy=noisy)["centralized/accuracy"]
+        noisy: evaluator.evaluate(final_state, noisy=noisy)["test/accuracy"]
         for noisy in (False, True)
     }
     rows = []
@@ -38,7 +38,7 @@ def client_report(
             cfg, initial_state, client, num_clients, server_round=0, max_epochs=budget
         )
         assert alone.state_dict is not None
-        before = evaluator.evaluate(alone.state_dict, noisy=noisy)["centralized/accuracy"]
+        before = evaluator.evaluate(alone.state_dict, noisy=noisy)["test/accuracy"]
         rows.append(
             {
                 "client": client,

@@ -5,12 +5,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from fl_lightning.class_path import ClassSpec
 from fl_lightning.errors import ConfigError
 from fl_lightning.trainer_flags import validate_trainer
 from fl_lightning.yaml_input import _key_text, _show, apply_override, parse_yaml
@@ -52,7 +54,9 @@ class DataConfig:
     root: str = "data"
     download: bool = False
     val_fraction: float = 0.1
-    partition: Literal["iid", "dirichlet", "shards"] = "iid"
+    # How the training data is split into clients. "site": it is not; each client's data
+    # is its own (a deployed SuperNode names its folder: node config `data-root`).
+    partition: Literal["iid", "dirichlet", "shards", "site"] = "iid"
     alpha: float = 0.5  # dirichlet: concentration (smaller = more skewed label mixes)
     shards_per_client: int = 2  # shards: label-sorted shards each client holds
     batch_size: int = 32
@@ -72,14 +76,46 @@ class DataConfig:
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     # Where decoded image tensors are cached (JPEG trees decode once, not once per process).
     cache_dir: str = "~/.cache/fl-lightning"
+    # Any LightningDataModule instead of a built-in dataset (see fl_lightning.client_data
+    # for the federated contract); the keys above marked built-in do not apply to it.
+    class_path: str | None = None
+    init_args: dict[str, Any] = field(
+        default_factory=dict, hash=False
+    )  # unhashed: a dict has no hash
+
+
+# data.* keys that configure the built-in datasets only; a data.class_path DataModule is
+# configured by its own init_args instead. The others (partition, alpha, shards_per_client,
+# val_fraction) also cut a plain DataModule's training set into clients.
+BUILTIN_DATA_KEYS = (
+    "dataset", "root", "download", "batch_size", "eval_batch_size", "max_train_samples",
+    "max_test_samples", "channels", "image_size", "augment", "noise", "cache_dir",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Which LightningModule is trained."""
+    """Which LightningModule is trained: a built-in by `name`, or any by `class_path`."""
 
-    name: ModelName = "mnist_net"
-    label_smoothing: float = 0.0  # of the training loss
+    # A built-in model (null when class_path names the module).
+    name: ModelName | None = "mnist_net"
+    label_smoothing: float = 0.0  # built-in models: of the training loss
+    # Built-in models' hidden activation: tanh bounds activations, which suits DP-SGD's
+    # clipped gradients (Papernot et al., 2021, "tempered sigmoid").
+    activation: Literal["relu", "tanh"] = "relu"
+    # Any LightningModule, as Lightning's CLI names it, built with `init_args`.
+    class_path: str | None = None
+    init_args: dict[str, Any] = field(
+        default_factory=dict, hash=False
+    )  # unhashed: a dict has no hash
+
+
+# model.* keys of the built-in models only (besides `name`).
+BUILTIN_MODEL_KEYS = ("label_smoothing", "activation")
+# optimizer.* keys that configure the built-in models' optimizer; a model.class_path module
+# configures its own (configure_optimizers). The round schedule (warmup_rounds,
+# round_decay) and ema_decay apply to every module.
+BUILTIN_OPTIMIZER_KEYS = ("name", "lr", "weight_decay", "momentum", "scheduler")
 
 
 @dataclass(frozen=True)
@@ -120,6 +156,19 @@ class TrainerConfig:
     deterministic: bool = False
     enable_progress_bar: bool = False
     enable_model_summary: bool = False
+    # Lightning callbacks for each client's Trainer, by class_path and init_args.
+    callbacks: tuple[ClassSpec, ...] = ()
+    # Every other `lightning.Trainer` keyword, as written under `trainer:` (checked against
+    # Trainer's signature at load).
+    extra: dict[str, Any] = field(default_factory=dict, hash=False)
+
+    def kwargs(self) -> dict[str, Any]:
+        """The Trainer keywords (callbacks excluded: they are built per Trainer)."""
+        flat = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        del flat["callbacks"], flat["extra"]
+        if flat["limit_train_batches"] is None:
+            del flat["limit_train_batches"]
+        return {**flat, **self.extra}
 
 
 @dataclass(frozen=True)
@@ -197,6 +246,10 @@ class PrivacyConfig:
     max_epsilon: float | None = None
     clipping: Literal["server", "client"] = "server"  # client_dp: who clips the updates
     clipping_norm: float = 1.0  # client_dp: L2 bound on each client's model update
+    # Opacus's accountant for epsilon (and for calibrating noise_multiplier to
+    # target_epsilon): "rdp" (Renyi DP), or "prv" (privacy random variables, Gopi et al.
+    # 2021: a tighter valid bound, so less noise for the same epsilon; Opacus's own default).
+    accountant: Literal["rdp", "prv"] = "rdp"
     # false (the default): DP noise and Poisson sampling draw from a cryptographically
     # secure source, so nobody who knows `seed` can recompute them. true: they are seeded
     # from `seed` (same seed, same run, for research), and the stated epsilon does not hold
@@ -249,8 +302,22 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict, as written to the run's config.yaml."""
-        return dataclasses.asdict(self)
+        """Plain nested dict, as written to the run's config.yaml (and loaded back)."""
+        tree = dataclasses.asdict(self)
+        trainer = tree["trainer"]
+        trainer.update(trainer.pop("extra"))  # written flat under trainer:, as users write it
+        trainer["callbacks"] = list(trainer["callbacks"])
+        # A class_path module or DataModule has no built-in keys: written, they would be
+        # refused when the config is loaded back (by a SuperNode, or to run it again).
+        if self.model.class_path is not None:
+            for key in ("name", *BUILTIN_MODEL_KEYS):
+                del tree["model"][key]
+            for key in BUILTIN_OPTIMIZER_KEYS:
+                del tree["optimizer"][key]
+        if self.data.class_path is not None:
+            for key in BUILTIN_DATA_KEYS:
+                del tree["data"][key]
+        return tree
 
 
 def input_shape(data: DataConfig) -> tuple[int, int, int]:
@@ -275,6 +342,11 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
         raise ConfigError(
             f"config file {path} cannot be read ({reason}): pass a YAML file"
         ) from None
+    # A project keeps its config beside its package (`fl-lightning init`): the classes it
+    # names import from the config's folder too, wherever the command is started.
+    folder = str(path.resolve().parent)
+    if folder not in sys.path:
+        sys.path.append(folder)
     raw = parse_yaml(text, f"config file {path}") or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, not {_show(raw)}")
@@ -288,6 +360,7 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
     """Build and validate a Config from a nested dict (unknown keys are errors)."""
+    raw = _check_class_path_sections(raw)
     cfg = _build(Config, raw, prefix="")
     cfg = dataclasses.replace(
         cfg,
@@ -299,6 +372,16 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     )
     validate(cfg)
     return cfg
+
+
+def data_config(raw: dict[str, Any], prefix: str) -> DataConfig:
+    """A `data` section on its own (e.g. a DataModule's init_args): typed, paths resolved."""
+    data = _build(DataConfig, raw, prefix)
+    return dataclasses.replace(
+        data,
+        root=_resolve_path(data.root, f"{prefix}root"),
+        cache_dir=_resolve_path(data.cache_dir, f"{prefix}cache_dir"),
+    )
 
 
 def _resolve_path(text: str, key: str) -> str:
@@ -317,6 +400,40 @@ def _resolve_path(text: str, key: str) -> str:
         raise ConfigError(f"{key}: {_show(text)} is not a usable path ({err})") from None
 
 
+def _check_class_path_sections(raw: dict[str, Any]) -> dict[str, Any]:
+    """A class_path module or DataModule brings its own settings: the built-in ones are errors.
+
+    Checked on the raw sections, so a key written with its default value is refused too
+    (it would silently do nothing). Returns `raw` with `model.name` null under a class path.
+    """
+    model, data, optimizer = (raw.get(name) for name in ("model", "data", "optimizer"))
+    if isinstance(model, dict) and model.get("class_path") is not None:
+        _check(
+            model.get("name") is None,
+            "model.name",
+            "set either model.name (a built-in model) or model.class_path, not both",
+        )
+        raw = {**raw, "model": {**model, "name": None}}  # a copy: the caller's stays as given
+        _check_absent(model, BUILTIN_MODEL_KEYS, "model", "model.init_args")
+        if isinstance(optimizer, dict):
+            _check_absent(
+                optimizer, BUILTIN_OPTIMIZER_KEYS, "optimizer", "your module's configure_optimizers"
+            )
+    if isinstance(data, dict) and data.get("class_path") is not None:
+        _check_absent(data, BUILTIN_DATA_KEYS, "data", "data.init_args")
+    return raw
+
+
+def _check_absent(section: dict[str, Any], keys: tuple[str, ...], name: str, where: str) -> None:
+    given = [key for key in keys if key in section]
+    _check(
+        not given,
+        f"{name}.{given[0] if given else ''}",
+        f"configures the built-in {name} only, and {name.split('.')[0]}.class_path names "
+        f"your own; set it in {where} instead",
+    )
+
+
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     """Instantiate dataclass `cls` from `raw`, checking every key and value type."""
     if raw is None:
@@ -329,6 +446,14 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs: dict[str, Any] = {}
+    if cls is TrainerConfig:
+        # Every other Trainer keyword is accepted, checked against Trainer's signature.
+        from fl_lightning.trainer_flags import trainer_extras
+
+        raw = dict(raw)
+        kwargs["extra"] = trainer_extras(
+            {k: raw.pop(k) for k in list(raw) if k not in names or k == "extra"}
+        )
     for key, value in raw.items():
         if key not in names:
             # Truncated: difflib is quadratic in the length of what it compares.
@@ -338,6 +463,9 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
                 f"{prefix}{_key_text(key)}: unknown config key{hint}; known: {', '.join(names)}"
             )
         kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
+    for f in dataclasses.fields(cls):
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        _check(not required or f.name in kwargs, f"{prefix}{f.name}", "is required here")
     return cls(**kwargs)
 
 
@@ -355,6 +483,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return value
     if origin in (typing.Union, types.UnionType):
         return _coerce_union(value, typing.get_args(hint), key)
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{key}: {_show(value)} is not a mapping of names to values")
+        return dict(value)
     if origin in (tuple, list):
         item_type = typing.get_args(hint)[0]
         if not isinstance(value, list | tuple):
@@ -442,6 +574,7 @@ def validate(cfg: Config) -> None:
         "seed",
         f"must be in [0, 2**32 - 1] (what lightning.seed_everything accepts), got {cfg.seed}",
     )
+    _validate_classes(cfg)
     _validate_data(cfg)
     _check(
         0 <= cfg.model.label_smoothing < 1,
@@ -535,6 +668,8 @@ def _validate_data(cfg: Config) -> None:
             "data.image_size",
             "is required for dataset 'imagefolder' (images are resized to this square size)",
         )
+    if cfg.model.name is None or d.class_path is not None:
+        return  # the shapes of a user's module or data are theirs to match
     expected = MODEL_INPUT_SHAPES[cfg.model.name]
     actual = input_shape(d)
     _check(
@@ -542,6 +677,61 @@ def _validate_data(cfg: Config) -> None:
         "model.name",
         f"{cfg.model.name} takes inputs of shape {expected}, but data.dataset={d.dataset} "
         f"yields {actual}; pick a matching model (e.g. mlp)",
+    )
+
+
+# What fl-lightning passes a data.class_path DataModule that takes them (the federated
+# contract of fl_lightning.client_data): which client it serves, out of how many.
+PARTITION_ARGS = ("partition_id", "num_partitions")
+
+
+def _validate_classes(cfg: Config) -> None:
+    """Import the classes the config names and check their init_args against them."""
+    m, d = cfg.model, cfg.data
+    _check(
+        m.name is not None or m.class_path is not None,
+        "model.name",
+        "is null: name a built-in model or set model.class_path",
+    )
+    _check(
+        d.partition != "site",
+        "data.partition",
+        "site is set by a SuperNode whose node config names its own data-root; in a config, "
+        "use iid, dirichlet or shards",
+    )
+    if m.class_path is None and d.class_path is None:
+        return
+    import inspect
+
+    import lightning.pytorch as pl
+
+    from fl_lightning.class_path import check_init_args, import_class
+
+    if m.class_path is not None:
+        module = import_class(m.class_path, "model.class_path", pl.LightningModule)
+        check_init_args(module, m.init_args, "model", given=set())
+    if d.class_path is not None:
+        _check(
+            m.name is None,
+            "model.name",
+            f"the built-in {m.name} trains on the built-in datasets; with data.class_path, "
+            "name your module by model.class_path",
+        )
+        datamodule = import_class(d.class_path, "data.class_path", pl.LightningDataModule)
+        takes = set(PARTITION_ARGS) & set(inspect.signature(datamodule).parameters)
+        _check(
+            len(takes) != 1,
+            "data.class_path",
+            f"{d.class_path} takes {', '.join(takes)} but not "
+            f"{', '.join(set(PARTITION_ARGS) - takes)}: a DataModule that loads one client's "
+            "share takes both (or neither, to have fl-lightning partition it)",
+        )
+        check_init_args(datamodule, d.init_args, "data", given=takes)
+    _check(
+        not cfg.output.client_report,
+        "output.client_report",
+        "is built for the built-in models and datasets (the noisy-clients experiment); "
+        "set it to false",
     )
 
 
@@ -589,7 +779,7 @@ def _validate_strategy(cfg: Config) -> None:
         f"must be >= 1, got {s.batchnorm_batches}",
     )
     _check(
-        s.batchnorm == "average" or cfg.model.name in MODELS_WITH_BATCHNORM,
+        s.batchnorm == "average" or cfg.model.name in (None, *MODELS_WITH_BATCHNORM),
         "strategy.batchnorm",
         f"recompute changes only BatchNorm statistics, and model.name={cfg.model.name} has "
         f"no BatchNorm layers; use strategy.batchnorm=average",

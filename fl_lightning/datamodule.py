@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
@@ -101,3 +103,28 @@ class FederatedDataModule(L.LightningDataModule):
     def noisy_test_dataloader(self) -> DataLoader:
         """The test split with `data.noise` applied: what a noisy client's data looks like."""
         return self._loader("test", self.test_indices, noisy=True)
+
+
+class ImageDataModule(FederatedDataModule):
+    """The built-in datasets as a DataModule named by `data.class_path` (contract a).
+
+    `fl_lightning.datamodule.ImageDataModule` with init_args `{dataset: mnist, root: ...}`
+    (any built-in `data.*` key, plus `seed`) serves exactly what `data.dataset: mnist`
+    does: it is the same DataModule, built from arguments instead of a config section.
+    Training batches are shuffled with the seed the client's round set (torch's initial
+    seed, which fl-lightning sets per client and round before building the data).
+    """
+
+    def __init__(
+        self,
+        partition_id: int | None = None,
+        num_partitions: int = 1,
+        seed: int = 42,
+        **data: Any,
+    ) -> None:
+        from fl_lightning.config import data_config
+
+        config = data_config(data, "data.init_args.")
+        super().__init__(
+            config, seed, partition_id, num_partitions, shuffle_seed=torch.initial_seed()
+        )

@@ -204,6 +204,10 @@ class LocalDeployment:
                 **self.extra_env,
             }
         )
+        # The user's project (the working directory, and the config's folder the CLI names)
+        # is importable in every process, as in `fl-lightning run`.
+        project = [os.getcwd(), env.pop("FL_LIGHTNING_IMPORT_PATH", None)]
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [*project, env.get("PYTHONPATH")]))
         return env
 
     @property
@@ -435,14 +439,20 @@ def deploy_local(
     verbose: bool = False,
     threads_per_node: int | None = None,
     env: Mapping[str, str] | None = None,
+    node_configs: Sequence[str] = (),
 ) -> int:
     """Run a resolved config on a local TLS deployment; the logs end up in `keep/deployment`.
 
     SIGINT, SIGTERM and SIGHUP stop it (`Stopped`), as does the run's end or failure: every
     process it started is stopped and its temporary folder (node keys, certificates) removed.
     Its processes die with it even if it is killed outright (`die_with_parent`).
+    `node_configs[k]` is SuperNode k's own `--node-config` (e.g. its `data-root`).
     """
-    nodes = node_gpu_configs(gpus, num_nodes)
+    gpu_configs = node_gpu_configs(gpus, num_nodes)
+    nodes = [
+        " ".join(part[k] for part in (gpu_configs, node_configs) if k < len(part))
+        for k in range(num_nodes)
+    ]
     with stopped_by_signals():
         workdir = Path(tempfile.mkdtemp(prefix="fl-lightning-deploy-"))
         fed = LocalDeployment(num_nodes, workdir, nodes, threads_per_node, extra_env=env or {})

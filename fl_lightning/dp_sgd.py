@@ -1,8 +1,9 @@
 """Sample-level differential privacy (DP-SGD) for a client's Lightning training, with Opacus.
 
 Each client trains with Poisson-sampled batches, per-sample gradient clipping and Gaussian
-noise (Opacus's DPOptimizer, built inside the LightningModule's `configure_optimizers`).
-Its RDP accountant lives in the client's Flower `Context.state` between rounds, so the
+noise: the optimizer of any LightningModule's `configure_optimizers` becomes Opacus's
+DPOptimizer when fit starts (`PrivateOptimizer`, a callback).
+Its Opacus accountant lives in the client's Flower `Context.state` between rounds, so the
 epsilon it reports is cumulative over the whole run.
 """
 
@@ -12,10 +13,13 @@ import json
 import math
 import warnings
 from dataclasses import dataclass
+from typing import TypeVar
 
+import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import Callback
 from opacus import PrivacyEngine
-from opacus.accountants import RDPAccountant
+from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.data_loader import DPDataLoader
 from opacus.grad_sample import GradSampleModule
@@ -25,8 +29,9 @@ from torch.utils.data import DataLoader
 
 from fl_lightning import dp_randomness
 from fl_lightning.config import Config
-from fl_lightning.errors import ConfigError
-from fl_lightning.module import ImageClassifier
+from fl_lightning.errors import ClientError, ConfigError
+
+M = TypeVar("M", bound=nn.Module)
 
 
 def quiet_opacus() -> None:
@@ -41,7 +46,7 @@ def quiet_opacus() -> None:
     warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
 
 
-def make_private_compatible(model: ImageClassifier, name: str) -> ImageClassifier:
+def make_private_compatible(model: M, name: str) -> M:
     """Opacus's `ModuleValidator.fix` (BatchNorm -> GroupNorm), or a ConfigError naming why not.
 
     BatchNorm mixes samples within a batch, so it has no per-sample gradient; its running
@@ -54,8 +59,8 @@ def make_private_compatible(model: ImageClassifier, name: str) -> ImageClassifie
     ]
     if errors:
         raise ConfigError(
-            f"model.name: {name} cannot be trained with differential privacy ({errors[0]}); "
-            "pick a model without that layer, or set privacy.mode=none"
+            f"{name} cannot be trained with differential privacy ({errors[0]}); "
+            "use a model without that layer, or set privacy.mode=none"
         )
     return fixed
 
@@ -67,12 +72,13 @@ class DPSGDPlan:
     sample_rate: float
     steps_per_round: int
     noise_multiplier: float
+    accountant: str = "rdp"  # Opacus's name of the accountant (privacy.accountant)
 
     def epsilon(self, rounds: int, delta: float) -> float:
-        """Epsilon after `rounds` rounds of local training, from a fresh RDP accountant."""
+        """Epsilon after `rounds` rounds of local training, from a fresh accountant."""
         if rounds == 0:
             return 0.0
-        accountant = RDPAccountant()
+        accountant = create_accountant(self.accountant)
         accountant.history = [
             (self.noise_multiplier, self.sample_rate, rounds * self.steps_per_round)
         ]
@@ -104,9 +110,9 @@ def plan(cfg: Config, num_train: int) -> DPSGDPlan:
             target_delta=p.delta,
             sample_rate=sample_rate,
             steps=steps_per_round * cfg.federation.num_rounds,
-            accountant="rdp",
+            accountant=p.accountant,
         )
-    return DPSGDPlan(sample_rate, steps_per_round, float(sigma))
+    return DPSGDPlan(sample_rate, steps_per_round, float(sigma), p.accountant)
 
 
 class ClientDPSGD:
@@ -124,11 +130,11 @@ class ClientDPSGD:
         self.max_grad_norm = cfg.privacy.max_grad_norm
         self.delta = cfg.privacy.delta
         quiet_opacus()
-        self.engine = PrivacyEngine(accountant="rdp")
+        self.engine = PrivacyEngine(accountant=cfg.privacy.accountant)
         if accountant_state:
-            state = json.loads(accountant_state)
-            state["history"] = [tuple(step) for step in state["history"]]
-            self.engine.accountant.load_state_dict(state)
+            # The steps taken so far; they mean the same to either accountant.
+            history = json.loads(accountant_state)["history"]
+            self.engine.accountant.history = [tuple(step) for step in history]
         self.privacy = cfg.privacy
         self.seed = seed
 
@@ -170,3 +176,26 @@ class ClientDPSGD:
     def state(self) -> str:
         """The accountant's history as JSON, to keep in the client's Context.state."""
         return json.dumps(dict(self.engine.accountant.state_dict()))
+
+
+class PrivateOptimizer(Callback):
+    """DP-SGD for any LightningModule: its optimizer made private when `fit` starts.
+
+    The module's own `configure_optimizers` runs as written; this callback then wraps the
+    one optimizer it returned in Opacus's DPOptimizer (its schedulers keep working: they
+    change the same param groups). `loader` is the Poisson-sampled training loader.
+    """
+
+    def __init__(self, dp: ClientDPSGD, loader: DPDataLoader) -> None:
+        self.dp = dp
+        self.loader = loader
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Replace the Trainer's optimizer with its private version."""
+        if len(trainer.optimizers) != 1:
+            raise ClientError(
+                f"privacy.mode=dp_sgd: {type(pl_module).__name__}.configure_optimizers returns "
+                f"{len(trainer.optimizers)} optimizers, and DP-SGD makes exactly one private"
+            )
+        private = self.dp.make_private(pl_module, trainer.optimizers[0], self.loader)
+        trainer.strategy.optimizers = [private]

@@ -48,3 +48,12 @@ class NothingTrained(FlLightningError):
 
 class SecureAggregationError(FlLightningError):
     """Flower's SecAgg+ protocol failed mid-round (e.g. a client's malformed message)."""
+
+
+class ClientError(FlLightningError):
+    """A client cannot run the user's module or data as configured (sent to the server as
+    the reply's error, said once in the run's notices)."""
+
+
+class ScaffoldError(FlLightningError):
+    """`fl-lightning init` cannot write the project where it was asked to."""

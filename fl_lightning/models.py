@@ -1,11 +1,14 @@
-"""The seed report's architectures (Tables I and II) and the seed MLP, as LightningModules."""
+"""The run's LightningModule: the seed report's networks (Tables I, II), the seed MLP, or yours."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import lightning.pytorch as pl
+import torch
 from torch import nn
 
+from fl_lightning.class_path import ClassSpec, instantiate
 from fl_lightning.config import Config, input_shape
 from fl_lightning.module import ImageClassifier
 
@@ -17,16 +20,16 @@ class MNISTNet(ImageClassifier):
         """Conv(1,32,5) > pool > Conv(32,64,5) > pool > FC 1024-120-84-classes."""
         return nn.Sequential(
             nn.Conv2d(1, 32, kernel_size=5),
-            nn.ReLU(),
+            self.activation(),
             nn.MaxPool2d(2),
             nn.Conv2d(32, 64, kernel_size=5),
-            nn.ReLU(),
+            self.activation(),
             nn.MaxPool2d(2),
             nn.Flatten(),
             nn.Linear(64 * 4 * 4, 120),
-            nn.ReLU(),
+            self.activation(),
             nn.Linear(120, 84),
-            nn.ReLU(),
+            self.activation(),
             nn.Linear(84, self.hparams["num_classes"]),
         )
 
@@ -41,7 +44,7 @@ class CIFAR10Net(ImageClassifier):
             return [
                 nn.Conv2d(cin, cout, 3, padding=1),
                 nn.BatchNorm2d(cout),
-                nn.ReLU(),
+                self.activation(),
                 nn.MaxPool2d(2),
             ]
 
@@ -51,10 +54,10 @@ class CIFAR10Net(ImageClassifier):
             *block(128, 256),
             nn.Flatten(),
             nn.Linear(256 * 4 * 4, 512),
-            nn.ReLU(),
+            self.activation(),
             nn.Dropout(0.5),
             nn.Linear(512, 256),
-            nn.ReLU(),
+            self.activation(),
             nn.Linear(256, self.hparams["num_classes"]),
         )
 
@@ -73,7 +76,7 @@ class MLP(ImageClassifier):
         return nn.Sequential(
             nn.Flatten(),
             nn.Linear(self.in_features, self.hidden_features),
-            nn.ReLU(),
+            self.activation(),
             nn.Linear(self.hidden_features, self.hparams["num_classes"]),
         )
 
@@ -85,24 +88,54 @@ MODELS: dict[str, type[ImageClassifier]] = {
 }
 
 
-def build_model(cfg: Config, num_classes: int, lr: float | None = None) -> ImageClassifier:
-    """The configured LightningModule, sized for the dataset (`lr` overrides optimizer.lr)."""
+def build_model(cfg: Config, num_classes: int | None = None) -> pl.LightningModule:
+    """The run's LightningModule: `model.class_path` with its init_args, or built-in `model.name`.
+
+    Under differential privacy, BatchNorm is replaced as Opacus requires, on the server and
+    on every client alike (so both hold the same state keys). `num_classes` sizes a
+    built-in model (default: the built-in dataset's).
+    """
+    m = cfg.model
+    if m.class_path is not None:
+        spec = ClassSpec(m.class_path, dict(m.init_args))
+        model = instantiate(spec, "model", pl.LightningModule)
+        label = f"model.class_path: {m.class_path}"
+    else:
+        assert m.name is not None  # config validation: a name or a class path
+        model = _builtin(cfg, num_classes)
+        label = f"model.name: {m.name}"
+    if cfg.privacy.mode != "none":
+        from fl_lightning.dp_sgd import make_private_compatible
+
+        model = make_private_compatible(model, label)
+    return model
+
+
+def _builtin(cfg: Config, num_classes: int | None) -> ImageClassifier:
+    if num_classes is None:
+        from fl_lightning.data import load_splits  # cached per process
+
+        num_classes = load_splits(cfg.data).num_classes
     kwargs: dict[str, Any] = {
         "num_classes": num_classes,
         "optimizer": cfg.optimizer.name,
-        "lr": cfg.optimizer.lr if lr is None else lr,
+        "lr": cfg.optimizer.lr,
         "weight_decay": cfg.optimizer.weight_decay,
         "momentum": cfg.optimizer.momentum,
         "scheduler": cfg.optimizer.scheduler,
         "label_smoothing": cfg.model.label_smoothing,
+        "activation": cfg.model.activation,
     }
     if cfg.model.name == "mlp":
         channels, height, width = input_shape(cfg.data)
         kwargs["in_features"] = channels * height * width
-    model = MODELS[cfg.model.name](**kwargs)
-    if cfg.privacy.mode != "none":
-        # Server and clients build the same DP-compatible architecture (same state keys).
-        from fl_lightning.dp_sgd import make_private_compatible
+    assert cfg.model.name is not None
+    return MODELS[cfg.model.name](**kwargs)
 
-        model = make_private_compatible(model, cfg.model.name)
-    return model
+
+def has_batchnorm(model: torch.nn.Module) -> bool:
+    """Whether `model` keeps BatchNorm running statistics (what batchnorm=recompute measures)."""
+    return any(
+        isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+        for m in model.modules()
+    )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -29,16 +28,10 @@ class ImageClassifier(L.LightningModule):
         momentum: float = 0.9,
         scheduler: str = "none",
         label_smoothing: float = 0.0,
+        activation: str = "relu",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        # FedProx: weights of the global model this round started from, and the penalty.
-        self.proximal_mu = 0.0
-        self._proximal_anchor: list[torch.Tensor] = []
-        # DP-SGD: turns the optimizer into a private one (see dp_sgd.ClientDPSGD).
-        self.private_optimizer: (
-            Callable[[nn.Module, torch.optim.Optimizer], torch.optim.Optimizer] | None
-        ) = None
         self.net = self.build_network()
         # One metric collection per stage (torchmetrics states must not mix stages), named
         # as logged. Steps only update them; each epoch's end logs them once (see _log_epoch):
@@ -58,6 +51,10 @@ class ImageClassifier(L.LightningModule):
     def build_network(self) -> nn.Module:
         """The architecture, mapping (B, C, H, W) images to (B, num_classes) logits."""
         raise NotImplementedError
+
+    def activation(self) -> nn.Module:
+        """A new hidden activation: ReLU, or tanh (the tempered sigmoid that suits DP-SGD)."""
+        return nn.Tanh() if self.hparams["activation"] == "tanh" else nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits for a batch of normalised images."""
@@ -90,23 +87,11 @@ class ImageClassifier(L.LightningModule):
         """Log test/loss and test/accuracy over the whole test set."""
         self._log_epoch("test")
 
-    def set_proximal_anchor(self, mu: float) -> None:
-        """FedProx: penalise (mu/2)||w - w_now||^2 (call after loading global weights)."""
-        self.proximal_mu = mu
-        self._proximal_anchor = [p.detach().clone() for p in self.parameters()] if mu > 0 else []
-
     def training_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
     ) -> torch.Tensor:
-        """One optimisation step's loss (plus FedProx's proximal term, when set)."""
-        loss = self._shared_step(batch, "train")
-        if self._proximal_anchor:
-            distance = sum(
-                (p - a.to(p.device)).pow(2).sum()
-                for p, a in zip(self.parameters(), self._proximal_anchor, strict=True)
-            )
-            loss = loss + 0.5 * self.proximal_mu * distance
-        return loss
+        """One optimisation step's loss."""
+        return self._shared_step(batch, "train")
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         """Accumulate validation loss and accuracy."""
@@ -127,8 +112,6 @@ class ImageClassifier(L.LightningModule):
         else:
             optimizer_cls = torch.optim.AdamW if hp.optimizer == "adamw" else torch.optim.Adam
             optimizer = optimizer_cls(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        if self.private_optimizer is not None:
-            optimizer = self.private_optimizer(self, optimizer)
         if hp.scheduler == "none":
             return optimizer
         # Cosine to zero over this fit's steps: in FL, over one round of local training.

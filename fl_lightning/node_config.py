@@ -50,11 +50,12 @@ def parse_devices(text: str) -> list[int]:
 
 
 def apply_node_config(cfg: Config, node_config: typing.Mapping[str, Any]) -> Config:
-    """`cfg` as one SuperNode runs it: its partition checked, its `gpus` (e.g. "0,1") applied.
+    """`cfg` as one SuperNode runs it: its partition checked, its own settings applied.
 
     `partition-id` and `num-partitions` come from the Simulation Engine or from
-    `flower-supernode --node-config`; `gpus`, where a SuperNode's config names it, puts that
-    node's Trainer on those CUDA devices.
+    `flower-supernode --node-config`. Where a SuperNode's node config names them,
+    `data-root` is the site's own data folder (see `_with_site_data`) and `gpus` (e.g.
+    "0,1") puts the node's Trainer on those CUDA devices.
     """
     for key in ("partition-id", "num-partitions"):
         if key not in node_config:
@@ -75,6 +76,7 @@ def apply_node_config(cfg: Config, node_config: typing.Mapping[str, Any]) -> Con
         raise ConfigError(
             f"node-config 'partition-id' is {partition}; it must be in 0..{partitions - 1}"
         )
+    cfg = _with_site_data(cfg, node_config)
     gpus = str(node_config.get("gpus", "")).strip()
     if not gpus:
         return cfg
@@ -89,6 +91,41 @@ def apply_node_config(cfg: Config, node_config: typing.Mapping[str, Any]) -> Con
         )
     trainer = dataclasses.replace(cfg.trainer, accelerator="gpu", devices=devices)
     return dataclasses.replace(cfg, trainer=trainer)
+
+
+def _with_site_data(cfg: Config, node_config: typing.Mapping[str, Any]) -> Config:
+    """`cfg` reading this SuperNode's own data folder, if its node config names one.
+
+    `data-root` becomes `data.root` (built-in datasets) or the DataModule's `root` init
+    argument, and the data is not partitioned (`data.partition: site`): the folder is the
+    site's. A DataModule that takes `partition_id` still gets it and decides for itself.
+    """
+    root = str(node_config.get("data-root", "")).strip()
+    if not root:
+        return cfg
+    if not Path(root).is_absolute():
+        raise ConfigError(
+            f"node-config 'data-root' is {root!r}; give the site's data folder as an absolute path"
+        )
+    data = cfg.data
+    if data.class_path is None:
+        data = dataclasses.replace(data, root=root, partition="site")
+    else:
+        import inspect
+
+        from fl_lightning.class_path import import_class
+
+        cls = import_class(data.class_path, "data.class_path")
+        params = inspect.signature(cls).parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        if "root" not in params and not takes_any:
+            raise ConfigError(
+                f"node-config 'data-root': {cls.__name__} takes no `root` argument to read a "
+                "site's folder from; add one, or leave data-root out"
+            )
+        init_args = {**data.init_args, "root": root}
+        data = dataclasses.replace(data, init_args=init_args, partition="site")
+    return dataclasses.replace(cfg, data=data)
 
 
 def _node_int(node_config: typing.Mapping[str, Any], key: str) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import matplotlib
@@ -11,23 +12,39 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
-CURVES = (
-    ("accuracy", ("centralized/accuracy", "distributed/accuracy")),
-    ("loss", ("centralized/loss", "distributed/loss", "train/loss")),
-)
+# Curves of at most this many metrics (one panel each): a module may log dozens.
+MAX_PANELS = 4
+_STAGE = re.compile(r"^(centralized|distributed|train|training|val|valid|validation|test)[/_]")
 
 
-def curves_figure(history: dict[int, dict[str, float]]) -> Figure:
-    """Centralized and distributed accuracy and loss against the round."""
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
-    for axis, (title, tags) in zip(axes, CURVES, strict=True):
-        for tag in tags:
+def metric_base(tag: str) -> str:
+    """A metric's name without its stage (`test/accuracy`, `val_acc` -> `accuracy`, `acc`)."""
+    return _STAGE.sub("", tag)
+
+
+def curves_figure(history: dict[int, dict[str, float]], tags: list[str]) -> Figure:
+    """One panel per metric the server evaluates centrally, against the round.
+
+    Each panel also draws the clients' metrics of the same name (`val/accuracy` with
+    `test/accuracy`, `train/loss` with `test/loss`). `tags` are the metrics to draw.
+    """
+    central = [t for t in history.get(0, {}) if t in tags] or tags
+    bases = list(dict.fromkeys(metric_base(t) for t in central))[:MAX_PANELS]
+    figure, axes = plt.subplots(
+        1,
+        max(1, len(bases)),
+        figsize=(5 * max(1, len(bases)), 4),
+        layout="constrained",
+        squeeze=False,
+    )
+    for axis, base in zip(axes[0], bases, strict=False):
+        for tag in (t for t in tags if metric_base(t) == base):
             points = sorted((r, m[tag]) for r, m in history.items() if tag in m)
             if points:
                 rounds, values = zip(*points, strict=True)
                 axis.plot(rounds, values, marker="o", label=tag)
         axis.set_xlabel("round")
-        axis.set_title(title)
+        axis.set_title(base)
         axis.grid(alpha=0.3)
         axis.legend()
     return figure

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from opacus.accountants import RDPAccountant
+from opacus.accountants import create_accountant
 
 from fl_lightning.config import Config
 from fl_lightning.dp_sgd import DPSGDPlan, plan
@@ -21,8 +21,8 @@ class PrivacyLedger:
 
     client_dp: one Gaussian release of the noised mean per round, with the noise
     multiplier over the clipping norm as its noise-to-sensitivity ratio, composed by
-    Opacus's RDP accountant without sampling amplification (Flower samples a fixed number
-    of clients, not a Poisson sample, so no amplification is claimed).
+    Opacus's accountant (`privacy.accountant`) without sampling amplification (Flower
+    samples a fixed number of clients, not a Poisson sample, so none is claimed).
     """
 
     def __init__(self, cfg: Config, partition_sizes: list[int]) -> None:
@@ -36,7 +36,7 @@ class PrivacyLedger:
         self.plans: list[DPSGDPlan] = [by_size[size] for size in partition_sizes] if dp_sgd else []
         self.rounds_taken = [0] * len(partition_sizes)
         self.reported: dict[int, float] = {}
-        self.releases = RDPAccountant()
+        self.releases = create_accountant(cfg.privacy.accountant)
         # client_dp: noise std over clipping norm (calibrated once if target_epsilon is set).
         self.client_dp_noise_multiplier = (
             _client_dp_noise_multiplier(cfg) if cfg.privacy.mode == "client_dp" else 0.0
@@ -48,7 +48,7 @@ class PrivacyLedger:
             # Clients with the same plan and participation share an epsilon: compute each once.
             cases = set(zip(self.plans, self.rounds_taken, strict=True))
             return max(p.epsilon(taken + 1, self.delta) for p, taken in cases)
-        accountant = RDPAccountant()
+        accountant = create_accountant(self.cfg.privacy.accountant)
         accountant.history = [*self.releases.history]
         accountant.step(noise_multiplier=self.client_dp_noise_multiplier, sample_rate=1.0)
         return float(accountant.get_epsilon(self.delta))
@@ -115,6 +115,6 @@ def _client_dp_noise_multiplier(cfg: Config) -> float:
             target_delta=p.delta,
             sample_rate=1.0,
             steps=cfg.federation.num_rounds,
-            accountant="rdp",
+            accountant=p.accountant,
         )
     )

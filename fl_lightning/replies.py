@@ -7,8 +7,10 @@ reply is checked before any of it is read, namely
 - its record structure (exactly the records its stage sends, nothing else);
 - its identity: a `partition-id` in range, equal to the partition its node answered the
   census with (`fl_lightning.census`), and one reply per partition;
-- its metrics: exactly the keys of its stage, each a finite number; `num-examples` an
-  integer between 1 and the partition's size from the census; `uniform-weight` 1;
+- its metrics: the stage's reserved keys and exactly the module's metric names of the run
+  (the set more than half of the partitions sent; before that, the set most of the
+  round's replies carry), each a finite number; `num-examples` an integer between 1
+  and the partition's size from the census; `uniform-weight` 1;
 - its arrays: the DECODED values (not the declared shape and dtype) of exactly the
   model's keys, shapes and dtypes, all finite.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from io import BytesIO
@@ -31,18 +34,22 @@ from flwr.common.constant import SType
 from flwr.common.logger import log
 
 from fl_lightning.accountant_state import accountant_state_problem
-from fl_lightning.client_app import ACCOUNTANT_RECORD, IDENTITY_RECORD, UNIFORM_WEIGHT
 from fl_lightning.config import Config
+from fl_lightning.vocabulary import (
+    ACCOUNTANT_RECORD,
+    EPSILON_METRIC,
+    IDENTITY_RECORD,
+    MAX_METRIC_NAME,
+    MAX_METRICS,
+    NUM_EXAMPLES,
+    RESERVED_METRICS,
+    UNIFORM_WEIGHT,
+)
 
 if TYPE_CHECKING:
     from fl_lightning.census import Census
 
-# What each stage's reply carries. The metric names are those ImageClassifier logs
-# (`<stage>/loss`, `<stage>/accuracy`) and client_app.py sends.
 TRAIN, EVALUATE, BATCHNORM = "train", "evaluate", "batchnorm statistics"
-_STAGE_METRICS = {TRAIN: ("train/loss", "train/accuracy"), EVALUATE: ("val/loss", "val/accuracy")}
-_WEIGHTS = ("num-examples", UNIFORM_WEIGHT)
-EPSILON_METRIC = "privacy/epsilon"
 # numpy's own bound on a .npy header (np.lib.format's default max_header_size).
 _MAX_NPY_HEADER = 10_000
 # What numpy's .npy reader raises on bytes that are not a well-formed array of a plain dtype.
@@ -233,32 +240,54 @@ def _records_problem(reply: Message, stage: str, cfg: Config) -> str | None:
     return None
 
 
-def expected_metrics(stage: str, cfg: Config) -> set[str]:
-    """The metric keys a reply of `stage` carries, exactly."""
-    keys = {*_STAGE_METRICS.get(stage, ()), *_WEIGHTS}
+def reserved_metrics(stage: str, cfg: Config) -> set[str]:
+    """The metric keys of our own a reply of `stage` carries, exactly."""
+    keys = {NUM_EXAMPLES, UNIFORM_WEIGHT}
     if stage == TRAIN and cfg.privacy.mode == "dp_sgd":
         keys.add(EPSILON_METRIC)
     return keys
 
 
-def metrics_problem(metrics: Any, stage: str, cfg: Config, cap: int) -> str | None:
+def module_metric_names(metrics: Any) -> frozenset[str]:
+    """The names of the module's own metrics in a reply's metric record."""
+    return frozenset(str(k) for k in metrics if k not in RESERVED_METRICS)
+
+
+def metrics_problem(
+    metrics: Any, stage: str, cfg: Config, cap: int, names: frozenset[str] | None = None
+) -> str | None:
     """Why a reply's metrics are not its stage's, finite and in range; None if they are.
 
     `cap` is the partition's size from the census: the most examples a reply can weigh.
+    `names` are the module's metric names the run expects (None: not known yet).
     """
-    expected = expected_metrics(stage, cfg)
-    if set(metrics.keys()) != expected:
-        missing = sorted(expected - set(metrics.keys()))
-        unexpected = sorted(map(str, set(metrics.keys()) - expected))
+    keys = set(metrics.keys())
+    reserved = reserved_metrics(stage, cfg)
+    if not reserved <= keys or keys & set(RESERVED_METRICS) - reserved:
+        missing = sorted(reserved - keys)
+        unexpected = sorted(keys & set(RESERVED_METRICS) - reserved)
         return f"its metrics are not its stage's (missing {missing}, unexpected {unexpected})"
+    found = module_metric_names(metrics)
+    if stage == BATCHNORM:
+        names = frozenset()
+    if len(found) > MAX_METRICS:
+        return f"it carries {len(found)} metrics, more than {MAX_METRICS}"
+    for name in found:
+        if len(name) > MAX_METRIC_NAME or not name.isprintable():
+            return f"metric name {name[:40]!r}... is not a short printable name"
+    if names is not None and found != names:
+        missing = sorted(names - found)
+        unexpected = sorted(found - names)
+        return f"its metrics are not the run's (missing {missing}, unexpected {unexpected})"
     for key, value in metrics.items():
         if not is_number(value):
             return f"metric {key} is {value!r}, not a finite number"
-        if key.endswith("accuracy") and not 0 <= value <= 1:
+        # The built-in modules' accuracies are shares; a user's may be percentages.
+        if cfg.model.class_path is None and key.endswith("accuracy") and not 0 <= value <= 1:
             return f"metric {key} is {value!r}, outside [0, 1]"
-        if key.endswith(("loss", "epsilon")) and value < 0:
+        if key == EPSILON_METRIC and value < 0:
             return f"metric {key} is {value!r}, negative"
-    examples = metrics["num-examples"]
+    examples = metrics[NUM_EXAMPLES]
     if not is_int(examples) or not 0 < examples <= cap:
         return f"num-examples is {examples!r}, not an integer in 1..{cap} (its partition's size)"
     if metrics[UNIFORM_WEIGHT] != 1:
@@ -273,6 +302,10 @@ class ReplyScreen:
         self.cfg = cfg
         self.census = census
         self.notices = census.notices  # shared with the census: each problem said once
+        # The module's metric names in each stage's replies, once more than half of the
+        # partitions have sent the same set (`_by_metric_names`); then required of every one.
+        self.metric_names: dict[str, frozenset[str]] = {}
+        self._votes: dict[str, dict[int, frozenset[str]]] = {}  # stage -> partition -> names
 
     def problem(
         self, reply: Message, stage: str, reference: ArrayRecord | None = None
@@ -289,7 +322,13 @@ class ReplyScreen:
         assert partition is not None  # identity_problem checked it
         sizes = self.census.val_sizes if stage == EVALUATE else self.census.train_sizes
         cap = sizes.get(partition, 0)
-        problem = metrics_problem(reply.content.metric_records["metrics"], stage, self.cfg, cap)
+        problem = metrics_problem(
+            reply.content.metric_records["metrics"],
+            stage,
+            self.cfg,
+            cap,
+            self.metric_names.get(stage),
+        )
         if problem is not None or stage == EVALUATE:
             return problem
         if reference is None:
@@ -328,8 +367,47 @@ class ReplyScreen:
             assert partition is not None
             taken.add(partition)
             valid.append(reply)
+        if stage not in self.metric_names and valid:
+            kept = self._by_metric_names(stage, valid)
+            kept_ids = {id(reply) for reply in kept}
+            rejected += len(valid) - len(kept)
+            taken.difference_update(partition_of(r) for r in valid if id(r) not in kept_ids)
+            valid = kept
         # Sorted by partition: float sums then do not depend on arrival order.
         return Screened(sorted(valid, key=lambda r: partition_of(r) or 0), failures, rejected)
+
+    def _by_metric_names(self, stage: str, valid: list[Message]) -> list[Message]:
+        """The replies carrying the round's metric names; the run's names once most agree.
+
+        Each partition votes with the names it sent last. A name set voted for by more than
+        half of the census's partitions becomes the run's, required of every reply from
+        then on: fewer than half of the clients cannot choose it. Until then a round keeps
+        the set most of its replies carry (Flower averages one set of names), ties going to
+        the larger set, and a client sending another is left out of that round only.
+        """
+        sets = [module_metric_names(r.content.metric_records["metrics"]) for r in valid]
+        votes = self._votes.setdefault(stage, {})
+        for reply, names in zip(valid, sets, strict=True):
+            votes[partition_of(reply) or 0] = names
+        tally = Counter(votes.values())
+        leader = max(tally, key=lambda n: (tally[n], len(n), sorted(n)))
+        if tally[leader] * 2 > len(self.census.nodes):
+            self.metric_names[stage] = leader
+        this_round = Counter(sets)
+        names = self.metric_names.get(stage) or max(
+            this_round, key=lambda n: (this_round[n], len(n), sorted(n))
+        )
+        kept = []
+        for reply, found in zip(valid, sets, strict=True):
+            if found == names:
+                kept.append(reply)
+                continue
+            problem = (
+                f"its metrics are not the round's (missing {sorted(names - found)}, "
+                f"unexpected {sorted(found - names)})"
+            )
+            self.notices.say(f"{stage} reply of client {partition_of(reply)} rejected", problem)
+        return kept
 
 
 def weights(replies: Iterable[Message]) -> np.ndarray:

@@ -234,11 +234,10 @@ def _parse(raw: Any, cfg: Config, model: dict[str, torch.Tensor]) -> ResumeState
 
 def _model_state(cfg: Config) -> dict[str, torch.Tensor]:
     """The global model's arrays as this config builds them (names, shapes, dtypes)."""
-    from fl_lightning.data import load_splits
     from fl_lightning.models import build_model
 
     with torch.random.fork_rng(devices=[]):  # building draws initial weights: not ours to take
-        return build_model(cfg, load_splits(cfg.data).num_classes).state_dict()
+        return build_model(cfg).state_dict()
 
 
 def _check_weights(weights: Any, model: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

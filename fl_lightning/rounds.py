@@ -22,10 +22,19 @@ if TYPE_CHECKING:  # opacus loads only for runs with differential privacy
     from fl_lightning.privacy_ledger import PrivacyLedger
 
 
-def round_lr(o: OptimizerConfig, server_round: int) -> float:
-    """Client learning rate in `server_round` (1-based): warmup, then decay."""
+def round_lr_factor(o: OptimizerConfig, server_round: int) -> float:
+    """What the module's learning rates are multiplied by in `server_round` (1-based):
+    linear warmup over `warmup_rounds`, then `round_decay` per round."""
     warmup = min(1.0, server_round / o.warmup_rounds) if o.warmup_rounds else 1.0
-    return o.lr * warmup * o.round_decay ** (server_round - 1)
+    return warmup * o.round_decay ** (server_round - 1)
+
+
+# Where a round's module metrics come from, in the order a shared name is settled: the
+# server's test metrics keep their names; a training or validation metric logged under a
+# name a source before it has used is kept apart as `<source>/<name>`.
+SOURCES = ("centralized", "train", "distributed")
+# The order the sources appear in a round's record (and on its console line).
+RECORD_ORDER = ("train", "distributed", "centralized")
 
 
 @dataclass
@@ -35,6 +44,7 @@ class _Closing:
     server_round: int
     state_dict: dict[str, torch.Tensor]
     metrics: dict[str, float]
+    sourced: dict[str, dict[str, float]]
     started: float
     privacy: dict[str, float]
     strategy: dict[str, Any]
@@ -61,7 +71,8 @@ class RoundRecorder:
     """Collects a round's client metrics and closes the round with the global model.
 
     Shared by the Message-API strategies and the SecAgg+ (legacy API) path, so both log
-    the same record: `train/*`, `distributed/*`, `centralized/*`, `epsilon`, `seconds`,
+    the same record: the module's train, distributed (clients' validation) and centralized
+    (server's test) metrics under the names it logs them, `epsilon`, `seconds`,
     and where the round's seconds went (`time/client_training`, `time/aggregation`,
     `time/client_evaluation`, `time/centralized_evaluation`, `time/checkpoint`, and for a
     round closed with `close`, `time/evaluation_backlog`: the wait for earlier rounds').
@@ -84,6 +95,10 @@ class RoundRecorder:
         self.ledger = ledger
         self.strategy: object | None = None  # whose cross-round state --resume restores
         self.metrics: dict[str, float] = {}
+        # The module's metrics of the round, by source (train, distributed), as logged.
+        self.sourced: dict[str, dict[str, float]] = {}
+        # Every module metric name each source has logged in the run (see `_named`).
+        self._seen: dict[str, set[str]] = {source: set() for source in SOURCES}
         self._started = self._lap = time.perf_counter()
         self._closer: ThreadPoolExecutor | None = None  # the background closes' one thread
         self._pending: list[Future[dict[str, float]]] = []
@@ -92,6 +107,7 @@ class RoundRecorder:
         """A round (or the initial evaluation) begins: reset its metrics and clock."""
         self.raise_failed_close()
         self.metrics = {}
+        self.sourced = {}
         self._started = self._lap = time.perf_counter()
 
     def lap(self, phase: str) -> None:
@@ -106,9 +122,32 @@ class RoundRecorder:
         for name, n in counts.items():
             self.metrics[name] = self.metrics.get(name, 0) + n
 
-    def add(self, metrics: dict[str, float]) -> None:
-        """Client metrics aggregated this round (`train/*`, `distributed/*`, ...)."""
-        self.metrics.update(metrics)
+    def add(self, metrics: dict[str, float], source: str = "") -> None:
+        """Metrics of this round: the module's, from `source` (train, distributed), or ours."""
+        if source:
+            self.sourced.setdefault(source, {}).update(metrics)
+        else:
+            self.metrics.update(metrics)
+
+    def add_clients(self, metrics: dict[int, dict[str, float]]) -> None:
+        """Each client's own metrics this round, by partition, and their spread across clients.
+
+        Logged as `clients/<partition>/<name>` and `clients/min|mean|max/<name>` (the mean
+        unweighted: which clients lag shows here, not in the weighted mean).
+        """
+        for partition, own in sorted(metrics.items()):
+            for name, value in own.items():
+                self.metrics[f"clients/{partition}/{name}"] = value
+        names = sorted({name for own in metrics.values() for name in own})
+        for name in names:
+            values = [own[name] for own in metrics.values() if name in own]
+            spread: dict[str, float] = {
+                "min": min(values),
+                "mean": sum(values) / len(values),
+                "max": max(values),
+            }
+            for statistic, value in spread.items():
+                self.metrics[f"clients/{statistic}/{name}"] = value
 
     def close(self, server_round: int, state_dict: dict[str, torch.Tensor]) -> dict[str, float]:
         """Evaluate the global model on the test split, checkpoint it, log the round record.
@@ -145,6 +184,7 @@ class RoundRecorder:
             server_round,
             {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()},
             dict(self.metrics),
+            {source: dict(metrics) for source, metrics in self.sourced.items()},
             self._started,
             self.ledger.metrics() if self.ledger is not None else {},
             strategy,  # strategy_state already copies
@@ -179,6 +219,24 @@ class RoundRecorder:
                 f"({type(err).__name__}: {reason}); the rounds before it are in {self.run.path}"
             ) from err
 
+    def _named(self, sourced: dict[str, dict[str, float]]) -> dict[str, float]:
+        """The round's module metrics under the names the run logs them (in `RECORD_ORDER`).
+
+        Rounds are named one at a time, in order, so a name's fate is settled the first
+        time it appears: from the initial evaluation on for the test metrics, from the
+        first round on for the others.
+        """
+        names: dict[str, dict[str, float]] = {}
+        for index, source in enumerate(SOURCES):
+            before = set().union(*(self._seen[s] for s in SOURCES[:index]))
+            own = sourced.get(source, {})
+            self._seen[source].update(own)
+            names[source] = {
+                (f"{source}/{name}" if name in before else name): value
+                for name, value in own.items()
+            }
+        return {k: v for source in RECORD_ORDER for k, v in names[source].items()}
+
     def shutdown(self) -> None:
         """Wait for the background closes, then stop their thread."""
         try:
@@ -205,7 +263,8 @@ class RoundRecorder:
         ended = closing.handed_over if closing.background else checkpointed
         record["seconds"] = ended - closing.started
         closing.step = "logging its metrics"
-        self.tracker.log_round(closing.server_round, {**record, **metrics, **closing.privacy})
+        named = self._named({**closing.sourced, "centralized": metrics})
+        self.tracker.log_round(closing.server_round, {**named, **record, **closing.privacy})
         # Last: a round counts as completed for --resume once everything above is written.
         closing.step = "writing checkpoints/resume.pt"
         resume.save(

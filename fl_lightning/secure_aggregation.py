@@ -17,6 +17,7 @@ Flower 1.41 has SecAgg+ for its legacy API only (`SecAggPlusWorkflow` on the ser
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
@@ -48,7 +49,15 @@ from fl_lightning.dp_randomness import add_gaussian_noise, numpy_generator
 from fl_lightning.errors import FlLightningError, SecureAggregationError
 from fl_lightning.node_config import apply_node_config, config_from_run_config
 from fl_lightning.replies import is_int, is_number
-from fl_lightning.rounds import RoundRecorder, round_lr
+from fl_lightning.rounds import RoundRecorder, round_lr_factor
+from fl_lightning.vocabulary import (
+    EPSILON_METRIC,
+    LR_FACTOR,
+    MAX_METRIC_NAME,
+    MAX_METRICS,
+    RESERVED_METRICS,
+    SERVER_ROUND,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +92,10 @@ class LightningNumPyClient(NumPyClient):
         )
 
     def _state_dict(self, parameters: NDArrays) -> tuple[list[str], dict[str, torch.Tensor]]:
-        from fl_lightning.data import load_splits
         from fl_lightning.models import build_model
 
         # Integer buffers are not sent: they come from a fresh model of the same architecture.
-        state = build_model(self.cfg, load_splits(self.cfg.data).num_classes).state_dict()
+        state = build_model(self.cfg).state_dict()
         keys = secure_keys(state)
         state.update(
             {k: torch.from_numpy(np.asarray(p)) for k, p in zip(keys, parameters, strict=True)}
@@ -99,7 +107,7 @@ class LightningNumPyClient(NumPyClient):
     ) -> tuple[NDArrays, int, dict[str, Scalar]]:
         """Train on the partition; return the delta from the global model and its weight."""
         from fl_lightning import training
-        from fl_lightning.client_app import ACCOUNTANT_RECORD
+        from fl_lightning.vocabulary import ACCOUNTANT_RECORD
 
         keys, state = self._state_dict(parameters)
         accountant = self.state.config_records.get(ACCOUNTANT_RECORD)
@@ -107,8 +115,8 @@ class LightningNumPyClient(NumPyClient):
             self.cfg,
             state,
             *self.partition,
-            server_round=int(cast(int, config["server-round"])),
-            lr=float(cast(float, config["lr"])),
+            server_round=int(cast(int, config[SERVER_ROUND])),
+            lr_factor=float(cast(float, config[LR_FACTOR])),
             accountant_state=cast(str, accountant["state"]) if accountant else None,
         )
         assert result.state_dict is not None
@@ -127,7 +135,7 @@ class LightningNumPyClient(NumPyClient):
         # What the server sees in the clear: only what it needs, so no training metrics.
         metrics: dict[str, Scalar] = {CLIPPED_KEY: self._clipped(delta, weight, config)}
         if self.cfg.privacy.mode == "dp_sgd":  # the server's ledger: epsilon per client
-            metrics["privacy/epsilon"] = result.metrics["privacy/epsilon"]
+            metrics[EPSILON_METRIC] = result.metrics[EPSILON_METRIC]
         return delta, weight, metrics
 
     def _clipped(self, delta: NDArrays, weight: int, config: dict[str, Scalar]) -> int:
@@ -144,7 +152,7 @@ class LightningNumPyClient(NumPyClient):
 
         _, state = self._state_dict(parameters)
         result = training.validate(self.cfg, state, *self.partition)
-        return float(result.metrics["val/loss"]), result.num_examples, dict(result.metrics)
+        return _loss(result.metrics), result.num_examples, dict(result.metrics)
 
 
 def make_secure_client_app(cfg: Config | None, extra_mods: Sequence[Mod] = ()) -> ClientApp:
@@ -195,8 +203,8 @@ class SecureFedAvg(FedAvg):
         )
 
     def _fit_config(self, server_round: int) -> dict[str, Scalar]:
-        lr = round_lr(self.cfg.optimizer, server_round)
-        return {"server-round": server_round, "lr": lr, "max-weight": self.max_weight}
+        factor = round_lr_factor(self.cfg.optimizer, server_round)
+        return {SERVER_ROUND: server_round, LR_FACTOR: factor, "max-weight": self.max_weight}
 
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
@@ -249,20 +257,21 @@ class SecureFedAvg(FedAvg):
             self.recorder.start()
         if server_round == 0 or self.fraction_evaluate == 0:
             metrics = self.recorder.close(server_round, state)
-            return metrics["centralized/loss"], dict(metrics)
+            return _loss(metrics), dict(metrics)
         self._pending = state
         return None
 
     def aggregate_evaluate(
         self, server_round: int, results: list, failures: list
     ) -> tuple[float | None, dict[str, Scalar]]:
-        """Keep the clients' `val/*` means as `distributed/*`, then close the round."""
+        """Keep the clients' validation means (the distributed metrics), then close the round."""
         self.recorder.lap("client_evaluation")
         usable = _usable_evaluations(results)
         self.recorder.count(failures=len(failures), rejected=len(results) - len(usable))
         loss, metrics = super().aggregate_evaluate(server_round, usable, failures)
         self.recorder.add(
-            {"distributed/" + k[4:]: float(v) for k, v in metrics.items() if k.startswith("val/")}
+            {k: float(v) for k, v in metrics.items() if k not in RESERVED_METRICS},
+            source="distributed",
         )
         if self._pending is not None:
             self.recorder.close(server_round, self._pending)
@@ -326,7 +335,7 @@ def _reported_epsilons(
     epsilons: dict[int, float] = {}
     for proxy, res in results:
         partition = nodes.get(getattr(proxy, "node_id", -1))
-        epsilon = res.metrics.get("privacy/epsilon")
+        epsilon = res.metrics.get(EPSILON_METRIC)
         if partition is not None and is_number(epsilon) and epsilon >= 0:  # type: ignore[operator]
             epsilons[partition] = float(epsilon)  # type: ignore[arg-type]
         else:
@@ -336,28 +345,34 @@ def _reported_epsilons(
 
 def _usable_evaluations(results: list[tuple[ClientProxy, EvaluateRes]]) -> list:
     """The evaluation results that are numbers a mean can use: a positive integer weight,
-    a finite loss, and only finite `val/*` metrics (replies outside the secure sum)."""
+    a finite loss, and at most MAX_METRICS metrics, all finite numbers (replies outside
+    the secure sum)."""
     return [
         (proxy, res)
         for proxy, res in results
         if _count(res.num_examples) > 0
         and is_number(res.loss)
-        and all(k.startswith("val/") and is_number(v) for k, v in res.metrics.items())
+        and len(res.metrics) <= MAX_METRICS
+        and all(is_number(v) for v in res.metrics.values())
+        and all(len(k) <= MAX_METRIC_NAME and k.isprintable() for k in res.metrics)
     ]
 
 
+def _loss(metrics: dict[str, float]) -> float:
+    """The loss Flower's legacy API wants with an evaluation: the first logged `*loss*`."""
+    return next((float(v) for k, v in metrics.items() if "loss" in k), 0.0)
+
+
 def _weighted_mean(results: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:
-    """Example-weighted mean of the `val/*` metrics, over the well-formed reports only.
+    """Example-weighted mean of the clients' metrics, over the well-formed reports only.
 
     Evaluation replies are outside the secure sum and come from clients: a report with a
     weight that is not a positive integer, or a non-finite or non-numeric value, is skipped.
     """
-    usable = [
-        (n, m)
-        for n, m in results
-        if _count(n) > 0 and all(is_number(v) for k, v in m.items() if k.startswith("val/"))
-    ]
-    keys = {k for _, m in usable for k in m if k.startswith("val/")}
+    usable = [(n, m) for n, m in results if _count(n) > 0 and all(is_number(v) for v in m.values())]
+    # Only names most reports carry: a client cannot write names of its own into the logs.
+    counts = Counter(k for _, m in usable for k in m)
+    keys = {k for k, n in counts.items() if 2 * n > len(usable)}
     return {
         k: sum(n * float(cast(float, m[k])) for n, m in usable if k in m)
         / sum(n for n, m in usable if k in m)

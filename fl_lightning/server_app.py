@@ -56,10 +56,7 @@ def run_federation(
         tracker.history.update(resume.history)
         tracker.progress.update(resume.round)
         start = ArrayRecord(resume.weights)
-    splits = evaluator.datamodule.splits
-    # No client holds more samples than the training split (capped as the config caps it).
-    max_train = min(len(splits.train), cfg.data.max_train_samples or len(splits.train))
-    census = _census(grid, cfg, tracker, splits.classes, max_train)
+    census = _census(grid, cfg, tracker, *_dataset_facts(cfg))
     recorder = RoundRecorder(evaluator, tracker, run)
     # DP-SGD plans every partition: one without a census answer (it takes no part) gets
     # the smallest reported size, whose epsilon per round is the largest (conservative).
@@ -123,8 +120,10 @@ def _run_rounds(
     from fl_lightning.strategy import build_strategy
 
     fed = cfg.federation
+    from fl_lightning.client_data import has_validation
+
     # No federated evaluation without local validation samples.
-    fraction_evaluate = fed.fraction_evaluate if cfg.data.val_fraction > 0 else 0.0
+    fraction_evaluate = fed.fraction_evaluate if has_validation(cfg) else 0.0
     strategy = build_strategy(
         cfg,
         recorder,
@@ -162,8 +161,27 @@ def _run_rounds(
     return (result.arrays if len(result.arrays) else initial).to_torch_state_dict()
 
 
+def _dataset_facts(cfg: Config) -> tuple[tuple[str, ...], int | None]:
+    """A built-in dataset's class names and the most training samples a client can hold.
+
+    The built-in datasets are decoded on the server anyway (their test split); a
+    `data.class_path` DataModule's training data is never opened here: no facts.
+    """
+    if cfg.data.class_path is not None:
+        return (), None
+    from fl_lightning.data import load_splits
+
+    splits = load_splits(cfg.data)
+    # No client holds more samples than the training split (capped as the config caps it).
+    return splits.classes, min(len(splits.train), cfg.data.max_train_samples or len(splits.train))
+
+
 def _census(
-    grid: Grid, cfg: Config, tracker: RunTracker, classes: tuple[str, ...], max_train: int
+    grid: Grid,
+    cfg: Config,
+    tracker: RunTracker,
+    classes: tuple[str, ...],
+    max_train: int | None,
 ) -> Census:
     """Ask every client what it holds (`fl_lightning.census`); draw the label histogram
     from the counts clients sent, or say why there is none."""
@@ -181,6 +199,11 @@ def _census(
         import numpy as np
 
         tracker.log_label_histogram(np.array(census.label_count_rows(len(classes))), classes)
+    elif cfg.data.class_path is not None:
+        tracker.note(
+            "label histogram: not drawn; clients of a data.class_path DataModule "
+            "send only their partition sizes"
+        )
     else:
         tracker.note(
             "label histogram: not drawn; under differential privacy or secure aggregation "

@@ -50,9 +50,11 @@ def _warm_up(cfg: Config) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, int(num_cpus))))
     try:
         from fl_lightning import training  # noqa: F401  (torch, Lightning)
-        from fl_lightning.partition import client_splits
 
-        client_splits(cfg.data, cfg.federation.num_clients, cfg.seed)  # cached per process
+        if cfg.data.class_path is None:  # a DataModule of the user's loads on first use
+            from fl_lightning.partition import client_splits
+
+            client_splits(cfg.data, cfg.federation.num_clients, cfg.seed)  # cached per process
     except Exception:
         # A worker that cannot load the data fails its first message instead, where the
         # strategy reports the client's error; a failed hook would only kill the worker.

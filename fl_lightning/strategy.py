@@ -34,11 +34,19 @@ from flwr.serverapp.strategy import (
 )
 
 from fl_lightning.census import Census
-from fl_lightning.client_app import ACCOUNTANT_RECORD, BATCHNORM_ACTION, UNIFORM_WEIGHT
 from fl_lightning.config import BATCHNORM_STATISTICS, Config
-from fl_lightning.replies import BATCHNORM, EPSILON_METRIC, EVALUATE, TRAIN, ReplyScreen, weights
+from fl_lightning.replies import BATCHNORM, EVALUATE, TRAIN, ReplyScreen, weights
 from fl_lightning.replies import partition_of as _partition_of
-from fl_lightning.rounds import RoundRecorder, round_lr
+from fl_lightning.rounds import RoundRecorder, round_lr_factor
+from fl_lightning.vocabulary import (
+    ACCOUNTANT_RECORD,
+    BATCHNORM_ACTION,
+    EPSILON_METRIC,
+    LR_FACTOR,
+    RESERVED_METRICS,
+    SERVER_ROUND,
+    UNIFORM_WEIGHT,
+)
 
 BATCHNORM_MESSAGE_TYPE = f"{MessageType.QUERY}.{BATCHNORM_ACTION}"
 # Attributes Flower's server optimizers (FedAdam, FedYogi, FedAdagrad, FedAvgM) rebind as
@@ -70,10 +78,10 @@ def restore_dtypes(aggregated: ArrayRecord, reference: ArrayRecord) -> ArrayReco
 class LightningFedAvg(FedAvg):
     """FedAvg whose rounds end with centralized evaluation, a checkpoint and one log record.
 
-    Every round it sends clients their learning rate (`lr`, decayed across rounds by
-    `optimizer.round_decay`). Client train replies carry `train/*` metrics, evaluate
-    replies `val/*`; their example-weighted means are logged as `train/*` and
-    `distributed/*`. Every reply is screened against the run's `census` before any of it
+    Every round it sends clients their learning-rate factor (`optimizer.warmup_rounds`,
+    `optimizer.round_decay`). Train and evaluate replies carry the module's own metrics;
+    their example-weighted means are the round's training and distributed metrics, under
+    the module's names. Every reply is screened against the run's `census` before any of it
     is used; failed replies and bad ones are counted and left out (`fl_lightning.replies`),
     and an aggregate that is not finite is refused. Client sampling is reproducible, and
     `round_offset` lets a resumed run continue its round numbers. The other strategies
@@ -122,7 +130,7 @@ class LightningFedAvg(FedAvg):
         self._global = arrays
         self._train_round, self._train_seen, self._train_partitions = None, {}, set()
         self._grid = grid  # strategy.batchnorm=recompute messages the round's clients again
-        config["lr"] = round_lr(self.cfg.optimizer, server_round)
+        config[LR_FACTOR] = round_lr_factor(self.cfg.optimizer, server_round)
         with self._sampling(grid, server_round, "train") as ordered:
             messages = list(super().configure_train(server_round, arrays, config, ordered))
         if self.resent_accountants:
@@ -233,10 +241,16 @@ class LightningFedAvg(FedAvg):
             arrays = self._recompute_batchnorm(server_round, arrays, nodes)
             self.recorder.lap("batchnorm_statistics")
         if metrics is not None:
-            self.recorder.add(_client_metrics(metrics, "train/", "train/"))
+            self.recorder.add(module_metrics(metrics), source="train")
+        self._log_clients(replies)
         self.rounds_adopted += arrays is not None
         self.recorder.lap("aggregation")
         return arrays, metrics
+
+    def _log_clients(self, replies: list[Message]) -> None:
+        """Each client's own metrics (not under differential privacy: they are not covered)."""
+        if self.cfg.privacy.mode == "none":
+            self.recorder.add_clients(_per_client(replies))
 
     def _skip(self, why: str, server_round: int) -> tuple[None, None]:
         """Leave the global model as it is this round, saying why."""
@@ -258,7 +272,7 @@ class LightningFedAvg(FedAvg):
         if not keys or self._grid is None:
             return arrays
         content = RecordDict(
-            {"arrays": arrays, "config": ConfigRecord({"server-round": server_round})}
+            {"arrays": arrays, "config": ConfigRecord({SERVER_ROUND: server_round})}
         )
         messages = [
             Message(content, dst_node_id=node, message_type=BATCHNORM_MESSAGE_TYPE)
@@ -298,7 +312,7 @@ class LightningFedAvg(FedAvg):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Example-weighted mean of the clients' `val/*` metrics, kept as `distributed/*`."""
+        """Example-weighted mean of the clients' validation metrics: the distributed ones."""
         server_round += self.round_offset
         self.recorder.lap("client_evaluation")
         replies = list(replies)
@@ -309,7 +323,8 @@ class LightningFedAvg(FedAvg):
             return None
         metrics = super().aggregate_evaluate(server_round, screened.valid)
         if metrics is not None:
-            self.recorder.add(_client_metrics(metrics, "val/", "distributed/"))
+            self.recorder.add(module_metrics(metrics), source="distributed")
+        self._log_clients(screened.valid)
         return metrics
 
     def evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -444,11 +459,20 @@ def _client_epsilons(replies: list[Message]) -> dict[int, float]:
     }
 
 
-def _client_metrics(metrics: MetricRecord, prefix: str, renamed: str) -> dict[str, float]:
+def module_metrics(metrics: MetricRecord) -> dict[str, float]:
+    """The module's own metrics of an aggregated record, under the names it logged them."""
     return {
-        renamed + key[len(prefix) :]: float(value)  # type: ignore[arg-type]
+        key: float(value)  # type: ignore[arg-type]
         for key, value in metrics.items()
-        if key.startswith(prefix)
+        if key not in RESERVED_METRICS
+    }
+
+
+def _per_client(replies: list[Message]) -> dict[int, dict[str, float]]:
+    """Each screened reply's module metrics, by partition."""
+    return {
+        _screened_partition(reply): module_metrics(reply.content.metric_records["metrics"])
+        for reply in replies
     }
 
 

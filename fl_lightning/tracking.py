@@ -14,29 +14,15 @@ from tqdm.auto import tqdm
 from fl_lightning import plots
 from fl_lightning.rundir import RunDir
 
-# Rows of the seed report's Table III, in its order, with the tags they show.
-SUMMARY_ROWS = (
-    ("Loss (Centralized)", "centralized/loss"),
-    ("Accuracy (Centralized)", "centralized/accuracy"),
-    ("Distributed Loss", "distributed/loss"),
-    ("Distributed Accuracy", "distributed/accuracy"),
-    ("Train Loss", "train/loss"),
-    ("Epsilon (largest client)", "epsilon"),
-)
-# The tags shown on the console line of each round.
-CONSOLE_TAGS = (
-    "train/loss",
-    "distributed/loss",
-    "distributed/accuracy",
-    "centralized/loss",
-    "centralized/accuracy",
-    "epsilon",
-)
+# A round record's bookkeeping and per-client views, next to the module's metrics and the
+# ledger's `epsilon`: logged everywhere, not shown on the console line or in summary.md.
+NOT_SHOWN = ("seconds", "failures", "rejected", "epsilon_mean")
+NOT_SHOWN_PREFIXES = ("time/", "secure_aggregation/", "clients/")
 
 
-def jsonl_key(tag: str) -> str:
-    """metrics.jsonl spells each tag with '_' for '/' (`centralized/loss` -> `centralized_loss`)."""
-    return tag.replace("/", "_")
+def shown(tag: str) -> bool:
+    """Whether `tag` is a metric of the module (or epsilon), shown on the console and in tables."""
+    return tag not in NOT_SHOWN and not tag.startswith(NOT_SHOWN_PREFIXES)
 
 
 class RunTracker:
@@ -66,7 +52,7 @@ class RunTracker:
         """Record the metrics of a finished round (round 0: the initial model)."""
         self.history[server_round] = dict(metrics)
         record: dict[str, Any] = {"round": server_round}
-        record.update({jsonl_key(tag): _finite_or_none(value) for tag, value in metrics.items()})
+        record.update({tag: _finite_or_none(value) for tag, value in metrics.items()})
         with self.run.metrics.open("a") as stream:
             stream.write(json.dumps(record) + "\n")
         scalars = {tag: value for tag, value in metrics.items() if tag != "seconds"}
@@ -74,10 +60,8 @@ class RunTracker:
         self.tensorboard.experiment.flush()
         if self.console:
             seconds = metrics.get("seconds", 0.0)
-            shown = "  ".join(f"{tag} {metrics[tag]:.4f}" for tag in CONSOLE_TAGS if tag in metrics)
-            self.progress.write(
-                f"round {server_round}/{self.num_rounds}  {shown}  ({seconds:.1f}s)"
-            )
+            line = "  ".join(f"{tag} {value:.4f}" for tag, value in metrics.items() if shown(tag))
+            self.progress.write(f"round {server_round}/{self.num_rounds}  {line}  ({seconds:.1f}s)")
             if server_round > 0:
                 self.progress.update(1)
 
@@ -110,7 +94,8 @@ class RunTracker:
         self.progress.close()
         self.tensorboard.finalize("success")
         if self.history:
-            plots.save(plots.curves_figure(self.history), self.run.curves)
+            tags = list(dict.fromkeys(t for m in self.history.values() for t in m if shown(t)))
+            plots.save(plots.curves_figure(self.history, tags), self.run.curves)
         self.run.summary.write_text(self.summary_markdown())
 
     def clients_markdown(self) -> str:
@@ -136,21 +121,21 @@ class RunTracker:
             "| Metric | " + " | ".join(f"Round {r}" for r in rounds) + " |",
             "|---|" + "---|" * len(rounds),
         ]
-        for label, tag in SUMMARY_ROWS:
-            if not any(tag in self.history[r] for r in rounds):
-                continue  # e.g. epsilon, in a run without differential privacy
+        tags = dict.fromkeys(t for r in rounds for t in self.history[r] if shown(t))
+        for tag in tags:
             cells = [_format(tag, self.history[r].get(tag)) for r in rounds]
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        initial = self.history.get(0, {}).get("centralized/accuracy")
+            lines.append(f"| {tag} | " + " | ".join(cells) + " |")
+        initial = self.history.get(0, {})
         total = sum(m.get("seconds", 0.0) for m in self.history.values())
+        evaluated = ", ".join(f"{t} {_format(t, v)}" for t, v in initial.items() if shown(t))
         lines += [
             "",
-            f"Initial centralized accuracy: {_format('centralized/accuracy', initial)}.",
+            f"Initial model (centralized): {evaluated or '-'}.",
             f"Wall time of the rounds: {total:.1f} s.",
         ]
         lines += [f"{text}." if not text.endswith(".") else text for text in self.notes]
         if self.run.curves.exists():
-            lines += ["", f"![accuracy and loss per round]({self.run.curves.name})"]
+            lines += ["", f"![metrics per round]({self.run.curves.name})"]
         if self.clients:
             lines += ["", "## Clients: trained alone (before FL) and federated (after FL)", ""]
             lines += [self.clients_markdown()]

@@ -6,14 +6,44 @@ and the config is loaded before anything else needs it.
 
 from __future__ import annotations
 
+import logging
 import typing
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fl_lightning.errors import ConfigError
-from fl_lightning.yaml_input import _show
+from fl_lightning.yaml_input import _key_text, _show
 
 if TYPE_CHECKING:
     from fl_lightning.config import TrainerConfig
+
+
+# Trainer keywords fl-lightning sets itself in every client's Trainer, and why.
+OWNED_TRAINER_KEYS = {
+    "logger": "the server logs every round to TensorBoard and metrics.jsonl",
+    "enable_checkpointing": "the server checkpoints the global model every round",
+}
+
+
+def trainer_extras(raw: dict[str, Any]) -> dict[str, Any]:
+    """The `trainer.*` keys beyond TrainerConfig's own, each a `lightning.Trainer` keyword."""
+    if not raw:
+        return {}
+    import difflib
+    import inspect
+
+    from lightning.pytorch import Trainer
+
+    accepted = [p for p in inspect.signature(Trainer.__init__).parameters if p != "self"]
+    for key in raw:
+        if key in OWNED_TRAINER_KEYS:
+            raise ConfigError(
+                f"trainer.{key}: is set by fl-lightning ({OWNED_TRAINER_KEYS[key]}); remove it"
+            )
+        if key not in accepted:
+            close = difflib.get_close_matches(str(key)[:64], accepted, n=1)
+            hint = f" (did you mean 'trainer.{close[0]}'?)" if close else ""
+            raise ConfigError(f"trainer.{_key_text(key)}: not a lightning.Trainer keyword{hint}")
+    return dict(raw)
 
 
 def validate_trainer(t: TrainerConfig) -> None:
@@ -34,6 +64,36 @@ def validate_trainer(t: TrainerConfig) -> None:
         # and the defaults are valid: only a changed flag is checked against Lightning.
         _check_lightning_flags(t)
     _check_one_device(t)
+    if t.extra:
+        _check_extra_values(t)
+    for index, spec in enumerate(t.callbacks):
+        from lightning.pytorch.callbacks import (
+            Callback,
+            Checkpoint,
+            DeviceStatsMonitor,
+            LearningRateMonitor,
+        )
+
+        LOGGER_CALLBACKS = (LearningRateMonitor, DeviceStatsMonitor)
+
+        from fl_lightning.class_path import check_init_args, import_class
+
+        key = f"trainer.callbacks[{index}]"
+        cls = import_class(spec.class_path, f"{key}.class_path", Callback)
+        _check(
+            not issubclass(cls, LOGGER_CALLBACKS),
+            f"{key}.class_path",
+            f"{spec.class_path} needs a Trainer logger, and clients train without one "
+            f"({OWNED_TRAINER_KEYS['logger']}); remove it",
+        )
+        _check(
+            not issubclass(cls, Checkpoint),
+            f"{key}.class_path",
+            f"{spec.class_path}: {OWNED_TRAINER_KEYS['enable_checkpointing']} (last.ckpt in "
+            "the run directory); a client's own checkpoints would hold one round of one "
+            "client; remove it",
+        )
+        check_init_args(cls, spec.init_args, key, given=set())
 
 
 # Trainer flags whose accepted values only Lightning knows; checked against Lightning itself.
@@ -83,6 +143,23 @@ def _check_one_device(t: TrainerConfig) -> None:
         f"{_show(t.strategy)} is a multi-device strategy, and several devices per client is "
         "not supported yet (issue #20); set trainer.strategy=auto trainer.devices=1",
     )
+
+
+def _check_extra_values(t: TrainerConfig) -> None:
+    """Lightning's own check of the extra keywords: a Trainer built with them on one CPU."""
+    from lightning.pytorch import Trainer
+
+    kwargs = {**t.extra, "accelerator": "cpu", "devices": 1, "strategy": "auto"}
+    chatter = logging.getLogger("lightning.pytorch")  # device banners, tips
+    level = chatter.level
+    chatter.setLevel(logging.WARNING)
+    try:
+        Trainer(**kwargs, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    except Exception as err:  # Lightning's MisconfigurationException, TypeError, ValueError
+        names = ", ".join(f"trainer.{k}" for k in t.extra)
+        raise ConfigError(f"{names}: lightning.Trainer refused them: {err}") from None
+    finally:
+        chatter.setLevel(level)
 
 
 def _check_lightning_flags(t: TrainerConfig) -> None:

@@ -1,25 +1,33 @@
-"""A client's work on the global model: `Trainer.fit` on its partition, `validate` on hold-out."""
+"""A client's work on the global model: `Trainer.fit` on its data, `validate` on its hold-out.
+
+Whatever the module (built-in or the user's), the Trainer runs the loop and the module's
+own steps, optimizers and `self.log` calls; federated pieces come in as callbacks
+(`fl_lightning.federated_callbacks`, `fl_lightning.dp_sgd.PrivateOptimizer`).
+"""
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import warnings
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import EMAWeightAveraging
+from lightning.pytorch.callbacks import Callback, EMAWeightAveraging
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch.optim.swa_utils import update_bn
 
+from fl_lightning.class_path import instantiate
+from fl_lightning.client_data import ClientData, client_data
 from fl_lightning.config import BATCHNORM_STATISTICS, Config, TrainerConfig
-from fl_lightning.datamodule import FederatedDataModule
+from fl_lightning.errors import ClientError
+from fl_lightning.federated_callbacks import FedProx, RoundLearningRate
 from fl_lightning.models import build_model
-from fl_lightning.module import ImageClassifier
+from fl_lightning.vocabulary import EPSILON_METRIC, MAX_METRICS, RESERVED_METRICS
 
 
 @dataclass(frozen=True)
@@ -42,11 +50,17 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
+def user_callbacks(cfg: TrainerConfig) -> list[Callback]:
+    """The `trainer.callbacks` the config names, built fresh for one Trainer."""
+    return [
+        instantiate(spec, f"trainer.callbacks[{i}]", Callback)
+        for i, spec in enumerate(cfg.callbacks)
+    ]
+
+
 def make_trainer(cfg: TrainerConfig, **overrides: Any) -> L.Trainer:
     """A Trainer from the `trainer` section, without loggers or checkpoints of its own."""
-    kwargs = asdict(cfg)
-    if kwargs["limit_train_batches"] is None:
-        del kwargs["limit_train_batches"]
+    kwargs = cfg.kwargs()
     kwargs.update(logger=False, enable_checkpointing=False)
     kwargs.update(overrides)
     return L.Trainer(**kwargs)
@@ -62,15 +76,34 @@ def client_seed(seed: int, server_round: int, partition_id: int) -> int:
     return int(np.random.SeedSequence([seed, server_round, partition_id]).generate_state(1)[0])
 
 
-def _load(
-    cfg: Config,
-    dm: FederatedDataModule,
-    state_dict: dict[str, torch.Tensor],
-    lr: float | None = None,
-) -> ImageClassifier:
-    model = build_model(cfg, dm.splits.num_classes, lr=lr)
+def _load(cfg: Config, state_dict: dict[str, torch.Tensor]) -> L.LightningModule:
+    model = build_model(cfg)
     model.load_state_dict(state_dict)
     return model
+
+
+def logged_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The module's logged scalars as floats: what a reply carries under the same names.
+
+    A value logged both per step and per epoch appears as `name`, `name_step` and
+    `name_epoch`; only `name` (the epoch's) is kept.
+    """
+    result: dict[str, float] = {}
+    for key, value in metrics.items():
+        if key.endswith(("_step", "_epoch")) and key.rsplit("_", 1)[0] in metrics:
+            continue
+        if isinstance(value, torch.Tensor) and value.numel() != 1:
+            continue  # not a scalar: nothing to average
+        if key in RESERVED_METRICS:
+            raise ClientError(
+                f"the module logs {key!r}, a name fl-lightning's replies reserve; rename it"
+            )
+        result[str(key)] = float(value)
+    if len(result) > MAX_METRICS:
+        raise ClientError(
+            f"the module logs {len(result)} metrics; a reply carries at most {MAX_METRICS}"
+        )
+    return result
 
 
 def fit(
@@ -79,44 +112,46 @@ def fit(
     partition_id: int,
     num_partitions: int,
     server_round: int,
-    lr: float | None = None,
+    lr_factor: float = 1.0,
     proximal_mu: float = 0.0,
     max_epochs: int | None = None,
     accountant_state: str | None = None,
 ) -> ClientResult:
-    """Train the global weights on one client's partition for `trainer.max_epochs` epochs.
+    """Train the global weights on one client's data for `trainer.max_epochs` epochs.
 
-    `lr` is the round's learning rate sent by the server (default: optimizer.lr),
-    `proximal_mu` FedProx's penalty, `max_epochs` overrides trainer.max_epochs.
-    Under DP-SGD, `accountant_state` is the client's accountant from its previous round.
+    `lr_factor` scales the module's learning rates (the server's schedule across rounds),
+    `proximal_mu` is FedProx's penalty, `max_epochs` overrides trainer.max_epochs. Under
+    DP-SGD, `accountant_state` is the client's accountant from its previous round.
     """
     quiet_lightning()
     seed = client_seed(cfg.seed, server_round, partition_id)
     L.seed_everything(seed, verbose=False)  # dropout, augmentation
-    dm = FederatedDataModule(cfg.data, cfg.seed, partition_id, num_partitions, shuffle_seed=seed)
-    model = _load(cfg, dm, state_dict, lr=lr)
-    model.set_proximal_anchor(proximal_mu)
-    epochs = {} if max_epochs is None else {"max_epochs": max_epochs}
-    callbacks = []
+    data = client_data(cfg, partition_id, num_partitions, seed)
+    model = _load(cfg, state_dict)
+    callbacks = user_callbacks(cfg.trainer)
+    if lr_factor != 1.0:
+        callbacks.append(RoundLearningRate(lr_factor))
+    if proximal_mu > 0:
+        callbacks.append(FedProx(proximal_mu))
     if cfg.optimizer.ema_decay is not None:
         # The average (buffers included) starts at the first step's weights; fit ends with it.
         callbacks.append(EMAWeightAveraging(decay=cfg.optimizer.ema_decay))
-    trainer = make_trainer(cfg.trainer, limit_val_batches=0, callbacks=callbacks, **epochs)
-    loader = dm.train_dataloader()
-    dp = None
+    loader, dp = data.train, None
     if cfg.privacy.mode == "dp_sgd":
-        from fl_lightning.dp_sgd import ClientDPSGD
+        from fl_lightning.dp_sgd import ClientDPSGD, PrivateOptimizer
 
-        dp = ClientDPSGD(cfg, len(dm.train_indices), accountant_state, seed)
+        dp = ClientDPSGD(cfg, data.num_train, accountant_state, seed)
         loader = dp.loader(loader)
-        model.private_optimizer = functools.partial(dp.make_private, loader=loader)
+        callbacks.append(PrivateOptimizer(dp, loader))
+    epochs = {} if max_epochs is None else {"max_epochs": max_epochs}
+    trainer = make_trainer(cfg.trainer, limit_val_batches=0, callbacks=callbacks, **epochs)
     trainer.fit(model, train_dataloaders=loader)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+    metrics = logged_metrics(trainer.callback_metrics)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if dp is None:
-        return ClientResult(state, metrics, num_examples=len(dm.train_indices))
-    metrics["privacy/epsilon"] = dp.epsilon()
-    return ClientResult(state, metrics, len(dm.train_indices), accountant_state=dp.state())
+        return ClientResult(state, metrics, num_examples=data.num_train)
+    metrics[EPSILON_METRIC] = dp.epsilon()
+    return ClientResult(state, metrics, data.num_train, accountant_state=dp.state())
 
 
 def batchnorm_statistics(
@@ -129,23 +164,29 @@ def batchnorm_statistics(
     """BatchNorm running statistics of the global weights, measured on the client's data.
 
     A forward pass in training mode, without gradients, over up to
-    `strategy.batchnorm_batches` training batches (torch's `update_bn`: a cumulative
-    average over the batches). The reply holds only the BatchNorm running means and
-    variances; `num_examples` counts the samples behind them.
+    `strategy.batchnorm_batches` training batches (torch's `update_bn`, which calls the
+    module on each batch's first element: a cumulative average over the batches). The
+    reply holds only the BatchNorm running means and variances; `num_examples` counts the
+    samples behind them.
     """
     quiet_lightning()
     seed = client_seed(cfg.seed, server_round, partition_id)
     L.seed_everything(seed, verbose=False)  # augmentation, as in training
-    dm = FederatedDataModule(cfg.data, cfg.seed, partition_id, num_partitions, shuffle_seed=seed)
-    model = _load(cfg, dm, state_dict)
+    data = client_data(cfg, partition_id, num_partitions, seed)
+    model = _load(cfg, state_dict)
     device = _first_device(cfg.trainer)
     model.to(device)
-    batches = list(itertools.islice(dm.train_dataloader(), cfg.strategy.batchnorm_batches))
+    batches = list(itertools.islice(data.train, cfg.strategy.batchnorm_batches))
     update_bn(batches, model, device=device)
     keys = [k for k in state_dict if k.endswith(BATCHNORM_STATISTICS)]
     state = model.state_dict()
     statistics = {k: state[k].detach().cpu() for k in keys}
-    return ClientResult(statistics, {}, num_examples=sum(len(labels) for _, labels in batches))
+    return ClientResult(statistics, {}, num_examples=sum(_batch_size(b) for b in batches))
+
+
+def _batch_size(batch: Any) -> int:
+    first = batch[0] if isinstance(batch, list | tuple) else batch
+    return len(first)
 
 
 def _first_device(cfg: TrainerConfig) -> torch.device:
@@ -164,10 +205,39 @@ def validate(
     partition_id: int,
     num_partitions: int,
 ) -> ClientResult:
-    """Evaluate the global weights on one client's held-out validation samples."""
+    """Evaluate the global weights on the client's validation data (its module's metrics)."""
     quiet_lightning()
-    dm = FederatedDataModule(cfg.data, cfg.seed, partition_id, num_partitions)
-    model = _load(cfg, dm, state_dict)
-    trainer = make_trainer(cfg.trainer, devices=one_device(cfg.trainer), strategy="auto")
-    (metrics,) = trainer.validate(model, dataloaders=dm.val_dataloader(), verbose=False)
-    return ClientResult(None, {k: float(v) for k, v in metrics.items()}, len(dm.val_indices))
+    data = client_data(cfg, partition_id, num_partitions, seed=cfg.seed)
+    if data.val is None or data.num_val == 0:
+        raise ClientError(
+            f"client {partition_id} has no validation data; set data.val_fraction > 0, "
+            "give the DataModule a val_dataloader, or federation.fraction_evaluate=0"
+        )
+    model = _load(cfg, state_dict)
+    trainer = make_trainer(
+        cfg.trainer,
+        devices=one_device(cfg.trainer),
+        strategy="auto",
+        callbacks=user_callbacks(cfg.trainer),
+    )
+    (metrics,) = trainer.validate(model, dataloaders=data.val, verbose=False)
+    return ClientResult(None, logged_metrics(metrics), data.num_val)
+
+
+def census(
+    cfg: Config, partition_id: int, num_partitions: int, with_labels: bool
+) -> tuple[int, int, list[int] | None]:
+    """What the client tells the server's census: its train and validation sizes and, if
+    `with_labels` and it can count them cheaply, its training-label counts."""
+    if not 0 <= partition_id < num_partitions:
+        raise ClientError(
+            f"partition-id {partition_id} is outside 0..{num_partitions - 1}; check the "
+            "node config's partition-id and num-partitions"
+        )
+    data: ClientData = client_data(cfg, partition_id, num_partitions, seed=cfg.seed)
+    if not with_labels or data.train_labels is None or cfg.data.class_path is not None:
+        return data.num_train, data.num_val, None
+    from fl_lightning.data import load_splits
+
+    counts = torch.bincount(data.train_labels, minlength=load_splits(cfg.data).num_classes)
+    return data.num_train, data.num_val, [int(c) for c in counts]

@@ -10,11 +10,11 @@ from flwr.app import ConfigRecord, RecordDict
 from opacus.accountants import RDPAccountant
 
 from fl_lightning.accountant_state import MAX_ACCOUNTANT_CHARS, accountant_state_problem
-from fl_lightning.client_app import ACCOUNTANT_RECORD
 from fl_lightning.config import load_config
 from fl_lightning.replies import TRAIN
 from fl_lightning.strategy import LightningFedAvg
 from fl_lightning.strategy_state import Malformed, decode_strategy_state
+from fl_lightning.vocabulary import ACCOUNTANT_RECORD
 from tests.conftest import REPO
 from tests.test_strategy import task_identity
 
@@ -39,7 +39,7 @@ MALFORMED: dict[str, str] = {
     "an empty object": "{}",
     "no mechanism": '{"history": [[1.1, 0.01, 3]]}',
     "an extra key": '{"history": [], "mechanism": "rdp", "x": 1}',
-    "another mechanism": _state("[]", '"prv"'),
+    "another mechanism": _state("[]", '"gdp"'),
     "history not a list": _state('{"a": 1}'),
     "a pair, not a triple": _state("[[1.1, 0.01]]"),
     "negative noise": _state("[[-1, 0.01, 3]]"),

@@ -89,3 +89,27 @@ def test_deploy_local_checks_its_input_before_starting_anything(tmp_path: Path) 
     assert result.returncode == 2
     assert result.stderr.startswith("error: federation.num_clients: must be >= 1, got 0")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("node_configs", "message"),
+    [
+        (["data-root=/x"], "write it as key=value pairs, strings quoted"),
+        (['partition-id=1 data-root="/tmp"'], "partition-id is set by deploy-local"),
+        (['data-root="/tmp"'], "1 of 2 SuperNodes name a data-root; give every node its own"),
+        (['data-root="/nonexistent"'] * 2, "data-root /nonexistent is not a folder"),
+        (['data-root="relative"'] * 2, "give the site's data folder as an absolute path"),
+    ],
+)
+def test_each_supernodes_settings_are_checked_before_any_process_starts(
+    node_configs: list[str], message: str, tmp_path: Path, data_root: Path
+) -> None:
+    flags = [f"--node-config={text}" for text in node_configs]
+    run = tmp_path / "run"
+    result = fl_lightning(
+        "deploy-local", "configs/mnist.yaml", "--nodes", "2", *flags,
+        f"data.root={data_root}", f"output.dir={run}",
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not run.exists()

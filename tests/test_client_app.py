@@ -10,12 +10,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.supercore.task_identity import TaskIdentity
 
 from fl_lightning.census import CENSUS_MESSAGE_TYPE, Census, census_problem
-from fl_lightning.client_app import UNIFORM_WEIGHT, app
+from fl_lightning.client_app import app
 from fl_lightning.config import Config
 from fl_lightning.models import build_model
 from fl_lightning.node_config import config_from_run_config
 from fl_lightning.replies import EVALUATE, TRAIN, ReplyScreen
 from fl_lightning.strategy import BATCHNORM_MESSAGE_TYPE
+from fl_lightning.vocabulary import UNIFORM_WEIGHT
 
 
 @pytest.fixture(autouse=True)

@@ -39,8 +39,8 @@ def test_deploy_local_runs_a_round_over_tls_with_two_authenticated_supernodes(
     assert code == 0
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [0, 1]
-    assert 0.0 <= records[-1]["centralized_accuracy"] <= 1.0
-    assert records[-1]["distributed_accuracy"] is not None  # both SuperNodes evaluated
+    assert 0.0 <= records[-1]["test/accuracy"] <= 1.0
+    assert records[-1]["val/accuracy"] is not None  # both SuperNodes evaluated
     assert (run / "checkpoints" / "last.ckpt").stat().st_size > 0
     config = load_config(run / "config.yaml")
     assert config.federation.num_clients == 2  # --nodes sets it
@@ -181,3 +181,71 @@ def test_processes_it_starts_die_with_it_even_if_it_is_killed(tmp_path: Path) ->
     if alive:
         os.kill(child, signal.SIGKILL)
     assert not alive
+
+
+# Installed in every process of the deployment through PYTHONPATH: records each file or
+# folder opened under the watched folders, with the opening process's program name.
+OPEN_RECORDER = """
+import os
+import sys
+
+_WATCH = tuple(os.environ["FL_TEST_WATCH"].split(os.pathsep))
+_LOG = os.environ["FL_TEST_OPEN_LOG"]
+
+
+def _record(event, args):
+    if event not in ("open", "os.listdir", "os.scandir") or not args:
+        return
+    path = args[0]
+    if isinstance(path, (str, bytes, os.PathLike)):
+        path = os.path.abspath(os.fsdecode(path))
+        if path.startswith(_WATCH):
+            with open(_LOG, "a") as log:
+                log.write(os.path.basename(sys.argv[0]) + " " + path + "\\n")
+
+
+sys.addaudithook(_record)
+"""
+
+
+def test_deploy_local_trains_each_supernode_on_its_own_folder_the_server_never_opens(
+    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.user_project import config_text, write_project
+
+    project = tmp_path / "project"
+    write_project(project)
+    sites = [tmp_path / "site-a", tmp_path / "site-b"]
+    for site in sites:  # each site's own MNIST folder (links to the shared files)
+        (site / "MNIST" / "raw").mkdir(parents=True)
+        for source in (data_root / "MNIST" / "raw").iterdir():
+            (site / "MNIST" / "raw" / source.name).symlink_to(source)
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(OPEN_RECORDER)
+    opened = tmp_path / "opened.log"
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hooks), str(REPO)]))
+    monkeypatch.setenv("FL_TEST_WATCH", os.pathsep.join(str(s) for s in sites))
+    monkeypatch.setenv("FL_TEST_OPEN_LOG", str(opened))
+    monkeypatch.chdir(project)
+    (project / "config.yaml").write_text(config_text())
+    run = tmp_path / "run"
+    code = main(
+        [
+            "deploy-local",
+            "config.yaml",
+            "--nodes",
+            "2",
+            *(f"--node-config=data-root={json.dumps(str(site))}" for site in sites),
+            "federation.num_rounds=1",
+            f"output.dir={run}",
+        ]
+    )
+    assert code == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"hits_test", "hits_val", "xent_fit"} <= set(records[-1])
+    readers = [line.split(" ", 1) for line in opened.read_text().splitlines()]
+    for site in sites:  # each site's data was read, by client processes only
+        assert any(path.startswith(str(site)) for _, path in readers), site
+    assert {program for program, _ in readers} == {"flwr-clientapp"}, readers
+    assert marked_processes() == []

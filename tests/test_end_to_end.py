@@ -33,38 +33,36 @@ def test_simulation_writes_the_run_directory(tiny_overrides: list[str], tmp_path
     assert [r["round"] for r in records] == [0, 1]
     final = records[1]
     for key in (
-        "centralized_loss",
-        "centralized_accuracy",
-        "distributed_loss",
-        "distributed_accuracy",
-        "train_loss",
+        "test/loss",
+        "test/accuracy",
+        "val/loss",
+        "val/accuracy",
+        "train/loss",
         "seconds",
-        "time_client_training",
-        "time_aggregation",
-        "time_client_evaluation",
-        "time_centralized_evaluation",
-        "time_checkpoint",
+        "time/client_training",
+        "time/aggregation",
+        "time/client_evaluation",
+        "time/centralized_evaluation",
+        "time/checkpoint",
     ):
         assert isinstance(final[key], float), key
-    phases = sum(v for k, v in final.items() if k.startswith("time_"))
+    phases = sum(v for k, v in final.items() if k.startswith("time/"))
     assert phases == pytest.approx(final["seconds"], abs=0.05)  # the breakdown adds up
-    assert 0.0 <= final["centralized_accuracy"] <= 1.0
-    assert final["centralized_loss"] < records[0]["centralized_loss"]  # one round of training helps
+    assert 0.0 <= final["test/accuracy"] <= 1.0
+    assert final["test/loss"] < records[0]["test/loss"]  # one round of training helps
 
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {
-        "centralized/loss",
-        "centralized/accuracy",
-        "distributed/loss",
-        "distributed/accuracy",
+        "test/loss",
+        "test/accuracy",
+        "val/loss",
+        "val/accuracy",
         "train/loss",
     } <= tags
-    assert [e.step for e in events.Scalars("centralized/accuracy")] == [0, 1]
-    assert (
-        abs(events.Scalars("centralized/accuracy")[-1].value - final["centralized_accuracy"]) < 1e-6
-    )
+    assert [e.step for e in events.Scalars("test/accuracy")] == [0, 1]
+    assert abs(events.Scalars("test/accuracy")[-1].value - final["test/accuracy"]) < 1e-6
 
     model = MNISTNet.load_from_checkpoint(run / "checkpoints" / "last.ckpt", map_location="cpu")
     assert (model.hparams.optimizer, model.hparams.lr) == ("sgd", 0.05)  # configs/mnist.yaml
@@ -72,8 +70,8 @@ def test_simulation_writes_the_run_directory(tiny_overrides: list[str], tmp_path
     assert all(torch.equal(model.state_dict()[key], value) for key, value in round_1.items())
     assert yaml.safe_load((run / "config.yaml").read_text())["federation"]["num_rounds"] == 1
     summary = (run / "summary.md").read_text()
-    assert "| Accuracy (Centralized) |" in summary
-    assert "![accuracy and loss per round](curves.png)" in summary
+    assert "| test/accuracy |" in summary
+    assert "![metrics per round](curves.png)" in summary
     assert (run / "curves.png").read_bytes().startswith(b"\x89PNG")
 
     histogram = json.loads((run / "label_histogram.json").read_text())
@@ -86,6 +84,6 @@ def test_simulation_writes_the_run_directory(tiny_overrides: list[str], tmp_path
     for client in clients:
         assert 0.0 <= client["before_fl_accuracy"] <= 1.0
         assert 0.0 <= client["after_fl_accuracy"] <= 1.0
-    assert clients[0]["after_fl_accuracy"] == pytest.approx(final["centralized_accuracy"], abs=1e-6)
+    assert clients[0]["after_fl_accuracy"] == pytest.approx(final["test/accuracy"], abs=1e-6)
     assert "| 1 | noisy |" in summary
     assert "round 1/1" in result.stderr + result.stdout

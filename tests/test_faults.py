@@ -88,7 +88,7 @@ def test_one_bad_client_of_five_is_counted_and_left_out(
     records = read_metrics(run.path)
     assert [r["round"] for r in records] == [0, 1, 2]  # the run completed
     assert [r[counter] for r in records[1:]] == [per_round, per_round]
-    assert records[2]["centralized_loss"] < records[0]["centralized_loss"]  # still learning
+    assert records[2]["test/loss"] < records[0]["test/loss"]  # still learning
     assert final_weights_are_finite(run)
     # The client's problem is said once, readable, then only counted.
     said = [r.getMessage() for r in caplog.records if "(repeats are counted" in r.getMessage()]
@@ -110,7 +110,7 @@ def test_a_round_with_too_few_updates_is_skipped(data_root: Path, tmp_path: Path
     initial, skipped = read_metrics(tmp_path / "run")
     assert skipped["failures"] == 8  # 4 clients, train and evaluate
     # Nothing was aggregated: the global model is the initial one.
-    assert skipped["centralized_loss"] == initial["centralized_loss"]
+    assert skipped["test/loss"] == initial["test/loss"]
 
 
 @pytest.mark.parametrize("strategy", ["krum", "fedmedian"])
@@ -120,14 +120,14 @@ def test_robust_strategies_shrug_off_two_of_ten_clients_poisoning_their_weights(
     overrides = [f"strategy.name={strategy}", "strategy.num_malicious_clients=2", *LEARN_MORE]
     sizes = {"clients": 10, "per_client": 400}
     clean = read_metrics(simulate(data_root, tmp_path / "clean", overrides, [], **sizes).path)
-    assert clean[-1]["centralized_accuracy"] > 0.7  # a model worth protecting
+    assert clean[-1]["test/accuracy"] > 0.7  # a model worth protecting
     for name, attack in (("scaled", SCALED), ("random", RANDOM)):
         attacked = simulate(data_root, tmp_path / name, overrides, [attack], **sizes)
-        final = read_metrics(attacked.path)[-1]["centralized_accuracy"]
+        final = read_metrics(attacked.path)[-1]["test/accuracy"]
         # Krum keeps one honest client's model, and which one can change with the attack
         # (and with the CPU's float kernels): honest clients differ by a few points, while
         # the poisoned FedAvg below falls under 0.5.
-        assert final >= clean[-1]["centralized_accuracy"] - 0.05, name
+        assert final >= clean[-1]["test/accuracy"] - 0.05, name
         assert final_weights_are_finite(attacked)
 
 
@@ -138,7 +138,7 @@ def test_plain_fedavg_is_wrecked_by_random_weights(data_root: Path, tmp_path: Pa
     attacked = simulate(
         data_root, tmp_path / "run", LEARN_MORE, [RANDOM], clients=10, per_client=400
     )
-    assert read_metrics(attacked.path)[-1]["centralized_accuracy"] < 0.5
+    assert read_metrics(attacked.path)[-1]["test/accuracy"] < 0.5
 
 
 def test_a_client_past_the_round_timeout_counts_as_failed(data_root: Path, tmp_path: Path) -> None:
@@ -155,5 +155,5 @@ def test_a_client_past_the_round_timeout_counts_as_failed(data_root: Path, tmp_p
     # Its train reply never came: the round went on without it after 25 s. (Its evaluate
     # reply may be late too: the stalled Ray worker holds the messages queued behind it.)
     assert record["failures"] >= 1
-    assert 25 <= record["time_client_training"] < 45
-    assert "train_loss" in record  # the other two clients' updates were aggregated
+    assert 25 <= record["time/client_training"] < 45
+    assert "train/loss" in record  # the other two clients' updates were aggregated

@@ -88,3 +88,10 @@ def test_build_model_follows_config() -> None:
     optimizer = model.configure_optimizers()
     assert isinstance(optimizer, torch.optim.SGD)
     assert optimizer.defaults["lr"] == 0.1
+
+
+def test_tanh_activation_keeps_the_architectures_weights() -> None:
+    relu, tanh = MNISTNet(), MNISTNet(activation="tanh")
+    assert relu.state_dict().keys() == tanh.state_dict().keys()
+    kinds = {type(m) for m in tanh.modules()}
+    assert torch.nn.Tanh in kinds and torch.nn.ReLU not in kinds

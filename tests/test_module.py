@@ -13,21 +13,6 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(8, 1, 28, 28), torch.randint(10, (8,))
 
 
-def test_proximal_term_penalises_distance_from_the_anchor() -> None:
-    model = MLP()
-    model.set_proximal_anchor(mu=10.0)
-    plain = model._shared_step(batch(), "train").item()
-    assert abs(model.training_step(batch(), 0).item() - plain) < 1e-6  # at the anchor
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.01)
-    moved_plain = model._shared_step(batch(), "train").item()
-    distance = sum(p.numel() for p in model.parameters()) * 0.01**2
-    assert abs(model.training_step(batch(), 0).item() - moved_plain - 5.0 * distance) < 1e-3
-    model.set_proximal_anchor(mu=0.0)
-    assert abs(model.training_step(batch(), 0).item() - moved_plain) < 1e-6
-
-
 def test_cosine_schedule_decays_to_zero_over_the_fit(tiny_mnist: Config) -> None:
     L.seed_everything(0, verbose=False)
     model = MLP(scheduler="cosine", lr=0.1, optimizer="sgd")

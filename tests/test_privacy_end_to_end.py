@@ -69,4 +69,4 @@ def test_client_dp_reports_the_accounted_epsilon_each_round(
         expected = get_privacy_spent(orders=ORDERS, rdp=rdp, delta=1e-5)[0] if releases else 0.0
         assert record["epsilon"] == pytest.approx(expected, rel=1e-9)
     assert records[2]["epsilon"] > records[1]["epsilon"] > 0
-    assert "Epsilon (largest client)" in (tmp_path / "run" / "summary.md").read_text()
+    assert "| epsilon |" in (tmp_path / "run" / "summary.md").read_text()

@@ -23,7 +23,6 @@ from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fl_lightning.client_app import ACCOUNTANT_RECORD, UNIFORM_WEIGHT
 from fl_lightning.config import Config, load_config
 from fl_lightning.replies import (
     BATCHNORM,
@@ -35,6 +34,7 @@ from fl_lightning.replies import (
     error_summary,
 )
 from fl_lightning.strategy import LightningFedAvg, build_strategy
+from fl_lightning.vocabulary import ACCOUNTANT_RECORD, UNIFORM_WEIGHT
 from tests import attacks
 from tests.test_accountant_state import MALFORMED as MALFORMED_ACCOUNTANTS
 from tests.test_accountant_state import honest_accountant
@@ -130,6 +130,8 @@ def screen_for(cfg: Config | None = None, clients: int = 5) -> ReplyScreen:
 @pytest.mark.parametrize("attack", TRAIN_ATTACKS.values(), ids=TRAIN_ATTACKS.keys())
 def test_each_train_attack_is_rejected_with_a_reason(attack: attacks.Attack) -> None:
     screen = screen_for()
+    learned = screen.screen([train_reply(i) for i in range(4)], TRAIN, global_arrays())
+    assert len(learned.valid) == 4  # a first round: the run's metric names are now known
     assert screen.problem(train_reply(4), TRAIN, global_arrays()) is None  # honest: usable
     reply = attacked(train_reply(4), attack)
     reason = screen.problem(reply, TRAIN, global_arrays())
@@ -140,6 +142,7 @@ def test_each_train_attack_is_rejected_with_a_reason(attack: attacks.Attack) -> 
 
 def test_reasons_name_what_is_wrong() -> None:
     screen = screen_for()
+    screen.screen([train_reply(i) for i in range(4)], TRAIN, global_arrays())  # names learned
 
     def why(attack: attacks.Attack) -> str:
         return str(screen.problem(attacked(train_reply(4), attack), TRAIN, global_arrays()))
@@ -152,6 +155,56 @@ def test_reasons_name_what_is_wrong() -> None:
     assert "serialization type 'torch.pickle'" in why(attacks.unknown_stype)
     assert "claims partition 0, its node answered the census as 4" in why(attacks.partition_id(0))
     assert "unexpected ['train/secret']" in why(attacks.metric("train/secret", 1.0))
+
+
+def _strip_module_metrics(content: RecordDict) -> None:
+    metrics = content.metric_records["metrics"]
+    for key in [k for k in metrics if k.startswith("train/")]:
+        del metrics[key]
+
+
+def _prefix_module_metrics(prefix: str) -> attacks.Attack:
+    def rename(content: RecordDict) -> None:
+        metrics = content.metric_records["metrics"]
+        for key in [k for k in metrics if k.startswith("train/")]:
+            metrics[prefix + key] = metrics.pop(key)
+
+    return rename
+
+
+def test_the_first_rounds_majority_fixes_the_metric_names_for_the_run() -> None:
+    screen = screen_for()
+    odd = attacked(train_reply(4), attacks.metric("train/secret", 1.0))
+    first = screen.screen([odd, *(train_reply(i) for i in range(4))], TRAIN, global_arrays())
+    assert (len(first.valid), first.rejected) == (4, 1)  # outvoted, whatever the order
+    assert screen.metric_names[TRAIN] == {"train/loss", "train/accuracy"}
+    # A module of the user's own: its names, whatever they are, are the run's.
+    renamed = [attacked(train_reply(i), _prefix_module_metrics("f1_")) for i in range(3)]
+    fresh = screen_for()
+    assert len(fresh.screen(renamed, TRAIN, global_arrays()).valid) == 3
+    assert fresh.metric_names[TRAIN] == {"f1_train/loss", "f1_train/accuracy"}
+
+
+@pytest.mark.parametrize(
+    "first_round",
+    [
+        [attacks.missing_metric("train/loss")],  # alone in round 1 (the others failed)
+        [attacks.metric("train/a", 1.0), None],  # with one honest client: a tie
+        [_strip_module_metrics, None],  # no names at all, with one honest client
+    ],
+    ids=["alone", "tie", "no names"],
+)
+def test_a_minority_cannot_choose_the_runs_metric_names(first_round: list) -> None:
+    screen = screen_for()
+    replies = [
+        train_reply(i) if attack is None else attacked(train_reply(i), attack)
+        for i, attack in enumerate(first_round)
+    ]
+    screen.screen(replies, TRAIN, global_arrays())
+    assert TRAIN not in screen.metric_names  # fewer than half the partitions agreed
+    honest = screen.screen([train_reply(i) for i in range(5)], TRAIN, global_arrays())
+    assert (len(honest.valid), honest.rejected) == (5, 0)
+    assert screen.metric_names[TRAIN] == {"train/loss", "train/accuracy"}
 
 
 def test_a_reply_from_a_node_outside_the_census_is_rejected() -> None:
@@ -513,7 +566,7 @@ EVALUATE_PLAN = {
 def comparable(record: dict) -> dict:
     """A metrics.jsonl record without timings and the failure/rejection counts."""
     dropped = ("seconds", "failures", "rejected")
-    return {k: v for k, v in record.items() if not k.startswith("time_") and k not in dropped}
+    return {k: v for k, v in record.items() if not k.startswith("time/") and k not in dropped}
 
 
 def test_an_attacker_is_as_harmless_as_a_client_that_fails(

@@ -19,7 +19,7 @@ from tests.test_faults import simulate
 
 def without_timings(records: list[dict]) -> list[dict]:
     return [
-        {k: v for k, v in r.items() if k != "seconds" and not k.startswith("time_")}
+        {k: v for k, v in r.items() if k != "seconds" and not k.startswith("time/")}
         for r in records
     ]
 

@@ -120,7 +120,7 @@ def write_state(
             1,
             weights,
             strategy_state(strategy),
-            {0: {"centralized/accuracy": 0.1}, 1: {"centralized/accuracy": 0.5, "failures": 0}},
+            {0: {"test/accuracy": 0.1}, 1: {"test/accuracy": 0.5, "failures": 0}},
             ledger,
             resume.capture_rng(),
         ),
@@ -273,9 +273,9 @@ DELETE = object()
         ("strategy/accountants", {0: "not json"}),
         ("strategy/accountants", {0: "{}"}),  # JSON, but no accountant a client could load
         ("strategy/accountants", {0: ACCOUNTANT.replace("3]", "0]")}),  # 0 steps
-        ("strategy/accountants", {0: ACCOUNTANT.replace("rdp", "prv")}),
+        ("strategy/accountants", {0: ACCOUNTANT.replace("rdp", "gdp")}),
         ("strategy/accountants", {torch.tensor([1, 2]): "{}"}),
-        ("history", {0: {"centralized/accuracy": "high"}}),
+        ("history", {0: {"test/accuracy": "high"}}),
         ("history", [1, 2]),
         ("ledger", {"rounds_taken": [0, 0]}),  # a ledger in a run without privacy
         ("rng/python", (3, (1, 2), None)),

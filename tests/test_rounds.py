@@ -61,8 +61,8 @@ def test_background_closes_write_each_round_as_handed_over_and_in_order(
 
     logged = records(run)
     assert [r["round"] for r in logged] == [0, 1, 2]
-    assert [r["train_loss"] for r in logged] == [0.0, 1.0, 2.0]  # not 99: copied at hand-over
-    assert final["centralized/accuracy"] == logged[2]["centralized_accuracy"]
+    assert [r["train/loss"] for r in logged] == [0.0, 1.0, 2.0]  # not 99: copied at hand-over
+    assert final["test/accuracy"] == logged[2]["test/accuracy"]
     for server_round in (0, 1, 2):
         saved = torch.load(run.checkpoint(f"round_{server_round}"), weights_only=True)
         for key, tensor in handed_over[server_round].items():
@@ -170,6 +170,53 @@ def test_the_wait_for_background_closes_is_timed_as_the_evaluation_backlog(
     recorder.tracker.close()
 
     background, last = records(run)
-    assert "time_evaluation_backlog" not in background
-    assert 0.45 <= last["time_evaluation_backlog"] <= last["seconds"]
-    assert last["time_between"] < 0.2
+    assert "time/evaluation_backlog" not in background
+    assert 0.45 <= last["time/evaluation_backlog"] <= last["seconds"]
+    assert last["time/between"] < 0.2
+
+
+def test_each_clients_metrics_and_their_spread_are_logged_but_not_shown(
+    cfg: Config, tmp_path: Path
+) -> None:
+    recorder, run = recorder_for(cfg, tmp_path)
+    recorder.start()
+    recorder.add({"val/accuracy": 0.7}, source="distributed")
+    recorder.add_clients({3: {"val/accuracy": 0.9}, 0: {"val/accuracy": 0.4}})
+    recorder.close(1, recorder.evaluator.model.state_dict())
+    recorder.shutdown()
+    recorder.tracker.close()
+    (record,) = records(run)
+    assert (record["clients/0/val/accuracy"], record["clients/3/val/accuracy"]) == (0.4, 0.9)
+    spread = [record[f"clients/{s}/val/accuracy"] for s in ("min", "mean", "max")]
+    assert spread == pytest.approx([0.4, 0.65, 0.9])
+    assert "clients/" not in run.summary.read_text()  # TensorBoard and metrics.jsonl only
+
+
+def test_a_name_logged_in_two_stages_is_kept_apart(cfg: Config, tmp_path: Path) -> None:
+    recorder, run = recorder_for(cfg, tmp_path)
+    recorder.start()
+    recorder.add({"loss": 1.0}, source="train")
+    recorder.add({"loss": 2.0}, source="distributed")
+    recorder.close(1, recorder.evaluator.model.state_dict())
+    recorder.shutdown()
+    recorder.tracker.close()
+    (record,) = records(run)
+    assert (record["loss"], record["distributed/loss"]) == (1.0, 2.0)
+
+
+def test_a_name_the_server_tests_under_keeps_it_in_every_round(cfg: Config, tmp_path: Path) -> None:
+    recorder, run = recorder_for(cfg, tmp_path)
+    weights = recorder.evaluator.model.state_dict()
+    recorder.start()
+    recorder.close(0, weights)  # the initial evaluation: test/loss, test/accuracy
+    for server_round in (1, 2):
+        recorder.start()
+        if server_round == 2:  # a client logging the test metric's name in training too
+            recorder.add({"test/loss": 5.0}, source="train")
+        recorder.add({"val/loss": 1.0}, source="distributed")
+        recorder.close(server_round, weights)
+    recorder.shutdown()
+    recorder.tracker.close()
+    logged = records(run)
+    assert all(isinstance(r["test/loss"], float) and r["test/loss"] != 5.0 for r in logged)
+    assert logged[2]["train/test/loss"] == 5.0 and "val/loss" in logged[1]

@@ -57,9 +57,9 @@ def test_secure_sum_matches_plain_fedavg_to_the_quantization_step(
     assert error <= step, (error, step)
     plain_metrics, secure_metrics = read_metrics(plain), read_metrics(secure)
     assert [r["round"] for r in secure_metrics] == [0, 1]
-    assert secure_metrics[1]["secure_aggregation_clipped"] == 0.0
-    assert secure_metrics[1]["centralized_accuracy"] == pytest.approx(
-        plain_metrics[1]["centralized_accuracy"], abs=0.01
+    assert secure_metrics[1]["secure_aggregation/clipped"] == 0.0
+    assert secure_metrics[1]["test/accuracy"] == pytest.approx(
+        plain_metrics[1]["test/accuracy"], abs=0.01
     )
 
 
@@ -92,7 +92,7 @@ def test_a_round_completes_when_a_client_drops_out_mid_protocol(
     )
     records = read_metrics(run.path)
     assert [r["round"] for r in records] == [0, 1]
-    assert records[1]["centralized_loss"] < records[0]["centralized_loss"]
+    assert records[1]["test/loss"] < records[0]["test/loss"]
     assert "failure(s) during secure aggregation" in caplog.text  # the dropout did happen
 
 
@@ -155,7 +155,7 @@ def _evaluation(num_examples: object, loss: object, **metrics: object) -> tuple:
 
 
 def test_hostile_evaluation_results_are_left_out_of_the_distributed_metrics() -> None:
-    from fl_lightning.secure_aggregation import _usable_evaluations
+    from fl_lightning.secure_aggregation import _usable_evaluations, _weighted_mean
 
     honest = _evaluation(10, 0.5, **{"val/loss": 0.5, "val/accuracy": 0.9})
     hostile = [
@@ -164,9 +164,13 @@ def test_hostile_evaluation_results_are_left_out_of_the_distributed_metrics() ->
         _evaluation(2.5, 0.5),
         _evaluation(10, float("nan")),
         _evaluation(10, 0.5, **{"val/loss": float("inf")}),
-        _evaluation(10, 0.5, **{"secret": 1.0}),
+        _evaluation(10, 0.5, **{"a\nname": 1.0}),  # not a printable name
+        _evaluation(10, 0.5, **{"x" * 200: 1.0}),  # too long a name
     ]
     assert _usable_evaluations([honest, *hostile]) == [honest]  # type: ignore[list-item]
+    # A name only a minority sends never reaches the logs.
+    reports = [(10, {"val/loss": 0.5}), (10, {"val/loss": 0.7}), (5, {"val/loss": 0.1, "own": 9})]
+    assert _weighted_mean(reports) == {"val/loss": pytest.approx(0.5)}  # type: ignore[arg-type]
 
 
 def test_dp_sgd_epsilons_are_credited_to_the_census_partition_of_the_node() -> None:

@@ -14,10 +14,10 @@ from flwr.app import (
 from flwr.supercore.task_identity import TaskIdentity
 
 from fl_lightning.census import Census
-from fl_lightning.client_app import UNIFORM_WEIGHT
 from fl_lightning.config import load_config
-from fl_lightning.rounds import RoundRecorder, round_lr
+from fl_lightning.rounds import RoundRecorder, round_lr_factor
 from fl_lightning.strategy import build_strategy, restore_dtypes
+from fl_lightning.vocabulary import UNIFORM_WEIGHT
 from tests.test_config import MNIST, REPO
 
 STRATEGIES = [
@@ -109,7 +109,7 @@ def test_every_strategy_aggregates_and_keeps_the_metric_names(name: str) -> None
     messages = list(strategy.configure_train(1, global_arrays(), ConfigRecord(), FakeGrid()))  # type: ignore[arg-type]
     assert len(messages) == 5
     sent = messages[0].content.config_records["config"]
-    assert sent["lr"] == pytest.approx(cfg.optimizer.lr)
+    assert sent["lr-factor"] == pytest.approx(1.0)  # round 1 of a run without round_decay
     if name == "fedprox":
         assert sent["proximal-mu"] == pytest.approx(0.01)
     replies = [reply_to(m, 0.1 * (i + 1), 20 + i, 100) for i, m in enumerate(messages)]
@@ -119,7 +119,7 @@ def test_every_strategy_aggregates_and_keeps_the_metric_names(name: str) -> None
     assert counter.dtype == np.int64 and 10 <= counter <= 24
     weights = arrays["w"].numpy()
     assert weights.dtype == np.float32 and np.isfinite(weights).all()
-    loss = strategy.recorder.metrics["train/loss"]
+    loss = strategy.recorder.sourced["train"]["train/loss"]
     if name == "krum":  # Krum reports the metrics of the client it selects
         assert round(loss, 6) in {0.1, 0.2, 0.3, 0.4, 0.5}
     else:
@@ -128,15 +128,15 @@ def test_every_strategy_aggregates_and_keeps_the_metric_names(name: str) -> None
         np.testing.assert_allclose(weights, 0.3, rtol=1e-6)  # mean == median == trimmed mean here
 
 
-def test_round_lr_warms_up_across_rounds() -> None:
-    cfg = load_config(MNIST, ["optimizer.warmup_rounds=2", "optimizer.lr=0.04"])
-    assert [round_lr(cfg.optimizer, r) for r in (1, 2, 3)] == pytest.approx([0.02, 0.04, 0.04])
+def test_round_lr_factor_warms_up_across_rounds() -> None:
+    cfg = load_config(MNIST, ["optimizer.warmup_rounds=2"])
+    factors = [round_lr_factor(cfg.optimizer, r) for r in (1, 2, 3)]
+    assert factors == pytest.approx([0.5, 1.0, 1.0])
 
 
-def test_round_lr_decays_across_rounds() -> None:
+def test_round_lr_factor_decays_across_rounds() -> None:
     cfg = load_config(MNIST, ["optimizer.round_decay=0.5"])
-    lr = cfg.optimizer.lr
-    assert [round_lr(cfg.optimizer, r) for r in (1, 2, 3)] == pytest.approx([lr, lr / 2, lr / 4])
+    assert [round_lr_factor(cfg.optimizer, r) for r in (1, 2, 3)] == pytest.approx([1, 0.5, 0.25])
 
 
 def test_aggregate_does_not_depend_on_reply_order() -> None:
@@ -241,4 +241,4 @@ def test_after_a_resume_each_client_gets_back_its_own_accountant_only() -> None:
         resent = {k: v for k, v in config.items() if str(k).startswith("accountant-")}
         expected = strategy.accountants.get(partition)
         assert resent == ({f"accountant-{partition}": expected} if expected else {})
-        assert "lr" in config and "arrays" in message.content.array_records
+        assert "lr-factor" in config and "arrays" in message.content.array_records

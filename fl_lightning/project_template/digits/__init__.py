@@ -1,0 +1,1 @@
+"""A federated MNIST digits classifier: a LightningModule and a LightningDataModule."""
