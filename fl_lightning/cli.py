@@ -95,6 +95,8 @@ def _prepare(path: str, overrides: list[str], claim_output: bool = True) -> Conf
 
         # A directory the run could not claim is said before any data is decoded.
         check_claimable(run_dir_path(cfg), "output.dir" if cfg.output.dir else "output.root")
+    if cfg.model.class_path is not None:
+        _check_model(cfg)  # a user's constructor needs no data: refused before any is read
     # Fail on missing data or impossible partitions here, with one line, not inside Ray.
     if cfg.data.class_path is None:
         from fl_lightning.partition import client_splits
@@ -104,7 +106,8 @@ def _prepare(path: str, overrides: list[str], claim_output: bool = True) -> Conf
         from fl_lightning.client_data import central_test_loader
 
         central_test_loader(cfg)  # the server's test data: there, and not empty
-    _check_model(cfg)
+    if cfg.model.class_path is None:
+        _check_model(cfg)  # a built-in model is sized by the data
     return cfg
 
 
