@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -67,8 +68,9 @@ def main() -> None:
     mean = {path: sum(w) / len(w) for path, w in walls.items()}
     final = reference[-1]
     print(
-        f"Measured {date.today().isoformat()} on {platform.machine()} with "
-        f"`python benchmarks/class_path.py --data <data> --repeats {args.repeats}`.\n"
+        f"Measured {date.today().isoformat()} on {platform.machine()} "
+        f"({os.cpu_count()} cores) with `python benchmarks/class_path.py --data <data> "
+        f"--repeats {args.repeats}`.\n"
     )
     print("| path | wall time per run (s) | mean (s) | test/accuracy after the last round |")
     print("|---|---|---|---|")
