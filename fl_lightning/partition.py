@@ -137,21 +137,3 @@ def label_counts(data: DataConfig, num_partitions: int, seed: int) -> torch.Tens
             for train, _ in client_splits(data, num_partitions, seed)
         ]
     )
-
-
-def client_census(
-    data: DataConfig, num_partitions: int, seed: int, partition_id: int, with_labels: bool
-) -> tuple[int, int, list[int] | None]:
-    """What one client tells the server's census: its train and validation sizes and, if
-    `with_labels`, its training-label counts (counted by the client, on its own partition)."""
-    if not 0 <= partition_id < num_partitions:
-        raise ConfigError(
-            f"partition-id {partition_id} is outside 0..{num_partitions - 1}; check the "
-            "node config's partition-id and num-partitions"
-        )
-    train, val = client_splits(data, num_partitions, seed)[partition_id]
-    if not with_labels:
-        return len(train), len(val), None
-    splits = load_splits(data)
-    counts = torch.bincount(splits.train.labels[train], minlength=splits.num_classes)
-    return len(train), len(val), [int(c) for c in counts]

@@ -40,6 +40,9 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         core.write(HALF_SITE)
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
+    # Another test's `lit_digits` (another folder) may be imported already: use this one.
+    for name in [m for m in sys.modules if m.split(".")[0] == "lit_digits"]:
+        monkeypatch.delitem(sys.modules, name)
     return tmp_path
 
 
