@@ -35,6 +35,9 @@ from fl_lightning.errors import DeploymentError, Stopped
 # so the ones Flower starts itself (SuperExec, ServerApp, ClientApps) can be found and
 # stopped even if they left their parent's process group.
 MARKER = "FL_LIGHTNING_DEPLOYMENT"
+# Marks the `flwr run` client alone: it is stopped first, before the SuperLink it talks to,
+# or it reports the lost connection over the user's terminal after the deployment is gone.
+RUN_MARKER = "FL_LIGHTNING_RUN_CLIENT"
 _CONNECTION = "deploy-local"
 _HOST = "127.0.0.1"
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -141,9 +144,9 @@ def stopped_by_signals() -> Iterator[None]:
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
-def marked_processes(marker: str | None = None) -> list[int]:
-    """PIDs of live processes whose environment carries `MARKER=marker` (any value: None)."""
-    needle = f"{MARKER}={marker or ''}".encode()
+def marked_processes(marker: str | None = None, variable: str = MARKER) -> list[int]:
+    """PIDs of live processes whose environment carries `variable=marker` (any value: None)."""
+    needle = f"{variable}={marker or ''}".encode()
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -395,12 +398,18 @@ class LocalDeployment:
         ]
         if stream:
             command.append("--stream")
+        env = {**self.env, RUN_MARKER: str(self.workdir)}
         return subprocess.run(
-            command, env=self.env, check=False, preexec_fn=die_with_parent()
+            command, env=env, check=False, preexec_fn=die_with_parent()
         ).returncode
 
     def stop(self, grace: float = 10.0) -> None:
         """Stop every process of this deployment: SIGTERM, then SIGKILL after `grace` s."""
+        # A signal may land while `submit` starts `flwr run`, before anything owns the child:
+        # find it by its marker.
+        for pid in marked_processes(str(self.workdir), RUN_MARKER):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         for proc in self._procs.values():
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):

@@ -15,7 +15,12 @@ import pytest
 from fl_lightning.certificates import make_node_key, make_server_credentials
 from fl_lightning.cli import main
 from fl_lightning.config import load_config
-from fl_lightning.deployment import LocalDeployment, die_with_parent, marked_processes
+from fl_lightning.deployment import (
+    RUN_MARKER,
+    LocalDeployment,
+    die_with_parent,
+    marked_processes,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.max_train_samples=300", "data.max_test_samples=200", "federation.num_rounds=1"]
@@ -102,6 +107,22 @@ def test_a_failed_run_and_an_interrupted_deployment_leave_no_process_behind(
         assert marked_processes(str(workdir)) != []  # SuperLink and SuperNode still up
         raise KeyboardInterrupt  # the user's Ctrl-C while the deployment runs
     assert marked_processes(str(workdir)) == []
+
+
+def test_stop_ends_a_flwr_run_client_that_nothing_owns_yet(tmp_path: Path) -> None:
+    # A signal may land while `submit` starts `flwr run`, before subprocess.run owns the
+    # child: stop() must still end it, or it prints a lost connection after the deployment.
+    fed = LocalDeployment(1, tmp_path)
+    orphan = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"],
+        env={**os.environ, RUN_MARKER: str(tmp_path)},
+    )
+    try:
+        fed.stop()
+        assert orphan.wait(timeout=5) == -signal.SIGKILL
+    finally:
+        orphan.kill()
+        orphan.wait()
 
 
 def test_sigterm_stops_deploy_local_its_processes_and_its_key_folder(
