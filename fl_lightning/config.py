@@ -284,6 +284,9 @@ class OutputConfig:
     # Per client: a model trained on its data alone ("before FL") against the global model
     # ("after FL"), each on the client's kind of test data; written to clients.json.
     client_report: bool = False
+    # Each client's own Lightning logging (`self.log` in training) as a TensorBoard run of
+    # its own, `<output.dir>/tensorboard/clients/<partition>`, written where the client runs.
+    client_logs: bool = False
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
@@ -108,6 +109,12 @@ def _drop_client_tracebacks(record: logging.LogRecord) -> bool:
     return not (record.levelno >= logging.ERROR and record.pathname.endswith("vce_api.py"))
 
 
+def _in_run_dir(cfg: Config, run: RunDir) -> Config:
+    """`cfg` naming the run directory the server chose (where `output.client_logs` go)."""
+    output = dataclasses.replace(cfg.output, dir=str(run.path.resolve()))
+    return dataclasses.replace(cfg, output=output)
+
+
 def run_simulation(
     cfg: Config,
     run: RunDir,
@@ -136,7 +143,7 @@ def run_simulation(
     try:
         flwr_run_simulation(
             server_app=make_server_app(cfg, run, resume=resume),
-            client_app=make_client_app(cfg, mods=client_mods),
+            client_app=make_client_app(_in_run_dir(cfg, run), mods=client_mods),
             num_supernodes=cfg.federation.num_clients,
             backend_config=backend_config(cfg),
             verbose_logging=verbose,

@@ -59,7 +59,7 @@ def user_callbacks(cfg: TrainerConfig) -> list[Callback]:
 
 
 def make_trainer(cfg: TrainerConfig, **overrides: Any) -> L.Trainer:
-    """A Trainer from the `trainer` section, without loggers or checkpoints of its own."""
+    """A Trainer from the `trainer` section; no logger (unless overridden) nor checkpoints."""
     kwargs = cfg.kwargs()
     kwargs.update(logger=False, enable_checkpointing=False)
     kwargs.update(overrides)
@@ -128,6 +128,33 @@ def fit(
     L.seed_everything(seed, verbose=False)  # dropout, augmentation
     data = client_data(cfg, partition_id, num_partitions, seed)
     model = _load(cfg, state_dict)
+    callbacks = _federated_callbacks(cfg, lr_factor, proximal_mu)
+    kwargs: dict[str, Any] = {} if max_epochs is None else {"max_epochs": max_epochs}
+    if cfg.output.client_logs and server_round >= 1:  # round 0: client_report's local model
+        from fl_lightning.client_logs import client_logging
+
+        logging_kwargs = client_logging(cfg.output.dir, partition_id, server_round)
+        callbacks += logging_kwargs.pop("callbacks")
+        kwargs.update(logging_kwargs)
+    loader, dp = data.train, None
+    if cfg.privacy.mode == "dp_sgd":
+        from fl_lightning.dp_sgd import ClientDPSGD, PrivateOptimizer
+
+        dp = ClientDPSGD(cfg, data.num_train, accountant_state, seed)
+        loader = dp.loader(loader)
+        callbacks.append(PrivateOptimizer(dp, loader))
+    trainer = make_trainer(cfg.trainer, limit_val_batches=0, callbacks=callbacks, **kwargs)
+    trainer.fit(model, train_dataloaders=loader)
+    metrics = logged_metrics(trainer.callback_metrics)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if dp is None:
+        return ClientResult(state, metrics, num_examples=data.num_train)
+    metrics[EPSILON_METRIC] = dp.epsilon()
+    return ClientResult(state, metrics, data.num_train, accountant_state=dp.state())
+
+
+def _federated_callbacks(cfg: Config, lr_factor: float, proximal_mu: float) -> list[Callback]:
+    """The user's callbacks, then this round's: the server's lr factor, FedProx, EMA."""
     callbacks = user_callbacks(cfg.trainer)
     if lr_factor != 1.0:
         callbacks.append(RoundLearningRate(lr_factor))
@@ -136,22 +163,7 @@ def fit(
     if cfg.optimizer.ema_decay is not None:
         # The average (buffers included) starts at the first step's weights; fit ends with it.
         callbacks.append(EMAWeightAveraging(decay=cfg.optimizer.ema_decay))
-    loader, dp = data.train, None
-    if cfg.privacy.mode == "dp_sgd":
-        from fl_lightning.dp_sgd import ClientDPSGD, PrivateOptimizer
-
-        dp = ClientDPSGD(cfg, data.num_train, accountant_state, seed)
-        loader = dp.loader(loader)
-        callbacks.append(PrivateOptimizer(dp, loader))
-    epochs = {} if max_epochs is None else {"max_epochs": max_epochs}
-    trainer = make_trainer(cfg.trainer, limit_val_batches=0, callbacks=callbacks, **epochs)
-    trainer.fit(model, train_dataloaders=loader)
-    metrics = logged_metrics(trainer.callback_metrics)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    if dp is None:
-        return ClientResult(state, metrics, num_examples=data.num_train)
-    metrics[EPSILON_METRIC] = dp.epsilon()
-    return ClientResult(state, metrics, data.num_train, accountant_state=dp.state())
+    return callbacks
 
 
 def batchnorm_statistics(
