@@ -113,15 +113,9 @@ def _prepare(path: str, overrides: list[str], claim_output: bool = True) -> Conf
 
 def _check_model(cfg: Config) -> None:
     """Build the module as the server will: its constructor, Opacus, BatchNorm all checked."""
-    from fl_lightning.errors import ConfigError
-    from fl_lightning.models import build_model, has_batchnorm
+    from fl_lightning.models import build_model
 
-    model = build_model(cfg)  # a user's constructor; under DP, can Opacus train it?
-    if cfg.strategy.batchnorm == "recompute" and not has_batchnorm(model):
-        raise ConfigError(
-            "strategy.batchnorm: recompute changes only BatchNorm statistics, and the model "
-            "has no BatchNorm layer; use strategy.batchnorm=average"
-        )
+    build_model(cfg)  # a user's constructor; under DP, can Opacus train it? BatchNorm?
 
 
 def _report(cfg: Config, run: RunDir) -> int:

@@ -25,14 +25,6 @@ DATASET_INPUT_SHAPES: dict[str, tuple[int, int, int]] = {
     "mnist": (1, 28, 28),
     "cifar10": (3, 32, 32),
 }
-# Input shape each model's architecture is fixed to (Tables I and II); None: any shape.
-MODEL_INPUT_SHAPES: dict[str, tuple[int, int, int] | None] = {
-    "mnist_net": (1, 28, 28),
-    "cifar10_net": (3, 32, 32),
-    "mlp": None,
-}
-# Models with BatchNorm layers (the only ones `strategy.batchnorm=recompute` changes).
-MODELS_WITH_BATCHNORM = ("cifar10_net",)
 # State-dict keys (by suffix) of the BatchNorm statistics that recompute measures anew.
 BATCHNORM_STATISTICS = (".running_mean", ".running_var")
 
@@ -673,7 +665,9 @@ def _validate_data(cfg: Config) -> None:
         )
     if cfg.model.name is None or d.class_path is not None:
         return  # the shapes of a user's module or data are theirs to match
-    expected = MODEL_INPUT_SHAPES[cfg.model.name]
+    from fl_lightning.models import MODELS  # the architectures state their input shapes
+
+    expected = MODELS[cfg.model.name].input_shape
     actual = input_shape(d)
     _check(
         expected is None or expected == actual,
@@ -780,12 +774,6 @@ def _validate_strategy(cfg: Config) -> None:
         s.batchnorm_batches >= 1,
         "strategy.batchnorm_batches",
         f"must be >= 1, got {s.batchnorm_batches}",
-    )
-    _check(
-        s.batchnorm == "average" or cfg.model.name in (None, *MODELS_WITH_BATCHNORM),
-        "strategy.batchnorm",
-        f"recompute changes only BatchNorm statistics, and model.name={cfg.model.name} has "
-        f"no BatchNorm layers; use strategy.batchnorm=average",
     )
 
 

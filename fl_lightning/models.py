@@ -10,11 +10,14 @@ from torch import nn
 
 from fl_lightning.class_path import ClassSpec, instantiate
 from fl_lightning.config import Config, input_shape
+from fl_lightning.errors import ConfigError
 from fl_lightning.module import ImageClassifier
 
 
 class MNISTNet(ImageClassifier):
     """Table I: two 5x5 convolutions with max pooling, then 1024-120-84-10 (1x28x28 input)."""
+
+    input_shape = (1, 28, 28)
 
     def build_network(self) -> nn.Module:
         """Conv(1,32,5) > pool > Conv(32,64,5) > pool > FC 1024-120-84-classes."""
@@ -36,6 +39,8 @@ class MNISTNet(ImageClassifier):
 
 class CIFAR10Net(ImageClassifier):
     """Table II: three 3x3 conv-BatchNorm-pool blocks, then 4096-512-(dropout 0.5)-256-10."""
+
+    input_shape = (3, 32, 32)
 
     def build_network(self) -> nn.Module:
         """Conv 64/128/256 with BatchNorm and pooling, then FC 4096-512-256-classes."""
@@ -91,6 +96,7 @@ MODELS: dict[str, type[ImageClassifier]] = {
 def build_model(cfg: Config, num_classes: int | None = None) -> pl.LightningModule:
     """The run's LightningModule: `model.class_path` with its init_args, or built-in `model.name`.
 
+    `strategy.batchnorm: recompute` needs BatchNorm layers, found by inspecting the module.
     Under differential privacy, BatchNorm is replaced as Opacus requires, on the server and
     on every client alike (so both hold the same state keys). `num_classes` sizes a
     built-in model (default: the built-in dataset's).
@@ -104,6 +110,11 @@ def build_model(cfg: Config, num_classes: int | None = None) -> pl.LightningModu
         assert m.name is not None  # config validation: a name or a class path
         model = _builtin(cfg, num_classes)
         label = f"model.name: {m.name}"
+    if cfg.strategy.batchnorm == "recompute" and not has_batchnorm(model):
+        raise ConfigError(
+            f"strategy.batchnorm: recompute changes only BatchNorm statistics, and {label} "
+            "has no BatchNorm layer; use strategy.batchnorm=average"
+        )
     if cfg.privacy.mode != "none":
         from fl_lightning.dp_sgd import make_private_compatible
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -18,6 +18,9 @@ class ImageClassifier(L.LightningModule):
     Logs `<stage>/loss` and `<stage>/accuracy` per epoch for stage in train, val, test:
     the metric names the Flower apps, TensorBoard and metrics.jsonl use too.
     """
+
+    # The (C, H, W) input the architecture is fixed to; None: any, sized by init args.
+    input_shape: ClassVar[tuple[int, int, int] | None] = None
 
     def __init__(
         self,

@@ -3,7 +3,9 @@ import torch
 from torch import nn
 
 from fl_lightning.config import load_config
+from fl_lightning.errors import ConfigError
 from fl_lightning.models import MLP, CIFAR10Net, MNISTNet, build_model
+from tests.conftest import REPO
 from tests.test_config import MNIST
 
 # (layer type, output shape) rows of the seed report's Tables I and II.
@@ -66,6 +68,7 @@ def layer_outputs(model: nn.Module, shape: tuple[int, ...]) -> list[tuple[type, 
 )
 def test_architectures_match_the_seed_tables(cls, shape, table, params) -> None:
     model = cls()
+    assert cls.input_shape == shape  # what config validation matches the data against
     assert layer_outputs(model, shape) == table
     assert sum(p.numel() for p in model.parameters()) == params
     dropouts = [m.p for m in model.net if isinstance(m, nn.Dropout)]
@@ -95,3 +98,11 @@ def test_tanh_activation_keeps_the_architectures_weights() -> None:
     assert relu.state_dict().keys() == tanh.state_dict().keys()
     kinds = {type(m) for m in tanh.modules()}
     assert torch.nn.Tanh in kinds and torch.nn.ReLU not in kinds
+
+
+def test_batchnorm_recompute_needs_a_module_with_batchnorm_layers() -> None:
+    # Found by inspecting the built module, whatever its class: no table of model names.
+    with pytest.raises(ConfigError, match=r"model.name: mnist_net has no BatchNorm layer"):
+        build_model(load_config(MNIST, ["strategy.batchnorm=recompute"]), num_classes=10)
+    cifar = load_config(REPO / "configs" / "cifar10.yaml", ["strategy.batchnorm=recompute"])
+    assert isinstance(build_model(cifar, num_classes=10), CIFAR10Net)
