@@ -103,13 +103,13 @@ def build_model(cfg: Config, num_classes: int | None = None) -> pl.LightningModu
     """
     m = cfg.model
     if m.class_path is not None:
-        spec = ClassSpec(m.class_path, dict(m.init_args))
-        model = instantiate(spec, "model", pl.LightningModule)
-        label = f"model.class_path: {m.class_path}"
+        spec, label = (
+            ClassSpec(m.class_path, dict(m.init_args)),
+            f"model.class_path: {m.class_path}",
+        )
     else:
-        assert m.name is not None  # config validation: a name or a class path
-        model = _builtin(cfg, num_classes)
-        label = f"model.name: {m.name}"
+        spec, label = builtin_spec(cfg, num_classes), f"model.name: {m.name}"
+    model = instantiate(spec, "model", pl.LightningModule)
     if cfg.strategy.batchnorm == "recompute" and not has_batchnorm(model):
         raise ConfigError(
             f"strategy.batchnorm: recompute changes only BatchNorm statistics, and {label} "
@@ -122,7 +122,9 @@ def build_model(cfg: Config, num_classes: int | None = None) -> pl.LightningModu
     return model
 
 
-def _builtin(cfg: Config, num_classes: int | None) -> ImageClassifier:
+def builtin_spec(cfg: Config, num_classes: int | None = None) -> ClassSpec:
+    """What `model.name` is short for: the built-in class, its init_args from the config."""
+    assert cfg.model.name is not None  # config validation: a name or a class path
     if num_classes is None:
         from fl_lightning.data import load_splits  # cached per process
 
@@ -140,8 +142,8 @@ def _builtin(cfg: Config, num_classes: int | None) -> ImageClassifier:
     if cfg.model.name == "mlp":
         channels, height, width = input_shape(cfg.data)
         kwargs["in_features"] = channels * height * width
-    assert cfg.model.name is not None
-    return MODELS[cfg.model.name](**kwargs)
+    cls = MODELS[cfg.model.name]
+    return ClassSpec(f"{cls.__module__}.{cls.__qualname__}", kwargs)
 
 
 def has_batchnorm(model: torch.nn.Module) -> bool:

@@ -1,10 +1,12 @@
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
 from fl_lightning.config import load_config
 from fl_lightning.errors import ConfigError
-from fl_lightning.models import MLP, CIFAR10Net, MNISTNet, build_model
+from fl_lightning.models import MLP, CIFAR10Net, MNISTNet, build_model, builtin_spec
 from tests.conftest import REPO
 from tests.test_config import MNIST
 
@@ -106,3 +108,20 @@ def test_batchnorm_recompute_needs_a_module_with_batchnorm_layers() -> None:
         build_model(load_config(MNIST, ["strategy.batchnorm=recompute"]), num_classes=10)
     cifar = load_config(REPO / "configs" / "cifar10.yaml", ["strategy.batchnorm=recompute"])
     assert isinstance(build_model(cifar, num_classes=10), CIFAR10Net)
+
+
+def test_model_name_is_short_for_a_class_path_and_its_init_args(data_root: Path) -> None:
+    cfg = load_config(REPO / "configs" / "mnist.yaml", [f"data.root={data_root}"])
+    spec = builtin_spec(cfg)
+    assert spec.class_path == "fl_lightning.models.MNISTNet"
+    # configs/mnist_class_path.yaml names the same module the way a user names theirs.
+    named = load_config(
+        REPO / "configs" / "mnist_class_path.yaml", [f"data.init_args.root={data_root}"]
+    )
+    assert named.model.class_path == spec.class_path
+    torch.manual_seed(0)
+    a = build_model(cfg)
+    torch.manual_seed(0)
+    b = build_model(named)
+    assert type(a) is type(b) and a.hparams == b.hparams
+    assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
