@@ -160,9 +160,29 @@ def nothing_trained(what: str, notices: Notices) -> str:
     )
 
 
-def _connected(grid: Grid, wanted: int, timeout: float) -> list[int]:
-    """The connected node ids, once `wanted` are (or `timeout` seconds have passed)."""
-    deadline = time.monotonic() + timeout
-    while len(nodes := list(grid.get_node_ids())) < wanted and time.monotonic() < deadline:
+def _connected(grid: Grid, wanted: int, timeout: float, patience: float = 10.0) -> list[int]:
+    """The connected node ids, once `wanted` are (or `timeout` seconds have passed).
+
+    SuperNodes may join a deployment late, so the census waits; after `patience` seconds
+    it says once what it waits for, or a run started with too few nodes looks hung.
+    """
+    start = time.monotonic()
+    said = False
+    while len(nodes := list(grid.get_node_ids())) < wanted:
+        waited = time.monotonic() - start
+        if waited >= timeout:
+            break
+        if waited >= patience and not said:
+            said = True
+            log(
+                WARNING,
+                "census: %d of %d SuperNodes connected; waiting up to %.0f s "
+                "(federation.round_timeout) for the rest. Start one SuperNode per client "
+                '(flwr run: --federation-config "num-supernodes=%d")',
+                len(nodes),
+                wanted,
+                timeout,
+                wanted,
+            )
         time.sleep(0.2)  # the Simulation Engine registers its nodes as the ServerApp starts
     return sorted(nodes)

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from fl_lightning.class_path import ClassSpec
 from fl_lightning.errors import ConfigError
-from fl_lightning.trainer_flags import validate_trainer
+from fl_lightning.trainer_flags import device_count, validate_trainer
 from fl_lightning.yaml_input import _key_text, _show, apply_override, parse_yaml
 
 DatasetName = Literal["mnist", "cifar10", "imagefolder"]
@@ -663,18 +663,6 @@ def _validate_data(cfg: Config) -> None:
             "data.image_size",
             "is required for dataset 'imagefolder' (images are resized to this square size)",
         )
-    if cfg.model.name is None or d.class_path is not None:
-        return  # the shapes of a user's module or data are theirs to match
-    from fl_lightning.models import MODELS  # the architectures state their input shapes
-
-    expected = MODELS[cfg.model.name].input_shape
-    actual = input_shape(d)
-    _check(
-        expected is None or expected == actual,
-        "model.name",
-        f"{cfg.model.name} takes inputs of shape {expected}, but data.dataset={d.dataset} "
-        f"yields {actual}; pick a matching model (e.g. mlp)",
-    )
 
 
 # What fl-lightning passes a data.class_path DataModule that takes them (the federated
@@ -838,9 +826,10 @@ def _validate_privacy(cfg: Config) -> None:
             "must be null under DP-SGD (the privacy accounting assumes full epochs)",
         )
         _check(
-            t.devices in (1, "1", [0]) and t.strategy == "auto",
+            device_count(t) == 1,
             "trainer.devices",
-            "DP-SGD trains each client on one device; set trainer.devices=1 trainer.strategy=auto",
+            "DP-SGD trains each client on one device (Opacus's per-sample gradients are not "
+            "wired into DDP here); set trainer.devices=1",
         )
         _check(
             s.name != "fedprox",

@@ -143,6 +143,14 @@ def builtin_spec(cfg: Config, num_classes: int | None = None) -> ClassSpec:
         channels, height, width = input_shape(cfg.data)
         kwargs["in_features"] = channels * height * width
     cls = MODELS[cfg.model.name]
+    if cfg.data.class_path is None:  # a DataModule's shapes are the user's to match
+        actual = input_shape(cfg.data)
+        if cls.input_shape not in (None, actual):
+            raise ConfigError(
+                f"model.name: {cfg.model.name} takes inputs of shape {cls.input_shape}, but "
+                f"data.dataset={cfg.data.dataset} yields {actual}; pick a matching model "
+                "(e.g. mlp)"
+            )
     return ClassSpec(f"{cls.__module__}.{cls.__qualname__}", kwargs)
 
 

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import functools
 import shlex
+import sys
 import typing
 from pathlib import Path
 from typing import Any
@@ -26,16 +27,39 @@ def config_from_run_config(run_config: typing.Mapping[str, Any]) -> Config:
 
 @functools.lru_cache(maxsize=4)
 def _load_named_config(path: str, overrides: str) -> Config:
-    # A relative path is looked up from the working directory, then from the app's own
-    # directory (where Flower unpacks the app: the parent of this package).
-    candidate = Path(path)
-    if not candidate.is_absolute() and not candidate.exists():
-        candidate = Path(__file__).resolve().parent.parent / path
     try:
         items = shlex.split(overrides)
     except ValueError as err:  # an unclosed quote
         raise ConfigError(f"run config 'overrides': {err}; quote each KEY=VALUE once") from None
-    return load_config(candidate, items)
+    return load_config(_find_config(path), items)
+
+
+def _find_config(path: str) -> Path:
+    """`path`; a relative one from the Flower app, the working directory, or this checkout."""
+    candidate = Path(path)
+    if candidate.is_absolute():
+        return candidate
+    # The app's own copy comes first: the working directory is that of the SuperLink that
+    # started the run, which may be another project's folder with its own config.yaml.
+    folders = [*_flower_app_dirs(), Path.cwd(), Path(__file__).resolve().parent.parent]
+    for folder in folders:
+        if (folder / candidate).is_file():
+            return folder / candidate
+    return candidate  # found nowhere: load_config names it
+
+
+def _flower_app_dirs() -> list[Path]:
+    """The folders Flower unpacked apps into (FLWR_HOME/apps/...) on sys.path, in order.
+
+    Flower's `load_app` puts the app's folder on sys.path before it imports the ServerApp
+    or ClientApp (in the simulation process, its Ray workers, and Deployment Engine app
+    processes alike); the user's classes import from there too.
+    """
+    from flwr.common.constant import APP_DIR
+    from flwr.supercore.utils import get_flwr_home
+
+    apps = (get_flwr_home() / APP_DIR).resolve()
+    return [Path(entry) for entry in sys.path if entry and Path(entry).resolve().parent == apps]
 
 
 def parse_devices(text: str) -> list[int]:
@@ -70,7 +94,8 @@ def apply_node_config(cfg: Config, node_config: typing.Mapping[str, Any]) -> Con
     if partitions != cfg.federation.num_clients:
         raise ConfigError(
             f"node-config 'num-partitions' is {partitions} but federation.num_clients is "
-            f"{cfg.federation.num_clients}; start one SuperNode per client with matching values"
+            f"{cfg.federation.num_clients}; start one SuperNode per client with matching values "
+            f'(flwr run: --federation-config "num-supernodes={cfg.federation.num_clients}")'
         )
     if not 0 <= partition < partitions:
         raise ConfigError(

@@ -307,6 +307,24 @@ class ReplyScreen:
         self.metric_names: dict[str, frozenset[str]] = {}
         self._votes: dict[str, dict[int, frozenset[str]]] = {}  # stage -> partition -> names
 
+    def state(self) -> dict[str, Any]:
+        """The run's metric names so far, agreed and voted for, as plain data (for --resume)."""
+        return {
+            "agreed": {stage: sorted(names) for stage, names in self.metric_names.items()},
+            "votes": {
+                stage: {partition: sorted(names) for partition, names in votes.items()}
+                for stage, votes in self._votes.items()
+            },
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Continue from `state()` of a killed run: a resumed run requires the names it did."""
+        self.metric_names = {stage: frozenset(names) for stage, names in state["agreed"].items()}
+        self._votes = {
+            stage: {partition: frozenset(names) for partition, names in votes.items()}
+            for stage, votes in state["votes"].items()
+        }
+
     def problem(
         self, reply: Message, stage: str, reference: ArrayRecord | None = None
     ) -> str | None:

@@ -2,9 +2,12 @@
 
 It holds the last completed round, the global weights, the strategy's own state (FedAdam's
 moments, FedAvgM's momentum, DP-SGD clients' accountants), the privacy ledger, the
-server's global RNG states (Flower's DP wrappers draw noise from NumPy's) and the round
-records behind summary.md. Every client-side random draw (shuffles, dropout,
-augmentation, DP-SGD noise) and client sampling is seeded by (seed, round, client).
+server's global RNG states (Flower's DP wrappers draw noise from NumPy's), the round
+records behind summary.md, and the module's metric names the run has settled so far (the
+names each source logged, which decide a later source's prefix, and the names the
+replies agreed on, which every reply must carry): a resumed run names and screens metrics
+as the run it continues. Every client-side random draw (shuffles, dropout, augmentation,
+DP-SGD noise) and client sampling is seeded by (seed, round, client).
 
 The file holds tensors and plain data only (dicts, lists, tuples, strings, numbers, None)
 and is read with `torch.load(weights_only=True)`, which builds nothing else: a file that
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import random
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +44,12 @@ from fl_lightning.strategy_state import (
 )
 from fl_lightning.yaml_input import parse_yaml
 
-# resume.pt's layout. Before it, resume.pt was a pickle of Python objects: refused now.
-FORMAT = 2
+# resume.pt's layout. Format 2 lacked the metric names; format 1 was a pickle of Python
+# objects: both refused now.
+FORMAT = 3
 _KEYS = {"format", "round", "weights", "strategy", "history", "ledger", "rng"}
+_KEYS |= {"logged", "screened"}
+_SCREEN_KEYS = {"agreed", "votes"}
 _RNG_KEYS = {"python", "numpy", "torch"}
 _NUMPY_RNG_KEYS = {"key", "pos", "has_gauss", "cached_gaussian"}
 _LEDGER_KEYS = {"rounds_taken", "reported", "releases"}
@@ -61,6 +67,10 @@ class ResumeState:
     ledger: dict[str, Any] | None = None  # the server's privacy ledger
     # The server process's global RNGs (`capture_rng`; Flower's DP wrappers draw from NumPy's).
     rng: dict[str, Any] | None = None
+    # The module's metric names each source has logged (`RoundRecorder.logged_names`).
+    logged: dict[str, list[str]] = field(default_factory=dict)
+    # The replies' agreed and voted-for metric names (`ReplyScreen.state`; None: no screen).
+    screened: dict[str, Any] | None = None
 
 
 def capture_rng() -> dict[str, Any]:
@@ -118,6 +128,8 @@ def save(run: RunDir, state: ResumeState) -> None:
             "history": state.history,
             "ledger": state.ledger,
             "rng": state.rng,
+            "logged": state.logged,
+            "screened": state.screened,
         }
     )
     write_atomically(path, lambda partial: torch.save(payload, partial))
@@ -222,6 +234,8 @@ def _parse(raw: Any, cfg: Config, model: dict[str, torch.Tensor]) -> ResumeState
         _check_history(raw["history"]),
         _check_ledger(raw["ledger"], cfg),
         raw["rng"],
+        _check_logged(raw["logged"]),
+        _check_screened(raw["screened"], cfg),
     )
     _decode_rng(raw["rng"])
     # Here, not at the top: strategy.py imports rounds.py, which imports this module.
@@ -297,6 +311,57 @@ def _check_ledger(ledger: Any, cfg: Config) -> dict[str, Any] | None:
         "ledger.releases: not an RDP accountant's history",
     )
     return ledger
+
+
+def _check_logged(logged: Any) -> dict[str, list[str]]:
+    """The metric names each source has logged: source -> names."""
+    # Here, not at the top: rounds.py imports this module.
+    from fl_lightning.rounds import SOURCES
+
+    expect(
+        isinstance(logged, dict) and set(logged) <= set(SOURCES),
+        "logged: not metric names per source",
+    )
+    expect(all(_is_names(names) for names in logged.values()), "logged: not metric names")
+    return logged
+
+
+def _check_screened(screened: Any, cfg: Config) -> dict[str, Any] | None:
+    """The reply screen's `state()`: agreed names per stage, each partition's vote per stage."""
+    if screened is None:
+        return None
+    from fl_lightning.replies import BATCHNORM, EVALUATE, TRAIN
+
+    stages = {TRAIN, EVALUATE, BATCHNORM}
+    expect(isinstance(screened, dict) and set(screened) == _SCREEN_KEYS, "screened: missing")
+    agreed, votes = screened["agreed"], screened["votes"]
+    expect(
+        isinstance(agreed, dict)
+        and set(agreed) <= stages
+        and all(_is_names(names) for names in agreed.values()),
+        "screened.agreed: not metric names per stage",
+    )
+    clients = cfg.federation.num_clients
+    expect(
+        isinstance(votes, dict)
+        and set(votes) <= stages
+        and all(
+            isinstance(by_partition, dict)
+            and all(is_partition(p, clients) and _is_names(n) for p, n in by_partition.items())
+            for by_partition in votes.values()
+        ),
+        "screened.votes: not metric names per stage and partition",
+    )
+    return screened
+
+
+def _is_names(names: Any) -> bool:
+    """A list of distinct metric names."""
+    return (
+        isinstance(names, list)
+        and all(isinstance(name, str) for name in names)
+        and len(set(names)) == len(names)
+    )
 
 
 def _is_release(entry: Any) -> bool:

@@ -18,8 +18,9 @@ from fl_lightning.rundir import RunDir
 from fl_lightning.strategy_state import strategy_state
 from fl_lightning.tracking import RunTracker
 
-if TYPE_CHECKING:  # opacus loads only for runs with differential privacy
+if TYPE_CHECKING:  # for annotations: opacus loads only for runs with differential privacy
     from fl_lightning.privacy_ledger import PrivacyLedger
+    from fl_lightning.replies import ReplyScreen
 
 
 def round_lr_factor(o: OptimizerConfig, server_round: int) -> float:
@@ -50,6 +51,7 @@ class _Closing:
     strategy: dict[str, Any]
     ledger: dict[str, Any] | None
     rng: dict[str, Any]
+    screened: dict[str, Any] | None
     background: bool
     handed_over: float = field(default_factory=time.perf_counter)
     step: str = "handing the round over"  # what the close is doing, for its error message
@@ -94,6 +96,7 @@ class RoundRecorder:
         self.run = run
         self.ledger = ledger
         self.strategy: object | None = None  # whose cross-round state --resume restores
+        self.screen: ReplyScreen | None = None  # whose metric names --resume restores
         self.metrics: dict[str, float] = {}
         # The module's metrics of the round, by source (train, distributed), as logged.
         self.sourced: dict[str, dict[str, float]] = {}
@@ -190,6 +193,7 @@ class RoundRecorder:
             strategy,  # strategy_state already copies
             self.ledger.state() if self.ledger is not None else None,
             resume.capture_rng(),
+            self.screen.state() if self.screen is not None else None,
             background,
         )
 
@@ -218,6 +222,14 @@ class RoundRecorder:
                 f"round {closing.server_round} could not be closed: {closing.step} failed "
                 f"({type(err).__name__}: {reason}); the rounds before it are in {self.run.path}"
             ) from err
+
+    def logged_names(self) -> dict[str, list[str]]:
+        """Every module metric name each source has logged in the run (for --resume)."""
+        return {source: sorted(names) for source, names in self._seen.items()}
+
+    def load_logged_names(self, logged: dict[str, list[str]]) -> None:
+        """Continue from `logged_names()` of a killed run: a resumed run names as it did."""
+        self._seen = {source: set(logged.get(source, ())) for source in SOURCES}
 
     def _named(self, sourced: dict[str, dict[str, float]]) -> dict[str, float]:
         """The round's module metrics under the names the run logs them (in `RECORD_ORDER`).
@@ -276,6 +288,8 @@ class RoundRecorder:
                 self.tracker.history,
                 closing.ledger,
                 closing.rng,
+                self.logged_names(),  # this round's names included: rounds are named in order
+                closing.screened,
             ),
         )
         return metrics

@@ -58,6 +58,8 @@ def run_federation(
         start = ArrayRecord(resume.weights)
     census = _census(grid, cfg, tracker, *_dataset_facts(cfg))
     recorder = RoundRecorder(evaluator, tracker, run)
+    if resume is not None:
+        recorder.load_logged_names(resume.logged)  # a name's prefix depends on earlier rounds
     # DP-SGD plans every partition: one without a census answer (it takes no part) gets
     # the smallest reported size, whose epsilon per round is the largest (conservative).
     fill = min(census.train_sizes.values()) if cfg.privacy.mode == "dp_sgd" else 0
@@ -135,12 +137,15 @@ def _run_rounds(
         min_available_nodes=fed.num_clients,
     )
     recorder.strategy = strategy
+    recorder.screen = strategy.screen
     done = 0
     if resume is not None:
         done = strategy.round_offset = resume.round
         from fl_lightning.resume import load_strategy_state
 
         load_strategy_state(strategy, resume, cfg)  # each attribute rebuilt with its own type
+        if resume.screened is not None:
+            strategy.screen.load_state(resume.screened)  # the names the run's replies agreed on
         strategy.resent_accountants = bool(strategy.accountants)
     runner: Strategy = strategy
     if cfg.privacy.mode == "client_dp":

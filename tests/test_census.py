@@ -130,3 +130,18 @@ def test_a_claim_of_more_samples_than_the_dataset_holds_is_not_believed() -> Non
     census = tally([answer(1, 0, train=90, val=10), answer(2, 1, train=95, val=10)], cfg,
                    CLASSES, max_train=100)  # fmt: skip
     assert census.nodes == {1: 0}  # node 2's 105 samples do not exist
+
+
+def test_a_census_short_of_nodes_says_what_it_waits_for(caplog: pytest.LogCaptureFixture) -> None:
+    class TwoNodes:
+        def get_node_ids(self) -> list[int]:
+            return [1, 2]
+
+    from fl_lightning.census import _connected
+
+    with caplog.at_level("WARNING", logger="flwr"):
+        nodes = _connected(TwoNodes(), wanted=3, timeout=0.6, patience=0.2)  # type: ignore[arg-type]
+    assert nodes == [1, 2]
+    said = [r.getMessage() for r in caplog.records if "census:" in r.getMessage()]
+    assert len(said) == 1 and "2 of 3 SuperNodes connected" in said[0]
+    assert "num-supernodes=3" in said[0]

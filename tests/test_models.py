@@ -125,3 +125,10 @@ def test_model_name_is_short_for_a_class_path_and_its_init_args(data_root: Path)
     b = build_model(named)
     assert type(a) is type(b) and a.hparams == b.hparams
     assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
+
+
+def test_a_built_in_architecture_refuses_data_of_another_shape() -> None:
+    # The class states its input shape (MNISTNet.input_shape); the CLI builds the model
+    # before any process starts, so this is one line and exit 2 there.
+    with pytest.raises(ConfigError, match=r"model.name: cifar10_net takes inputs of shape"):
+        build_model(load_config(MNIST, ["model.name=cifar10_net"]), num_classes=10)

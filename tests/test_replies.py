@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -32,6 +33,7 @@ from fl_lightning.replies import (
     ReplyScreen,
     arrays_problem,
     error_summary,
+    partition_of,
 )
 from fl_lightning.strategy import LightningFedAvg, build_strategy
 from fl_lightning.vocabulary import ACCOUNTANT_RECORD, UNIFORM_WEIGHT
@@ -205,6 +207,34 @@ def test_a_minority_cannot_choose_the_runs_metric_names(first_round: list) -> No
     honest = screen.screen([train_reply(i) for i in range(5)], TRAIN, global_arrays())
     assert (len(honest.valid), honest.rejected) == (5, 0)
     assert screen.metric_names[TRAIN] == {"train/loss", "train/accuracy"}
+
+
+@pytest.mark.parametrize(
+    ("first", "plain", "larger", "kept"),
+    [
+        # 2 of 5 partitions voted: a third vote makes their names the run's.
+        ([0, 1], [2], [3], [2]),
+        # All 5 agreed: a name first sent in a later round is not the run's.
+        ([0, 1, 2, 3, 4], [], [0, 1, 2, 3, 4], []),
+    ],
+    ids=["voted", "agreed"],
+)
+def test_a_resumed_run_screens_with_the_metric_names_of_the_run_it_continues(
+    first: list[int], plain: list[int], larger: list[int], kept: list[int], tmp_path: Path
+) -> None:
+    more = attacks.metric("train/extra", 1.0)  # a larger name set (a tie goes to it)
+    screen = screen_for()
+    screen.screen([train_reply(p) for p in first], TRAIN, global_arrays())
+    file = tmp_path / "screen.pt"
+    torch.save(screen.state(), file)
+    resumed = screen_for()
+    resumed.load_state(torch.load(file, weights_only=True))  # as resume.pt keeps it
+    second = [train_reply(p) for p in plain] + [attacked(train_reply(p), more) for p in larger]
+    for run in (screen, resumed):
+        screened = run.screen(second, TRAIN, global_arrays())
+        assert [partition_of(r) for r in screened.valid] == kept
+        assert screened.rejected == len(second) - len(kept)
+        assert run.metric_names[TRAIN] == {"train/loss", "train/accuracy"}
 
 
 def test_a_reply_from_a_node_outside_the_census_is_rejected() -> None:

@@ -283,6 +283,13 @@ DELETE = object()
         ("rng/numpy/key", torch.zeros(624, dtype=torch.float32)),
         ("rng/numpy/pos", 10_000),
         ("rng/torch", torch.zeros(3, dtype=torch.uint8)),
+        ("logged", DELETE),
+        ("logged", {"elsewhere": ["loss"]}),
+        ("logged", {"train": "loss"}),
+        ("logged", {"train": ["loss", "loss"]}),
+        ("screened", {"agreed": {}}),
+        ("screened", {"agreed": {"train": [1]}, "votes": {}}),
+        ("screened", {"agreed": {}, "votes": {"train": {5: ["loss"]}}}),  # 2 clients
     ],
 )
 def test_a_file_of_the_wrong_structure_is_refused_and_nothing_is_changed(

@@ -4,18 +4,22 @@ import json
 import os
 import threading
 from concurrent import futures
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from fl_lightning import resume
 from fl_lightning.config import Config, load_config
 from fl_lightning.errors import RoundCloseError
 from fl_lightning.evaluation import CentralEvaluator
+from fl_lightning.replies import ReplyScreen
 from fl_lightning.resume import resume_path
 from fl_lightning.rounds import RoundRecorder
-from fl_lightning.rundir import RunDir
+from fl_lightning.rundir import RunDir, create_run_dir
 from fl_lightning.tracking import RunTracker
+from tests.test_strategy import census
 
 
 @pytest.fixture()
@@ -220,3 +224,42 @@ def test_a_name_the_server_tests_under_keeps_it_in_every_round(cfg: Config, tmp_
     logged = records(run)
     assert all(isinstance(r["test/loss"], float) and r["test/loss"] != 5.0 for r in logged)
     assert logged[2]["train/test/loss"] == 5.0 and "val/loss" in logged[1]
+
+
+def test_a_resumed_run_names_each_metric_as_the_run_it_continues(
+    cfg: Config, tmp_path: Path
+) -> None:
+    def rounds(recorder: RoundRecorder, numbers: range) -> None:
+        weights = recorder.evaluator.model.state_dict()
+        for server_round in numbers:
+            recorder.start()
+            if server_round == 1:  # round 2 adopts no update: it has no training metrics
+                recorder.add({"loss": 1.0}, source="train")
+            recorder.add({"loss": 2.0}, source="distributed")
+            recorder.close(server_round, weights)
+        recorder.shutdown()
+        recorder.tracker.close()
+
+    full, full_run = recorder_for(cfg, tmp_path / "full")
+    rounds(full, range(1, 3))
+    # The same run killed after round 1: what resume.pt keeps, read back as --resume reads it.
+    cfg = replace(cfg, output=replace(cfg.output, dir=str(tmp_path / "killed")))
+    killed = create_run_dir(cfg)
+    first = RoundRecorder(full.evaluator, RunTracker(killed, 2, {}, console=False), killed)
+    first.screen = ReplyScreen(cfg, census(cfg.federation.num_clients))
+    agreed = {"agreed": {"train": ["loss"]}, "votes": {"train": {0: ["loss"], 1: ["loss"]}}}
+    first.screen.load_state(agreed)
+    rounds(first, range(1, 2))
+    _, state = resume.load(cfg, killed.path)
+    assert state.screened == agreed
+    resumed, resumed_run = recorder_for(cfg, tmp_path / "resumed")
+    resumed.load_logged_names(state.logged)
+    rounds(resumed, range(2, 3))
+
+    # Training logged `loss` in round 1: the clients' validation loss is kept apart after it.
+    expected = records(full_run)[1]
+    assert expected["distributed/loss"] == 2.0 and "loss" not in expected
+    (record,) = records(resumed_run)
+    assert {k for k in record if not k.startswith("time/")} == {
+        k for k in expected if not k.startswith("time/")
+    }

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from fl_lightning.cli import main
+from fl_lightning.deployment import flower_executable, free_port, marked_processes
 from fl_lightning.scaffold import write_project
 from tests.conftest import REPO
 
@@ -51,7 +55,8 @@ def test_init_writes_a_project_that_federates_from_another_folder(
 ) -> None:
     project = tmp_path / "my_project"
     assert main(["init", str(project), "--data-root", str(data_root)]) == 0
-    assert {"config.yaml", "README.md", "digits/model.py", "digits/data.py"} <= set(tree(project))
+    written = set(tree(project))
+    assert {"config.yaml", "README.md", "pyproject.toml", "digits/model.py"} <= written
 
     # Started outside the project: its classes import from the config's folder.
     run = tmp_path / "run"
@@ -105,3 +110,52 @@ def test_the_example_federates_from_the_repository_root(tmp_path: Path, data_roo
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert set(final_metrics(run)) >= METRICS
+
+
+def test_flwr_run_runs_the_project_init_writes(tmp_path: Path, data_root: Path) -> None:
+    project = tmp_path / "my_project"
+    assert main(["init", str(project), "--data-root", str(data_root)]) == 0
+    home = tmp_path / "flwr-home"
+    env = {
+        **os.environ,
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_HOME": str(home),  # Flower's config, app copies and SuperLink state: ours alone
+        # `flwr run` starts its local SuperLink on these ports: our own, not another's.
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    run = tmp_path / "run"
+    overrides = " ".join([*TINY, f"output.dir={run}"])
+    command = [
+        flower_executable("flwr"),
+        *("run", str(project), "--stream"),
+        *("--federation-config", "num-supernodes=2"),
+        *("--run-config", f"overrides='{overrides}'"),
+    ]
+    try:
+        # Started outside the project, as a SuperLink started by an earlier `flwr run`
+        # elsewhere is: config.yaml must come from the app Flower unpacked.
+        result = subprocess.run(
+            command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+        )
+    finally:
+        stop_processes_of(home)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # `flwr run` exits 0 after a failed run too: its streamed log says what went wrong.
+    assert (run / "metrics.jsonl").is_file(), result.stdout[-3000:]
+    assert set(final_metrics(run)) >= METRICS
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+
+
+def stop_processes_of(home: Path) -> None:
+    """Kill what `flwr run` left running with FLWR_HOME=`home` (its SuperLink, the simulation)."""
+    for _ in range(100):
+        pids = marked_processes(str(home), "FLWR_HOME")
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
+    raise AssertionError(f"processes with FLWR_HOME={home} still running: {pids}")
