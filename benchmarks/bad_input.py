@@ -102,10 +102,9 @@ CASES: list[Case] = [
     ("`trainer.precision=bogus`", _override("trainer.precision=bogus")),
     ("`trainer.devices=0`", _override("trainer.devices=0")),
     ("`trainer.limit_train_batches=-1`", _override("trainer.limit_train_batches=-1")),
-    (
-        "`trainer.devices=2 trainer.strategy=ddp`",
-        _override("trainer.devices=2", "trainer.strategy=ddp"),
-    ),
+    # Issue #20: DDP inside a client needs the CPUs it runs on; FSDP is not supported.
+    ("`trainer.devices=2` with one CPU reserved per client", _override("trainer.devices=2")),
+    ("`trainer.strategy=fsdp`", _override("trainer.strategy=fsdp")),
     ("`seed=4294967296`", _override("seed=4294967296")),
     ("a config with `data:` written twice", _duplicate_section),
     ("a malformed config", _malformed),

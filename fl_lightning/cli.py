@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -85,11 +86,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _prepare(path: str, overrides: list[str], claim_output: bool = True) -> Config:
-    """Load and validate the config and check data and model, before any process starts."""
+def _prepare(
+    path: str,
+    overrides: list[str],
+    claim_output: bool = True,
+    check: Callable[[Config], object] | None = None,
+) -> Config:
+    """Load and validate the config and check data and model, before any process starts.
+
+    `check` (e.g. the simulation's resources) runs first, before any data is read.
+    """
     from fl_lightning.config import load_config
 
     cfg = load_config(path, overrides)
+    if check is not None:
+        check(cfg)
     if claim_output:
         from fl_lightning.rundir import check_claimable, run_dir_path
 
@@ -140,8 +151,8 @@ def run_command(args: argparse.Namespace) -> int:
     from fl_lightning.rundir import create_run_dir
     from fl_lightning.simulation import backend_config, run_simulation
 
-    cfg = _prepare(args.config, args.overrides, claim_output=args.resume is None)
-    backend_config(cfg)  # Ray's settings are valid before any directory is made
+    # Ray's settings are checked before any data is read or any directory is made.
+    cfg = _prepare(args.config, args.overrides, args.resume is None, check=backend_config)
     if args.resume is None:
         run = create_run_dir(cfg)
         print(f"fl-lightning: writing {run.path}", file=sys.stderr)

@@ -101,20 +101,42 @@ def apply_node_config(cfg: Config, node_config: typing.Mapping[str, Any]) -> Con
         raise ConfigError(
             f"node-config 'partition-id' is {partition}; it must be in 0..{partitions - 1}"
         )
-    cfg = _with_site_data(cfg, node_config)
+    return _with_site_hardware(_with_site_data(cfg, node_config), node_config)
+
+
+# Trainer flags a SuperNode's node config may set for its own site's hardware.
+HARDWARE_KEYS = ("accelerator", "devices", "precision", "strategy")
+
+
+def _with_site_hardware(cfg: Config, node_config: typing.Mapping[str, Any]) -> Config:
+    """`cfg` training on this SuperNode's hardware: `gpus`, or the Trainer's hardware flags.
+
+    `gpus="0,1"` is short for `accelerator="gpu" devices=[0, 1]`; `accelerator`,
+    `devices`, `precision` and `strategy` override the trainer section's, so one
+    federation mixes a 2-GPU site and a CPU-only one. The result is checked as the
+    config's own trainer section is.
+    """
+    from fl_lightning.trainer_flags import device_count, validate_trainer
+
+    changes: dict[str, Any] = {k: node_config[k] for k in HARDWARE_KEYS if k in node_config}
     gpus = str(node_config.get("gpus", "")).strip()
-    if not gpus:
+    if gpus:
+        try:
+            changes.update(accelerator="gpu", devices=parse_devices(gpus))
+        except ValueError as error:
+            raise ConfigError(f"node-config 'gpus': {error}") from None
+    if not changes:
         return cfg
     try:
-        devices = parse_devices(gpus)
-    except ValueError as error:
-        raise ConfigError(f"node-config 'gpus': {error}") from None
-    if len(devices) != 1:
+        trainer = dataclasses.replace(cfg.trainer, **changes)
+        validate_trainer(trainer)
+    except ConfigError as error:
+        raise ConfigError(f"node-config {_show(changes)}: {error}") from None
+    if cfg.privacy.mode == "dp_sgd" and device_count(trainer) != 1:
         raise ConfigError(
-            f"node-config 'gpus' names {len(devices)} devices, and several devices per client "
-            'is not supported yet (issue #20); give each SuperNode one GPU, e.g. gpus="0"'
+            f"node-config {_show(changes)}: DP-SGD trains each client on one device; "
+            "leave this site's devices at 1"
         )
-    trainer = dataclasses.replace(cfg.trainer, accelerator="gpu", devices=devices)
     return dataclasses.replace(cfg, trainer=trainer)
 
 

@@ -17,6 +17,7 @@ from flwr.clientapp.typing import Mod
 from fl_lightning.config import Config
 from fl_lightning.errors import ConfigError
 from fl_lightning.rundir import RunDir
+from fl_lightning.trainer_flags import device_count
 
 if TYPE_CHECKING:
     from fl_lightning.resume import ResumeState
@@ -31,6 +32,7 @@ def backend_config(cfg: Config) -> dict:
             f"{cfg.trainer.accelerator!r}, and Ray hides the GPUs from clients that reserve "
             "none; set 1 (a GPU per client) or a fraction such as 0.2 (clients share one)"
         )
+    _check_resources_for_devices(cfg)
     return {
         "client_resources": {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus},
         # On a cluster, Ray counts every node's CPUs and GPUs itself.
@@ -38,6 +40,24 @@ def backend_config(cfg: Config) -> dict:
         if cfg.federation.ray_address
         else {"num_cpus": os.cpu_count() or 1, "logging_level": logging.WARNING},
     }
+
+
+def _check_resources_for_devices(cfg: Config) -> None:
+    """A client training on N > 1 devices reserves N CPUs (or N GPUs) from Ray.
+
+    (One device may share: `num_gpus: 0.2` puts five clients on one GPU.)
+    """
+    devices = device_count(cfg.trainer) or 1
+    resources = cfg.federation.client_resources
+    gpu = cfg.trainer.accelerator in ("gpu", "cuda")
+    reserved = resources.num_gpus if gpu else resources.num_cpus
+    if devices > 1 and reserved < devices:
+        key = "num_gpus" if gpu else "num_cpus"
+        raise ConfigError(
+            f"federation.client_resources.{key}: is {reserved:g} while trainer.devices "
+            f"trains each client on {devices} {'GPUs' if gpu else 'CPU processes'}; reserve "
+            f"at least {devices} (federation.client_resources.{key}={devices})"
+        )
 
 
 def _warm_up(cfg: Config) -> None:

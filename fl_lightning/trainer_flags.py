@@ -63,7 +63,7 @@ def validate_trainer(t: TrainerConfig) -> None:
         # Importing Lightning costs seconds (the CLI loads the config before it would),
         # and the defaults are valid: only a changed flag is checked against Lightning.
         _check_lightning_flags(t)
-    _check_one_device(t)
+    _check_devices(t)
     if t.extra:
         _check_extra_values(t)
     for index, spec in enumerate(t.callbacks):
@@ -98,8 +98,9 @@ def validate_trainer(t: TrainerConfig) -> None:
 
 # Trainer flags whose accepted values only Lightning knows; checked against Lightning itself.
 LIGHTNING_CHECKED_FLAGS = ("accelerator", "devices", "strategy", "precision", "limit_train_batches")
-# Lightning strategies that train on one device in the client's own process.
-SINGLE_DEVICE_STRATEGIES = ("auto", "single_device")
+# Strategies a client runs: one device in its own process, or several as DDP in processes
+# spawned for the round (`ddp` re-runs the script, which a Ray worker or a ClientApp is not).
+CLIENT_STRATEGIES = ("auto", "single_device", "ddp", "ddp_spawn")
 
 
 def _differs_from_default(t: TrainerConfig, names: tuple[str, ...]) -> bool:
@@ -125,23 +126,25 @@ def device_count(t: TrainerConfig) -> int | None:
     return None if devices == -1 else devices
 
 
-def _check_one_device(t: TrainerConfig) -> None:
-    """Item 9 of issue #18: settings that train a client on several devices cannot run yet."""
+def _check_devices(t: TrainerConfig) -> None:
+    """A number of devices per client, and a strategy a client can run them with.
+
+    Several devices train as DDP in processes spawned for the round
+    (`fl_lightning.client_ddp`): `ddp` and `ddp_spawn` both name it. One device trains in
+    the client's own process whatever the strategy, so a site may override `devices=1`.
+    """
     count = device_count(t)
-    what = "every visible device" if count is None else f"{count} devices"
     _check(
-        count == 1,
+        count is not None,
         "trainer.devices",
-        f"{_show(t.devices)} trains each client on {what}, and several devices per client "
-        "is not supported yet (issue #20); set trainer.devices=1",
+        f"{_show(t.devices)} trains each client on every visible device, a number this "
+        "config cannot check resources for; give the number, e.g. trainer.devices=2",
     )
-    # A multi-process strategy on one device only adds a process group (and DDP kills the
-    # client's Ray worker on several): each client trains in its own process, on one device.
     _check(
-        t.strategy.lower() in SINGLE_DEVICE_STRATEGIES,
+        t.strategy.lower() in CLIENT_STRATEGIES,
         "trainer.strategy",
-        f"{_show(t.strategy)} is a multi-device strategy, and several devices per client is "
-        "not supported yet (issue #20); set trainer.strategy=auto trainer.devices=1",
+        f"{_show(t.strategy)} is not supported inside a client; use auto (one device) or ddp "
+        "(several devices: Lightning's DDP in processes spawned for each round)",
     )
 
 

@@ -27,6 +27,7 @@ from fl_lightning.config import BATCHNORM_STATISTICS, Config, TrainerConfig
 from fl_lightning.errors import ClientError
 from fl_lightning.federated_callbacks import FedProx, RoundLearningRate
 from fl_lightning.models import build_model
+from fl_lightning.trainer_flags import device_count
 from fl_lightning.vocabulary import EPSILON_METRIC, MAX_METRICS, RESERVED_METRICS
 
 
@@ -143,8 +144,19 @@ def fit(
         dp = ClientDPSGD(cfg, data.num_train, accountant_state, seed)
         loader = dp.loader(loader)
         callbacks.append(PrivateOptimizer(dp, loader))
-    trainer = make_trainer(cfg.trainer, limit_val_batches=0, callbacks=callbacks, **kwargs)
-    trainer.fit(model, train_dataloaders=loader)
+    kwargs.update(limit_val_batches=0, callbacks=callbacks)
+    ranks = device_count(cfg.trainer) or 1  # config validation: a number of devices
+    if ranks > 1:
+        if dp is not None:  # refused at load and per site; never train DP-SGD without it
+            raise ClientError("DP-SGD trains each client on one device; set trainer.devices=1")
+        from fl_lightning.client_ddp import RankData, client_ddp
+
+        with client_ddp(ranks) as strategy:
+            trainer = make_trainer(cfg.trainer, strategy=strategy, **kwargs)
+            trainer.fit(model, datamodule=RankData(cfg, partition_id, num_partitions, seed))
+    else:  # `ddp` on one device (a site's override) would only add a process group
+        trainer = make_trainer(cfg.trainer, strategy="auto", **kwargs)
+        trainer.fit(model, train_dataloaders=loader)
     metrics = logged_metrics(trainer.callback_metrics)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if dp is None:

@@ -26,8 +26,8 @@ def test_node_config_checks_the_partition_and_puts_the_trainer_on_its_gpus() -> 
     assert apply_node_config(cfg, {"partition-id": 1, "num-partitions": 2}) == cfg
     on_gpus = apply_node_config(cfg, {"partition-id": 0, "num-partitions": 2, "gpus": "3"})
     assert (on_gpus.trainer.accelerator, on_gpus.trainer.devices) == ("gpu", [3])
-    with pytest.raises(ConfigError, match="node-config 'gpus' names 2 devices, and several"):
-        apply_node_config(cfg, {"partition-id": 0, "num-partitions": 2, "gpus": "1,3"})
+    two = apply_node_config(cfg, {"partition-id": 0, "num-partitions": 2, "gpus": "1,3"})
+    assert (two.trainer.accelerator, two.trainer.devices) == ("gpu", [1, 3])
     with pytest.raises(ConfigError, match="node-config 'partition-id' is 'one', not an integer"):
         apply_node_config(cfg, {"partition-id": "one", "num-partitions": 2})
     assert apply_node_config(cfg, {"partition-id": "1", "num-partitions": 2}) == cfg
@@ -46,3 +46,30 @@ def test_node_config_checks_the_partition_and_puts_the_trainer_on_its_gpus() -> 
 def test_run_config_overrides_with_an_unclosed_quote_are_one_line() -> None:
     with pytest.raises(ConfigError, match=r"^run config 'overrides': No closing quotation"):
         config_from_run_config({"config-path": str(MNIST), "overrides": "seed='7"})
+
+
+def test_a_site_sets_its_own_hardware_flags_checked_as_the_configs_are() -> None:
+    cfg = load_config(MNIST, ["federation.num_clients=2"])
+    node = {"partition-id": 1, "num-partitions": 2}
+    site = apply_node_config(
+        cfg, {**node, "accelerator": "gpu", "devices": 2, "precision": "bf16-mixed"}
+    )
+    t = site.trainer
+    assert (t.accelerator, t.devices, t.precision) == ("gpu", 2, "bf16-mixed")
+    assert apply_node_config(cfg, {**node, "devices": 2}).trainer.devices == 2
+    assert apply_node_config(cfg, node).trainer == cfg.trainer  # the config's own
+    with pytest.raises(ConfigError, match=r"node-config .*trainer.precision: 'bf17' is not"):
+        apply_node_config(cfg, {**node, "precision": "bf17"})
+    with pytest.raises(ConfigError, match=r"node-config .*trainer.strategy: 'fsdp' is not"):
+        apply_node_config(cfg, {**node, "strategy": "fsdp"})
+    private = load_config(
+        MNIST,
+        [
+            "federation.num_clients=2",
+            "privacy.mode=dp_sgd",
+            "privacy.noise_multiplier=1",
+            "trainer.gradient_clip_val=null",
+        ],
+    )
+    with pytest.raises(ConfigError, match="DP-SGD trains each client on one device"):
+        apply_node_config(private, {**node, "devices": 2})

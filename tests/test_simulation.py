@@ -34,6 +34,19 @@ def test_gpu_clients_must_reserve_a_share_of_a_gpu() -> None:
         backend_config(load_config("configs/mnist.yaml", ["trainer.accelerator=gpu"]))
 
 
+def test_a_client_on_several_devices_reserves_one_cpu_or_gpu_for_each() -> None:
+    two = ["trainer.devices=2", "trainer.strategy=ddp"]
+    with pytest.raises(ConfigError, match=r"client_resources\.num_cpus: is 1 while trainer"):
+        backend_config(load_config("configs/mnist.yaml", two))
+    cpus = backend_config(
+        load_config("configs/mnist.yaml", [*two, "federation.client_resources.num_cpus=2"])
+    )
+    assert cpus["client_resources"]["num_cpus"] == 2
+    gpus = [*two, "trainer.accelerator=gpu", "federation.client_resources.num_gpus=1"]
+    with pytest.raises(ConfigError, match=r"client_resources\.num_gpus: is 1 while trainer"):
+        backend_config(load_config("configs/mnist.yaml", gpus))
+
+
 WARM_UP = """
 import os, sys
 os.environ.pop("OMP_NUM_THREADS", None)  # as in a fresh Ray worker, before Ray sets it

@@ -71,28 +71,40 @@ def test_trainer_flags_lightning_accepts_still_load(overrides: list[str]) -> Non
 
 
 @pytest.mark.parametrize(
-    ("overrides", "key"),
+    ("overrides", "message"),
     [
-        (["trainer.devices=2", "trainer.strategy=ddp"], "trainer.devices"),
-        (["trainer.devices=2"], "trainer.devices"),  # Lightning would pick DDP itself
-        (["trainer.accelerator=gpu", "trainer.devices=[0, 1]"], "trainer.devices"),
-        (["trainer.accelerator=gpu", "trainer.devices='0,1'"], "trainer.devices"),
-        (["trainer.accelerator=gpu", "trainer.devices=-1"], "trainer.devices"),
-        (["trainer.accelerator=gpu", "trainer.devices=auto"], "trainer.devices"),
-        (["trainer.strategy=ddp"], "trainer.strategy"),
-        (["trainer.strategy=ddp_spawn"], "trainer.strategy"),
-        (["trainer.strategy=ddp_find_unused_parameters_true"], "trainer.strategy"),
-        (["trainer.accelerator=gpu", "trainer.strategy=fsdp"], "trainer.strategy"),
-        (["trainer.strategy=deepspeed_stage_2"], "trainer.strategy"),
+        (["trainer.accelerator=gpu", "trainer.devices=-1"], "trainer.devices: -1 trains each"),
+        (["trainer.accelerator=gpu", "trainer.devices=auto"], "trainer.devices: 'auto' trains"),
+        (["trainer.strategy=ddp_fork"], "trainer.strategy: 'ddp_fork' is not supported inside"),
+        (["trainer.strategy=ddp_find_unused_parameters_true"], "trainer.strategy: "),
+        (["trainer.accelerator=gpu", "trainer.strategy=fsdp"], "trainer.strategy: 'fsdp' is"),
+        (["trainer.strategy=deepspeed_stage_2"], "trainer.strategy: 'deepspeed_stage_2' is"),
     ],
 )
-def test_several_devices_per_client_are_refused_at_load(overrides: list[str], key: str) -> None:
+def test_device_settings_a_client_cannot_run_are_refused_at_load(
+    overrides: list[str], message: str
+) -> None:
     gpu = (
         ["federation.client_resources.num_gpus=1"] if "trainer.accelerator=gpu" in overrides else []
     )
-    message = load_error([*overrides, *gpu])
-    assert message.startswith(f"{key}: ")
-    assert "several devices per client is not supported yet (issue #20)" in message
+    assert load_error([*overrides, *gpu]).startswith(message)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["trainer.devices=2", "trainer.strategy=ddp"],
+        ["trainer.devices=2"],  # several devices run as DDP whatever the strategy says
+        ["trainer.devices=2", "trainer.strategy=ddp_spawn"],
+        ["trainer.strategy=ddp"],  # one device: trains in the client's process
+        ["trainer.accelerator=gpu", "trainer.devices=[0, 1]", "trainer.strategy=ddp"],
+    ],
+)
+def test_several_devices_per_client_load(overrides: list[str]) -> None:
+    gpu = (
+        ["federation.client_resources.num_gpus=2"] if "trainer.accelerator=gpu" in overrides else []
+    )
+    load_config(MNIST, [*overrides, *gpu])
 
 
 def test_default_trainer_flags_load_without_importing_lightning() -> None:

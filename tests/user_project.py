@@ -89,9 +89,18 @@ class Digits(pl.LightningDataModule):
 class SiteDigits(pl.LightningDataModule):
     """One site's own data: the share `partition_id` of `num_partitions` (None: the server)."""
 
-    def __init__(self, root: str, partition_id=None, num_partitions: int = 1, per_site: int = 150):
+    def __init__(
+        self,
+        root: str,
+        partition_id=None,
+        num_partitions: int = 1,
+        per_site: int = 150,
+        batch_size: int = 16,
+        shuffle: bool = True,
+    ):
         super().__init__()
         self.root, self.partition_id, self.per_site = root, partition_id, per_site
+        self.batch_size, self.shuffle = batch_size, shuffle
 
     def setup(self, stage):
         if self.partition_id is None:
@@ -103,7 +112,7 @@ class SiteDigits(pl.LightningDataModule):
         self.val = Subset(full, range(start + self.per_site - 30, start + self.per_site))
 
     def train_dataloader(self):
-        return DataLoader(self.train, batch_size=16, shuffle=True)
+        return DataLoader(self.train, batch_size=self.batch_size, shuffle=self.shuffle)
 
     def val_dataloader(self):
         return DataLoader(self.val, batch_size=64)
