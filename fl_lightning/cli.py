@@ -182,7 +182,7 @@ def deploy_command(args: argparse.Namespace) -> int:
     if args.nodes is not None:
         overrides.append(f"federation.num_clients={args.nodes}")
     cfg = _prepare(args.config, overrides)
-    node_configs = _checked_node_configs(cfg, args.node_config)
+    node_configs = _checked_node_configs(cfg, args.node_config, args.gpus)
     path = run_dir_path(cfg).resolve()
     # Claimed here, before any process starts (the deployment's logs are kept in it); the
     # ServerApp, holding the claim's token, takes it over and writes the run.
@@ -209,8 +209,9 @@ def deploy_command(args: argparse.Namespace) -> int:
     return _report(cfg, run)
 
 
-def _checked_node_configs(cfg: Config, texts: list[str]) -> list[str]:
-    """Each `--node-config` as its SuperNode will apply it, checked before any process starts."""
+def _checked_node_configs(cfg: Config, texts: list[str], gpus: list[int]) -> list[str]:
+    """Each `--node-config` as its SuperNode will apply it (with its `--gpus` device),
+    checked before any process starts."""
     from flwr.common.config import parse_config_args
 
     from fl_lightning.errors import ConfigError
@@ -238,7 +239,8 @@ def _checked_node_configs(cfg: Config, texts: list[str]) -> list[str]:
                 f"--node-config {text!r}: {', '.join(owned)} is set by deploy-local "
                 "(--nodes, --gpus); remove it"
             )
-        apply_node_config(cfg, {**settings, "partition-id": k, "num-partitions": nodes})
+        placed = {"gpus": str(gpus[k % len(gpus)])} if gpus else {}  # as deploy_local does
+        apply_node_config(cfg, {**settings, **placed, "partition-id": k, "num-partitions": nodes})
         if "data-root" in settings:
             sites += 1
             if not Path(str(settings["data-root"])).is_dir():

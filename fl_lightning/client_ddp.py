@@ -25,6 +25,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.distributed import _init_dist_connection
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader
@@ -64,13 +65,12 @@ class ClientDDP(DDPStrategy):
         reset_seed()  # the client's seed (PL_GLOBAL_SEED), as DDPStrategy does
         self.set_world_ranks()
         self._process_group_backend = self._get_process_group_backend()
-        torch.distributed.init_process_group(
-            self._process_group_backend,
-            init_method=self.rendezvous.as_uri(),
-            rank=self.global_rank,
-            world_size=self.world_size,
-            timeout=self._timeout,
-        )
+        # As DDPStrategy.setup_distributed, but the group meets at the file, not a port.
+        kwargs: dict[str, Any] = {"timeout": self._timeout, "init_method": self.rendezvous.as_uri()}
+        if self.root_device.type != "cpu":
+            kwargs["device_id"] = self.root_device  # NCCL binds each rank to its GPU
+        assert self.cluster_environment is not None  # set by Lightning's connector
+        _init_dist_connection(self.cluster_environment, self._process_group_backend, **kwargs)
 
 
 class RankData(pl.LightningDataModule):
@@ -93,18 +93,25 @@ class RankData(pl.LightningDataModule):
 
 
 @contextlib.contextmanager
-def client_ddp(devices: int) -> Iterator[ClientDDP]:
-    """A `ClientDDP` for one round on `devices` ranks; its folder and variables go after."""
+def client_ddp(devices: int, **ddp_kwargs: Any) -> Iterator[ClientDDP]:
+    """A `ClientDDP` for one round on `devices` ranks; its folder and variables go after.
+
+    `ddp_kwargs` go to torch's DistributedDataParallel (e.g. find_unused_parameters).
+    """
     saved = {name: os.environ.get(name) for name in _DDP_ENVIRONMENT}
+    saved_tempdir = tempfile.tempdir
     folder = Path(tempfile.mkdtemp(prefix="fl-lightning-ddp-"))
     try:
         # multiprocessing's resource tracker serves the client's process for its whole
         # life, not one round: started before the marker, it does not carry it.
         resource_tracker.ensure_running()
         os.environ[MARKER] = os.environ["TMPDIR"] = str(folder)
+        # torch's spawn leaves each crashed rank's traceback file in the parent's tempdir.
+        tempfile.tempdir = str(folder)
         threads = max(1, torch.get_num_threads() // devices)
-        yield ClientDDP(folder / "rendezvous", threads)
+        yield ClientDDP(folder / "rendezvous", threads, **ddp_kwargs)
     finally:
+        tempfile.tempdir = saved_tempdir
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)

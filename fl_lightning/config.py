@@ -464,6 +464,12 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def trainer_value(name: str, value: Any) -> Any:
+    """`value` for `trainer.<name>`, checked and converted as a config file's would be."""
+    hint = typing.get_type_hints(TrainerConfig)[name]
+    return _coerce(value, hint, f"trainer.{name}")
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check `value` against type `hint`, converting only where it is lossless (int -> float)."""
     if dataclasses.is_dataclass(hint):

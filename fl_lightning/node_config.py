@@ -11,7 +11,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from fl_lightning.config import Config, load_config
+from fl_lightning.config import Config, load_config, trainer_value
 from fl_lightning.errors import ConfigError
 from fl_lightning.yaml_input import _show
 
@@ -121,6 +121,12 @@ def _with_site_hardware(cfg: Config, node_config: typing.Mapping[str, Any]) -> C
     changes: dict[str, Any] = {k: node_config[k] for k in HARDWARE_KEYS if k in node_config}
     gpus = str(node_config.get("gpus", "")).strip()
     if gpus:
+        both = sorted({"accelerator", "devices"} & set(changes))
+        if both:
+            raise ConfigError(
+                f"node-config 'gpus' and '{both[0]}' both choose this site's devices; "
+                'keep one (gpus="0,1" is accelerator="gpu" devices=[0, 1])'
+            )
         try:
             changes.update(accelerator="gpu", devices=parse_devices(gpus))
         except ValueError as error:
@@ -128,6 +134,7 @@ def _with_site_hardware(cfg: Config, node_config: typing.Mapping[str, Any]) -> C
     if not changes:
         return cfg
     try:
+        changes = {k: trainer_value(k, v) for k, v in changes.items()}
         trainer = dataclasses.replace(cfg.trainer, **changes)
         validate_trainer(trainer)
     except ConfigError as error:

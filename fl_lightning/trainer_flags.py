@@ -100,7 +100,14 @@ def validate_trainer(t: TrainerConfig) -> None:
 LIGHTNING_CHECKED_FLAGS = ("accelerator", "devices", "strategy", "precision", "limit_train_batches")
 # Strategies a client runs: one device in its own process, or several as DDP in processes
 # spawned for the round (`ddp` re-runs the script, which a Ray worker or a ClientApp is not).
-CLIENT_STRATEGIES = ("auto", "single_device", "ddp", "ddp_spawn")
+CLIENT_STRATEGIES = (
+    "auto",
+    "single_device",
+    "ddp",
+    "ddp_spawn",
+    "ddp_find_unused_parameters_true",
+    "ddp_spawn_find_unused_parameters_true",
+)
 
 
 def _differs_from_default(t: TrainerConfig, names: tuple[str, ...]) -> bool:
@@ -126,6 +133,15 @@ def device_count(t: TrainerConfig) -> int | None:
     return None if devices == -1 else devices
 
 
+def first_device_index(t: TrainerConfig) -> int | None:
+    """The first device index `devices` names ([2, 3], "2,3"); None for a count (2, "2")."""
+    if isinstance(t.devices, list):
+        return t.devices[0]
+    if isinstance(t.devices, str) and "," in t.devices:
+        return int(next(item for item in t.devices.split(",") if item.strip()))
+    return None
+
+
 def _check_devices(t: TrainerConfig) -> None:
     """A number of devices per client, and a strategy a client can run them with.
 
@@ -146,6 +162,19 @@ def _check_devices(t: TrainerConfig) -> None:
         f"{_show(t.strategy)} is not supported inside a client; use auto (one device) or ddp "
         "(several devices: Lightning's DDP in processes spawned for each round)",
     )
+    if count is not None and count > 1:
+        _check(
+            t.accelerator != "auto",
+            "trainer.accelerator",
+            f"auto with trainer.devices={_show(t.devices)}: name cpu or gpu, so that each "
+            "client reserves the CPUs or GPUs its processes run on",
+        )
+        _check(
+            t.strategy.lower() != "single_device",
+            "trainer.strategy",
+            f"single_device trains on one device, and trainer.devices={_show(t.devices)} "
+            "names several; use ddp",
+        )
 
 
 def _check_extra_values(t: TrainerConfig) -> None:
@@ -187,7 +216,7 @@ def _check_lightning_flags(t: TrainerConfig) -> None:
     _check(
         t.strategy.lower() in strategies,
         "trainer.strategy",
-        f"{_show(t.strategy)} is not a Lightning strategy; use auto (one device per client)",
+        f"{_show(t.strategy)} is not a Lightning strategy; use auto, or ddp for several devices",
     )
     precisions = [
         *typing.get_args(_PRECISION_INPUT_STR),

@@ -27,7 +27,7 @@ from fl_lightning.config import BATCHNORM_STATISTICS, Config, TrainerConfig
 from fl_lightning.errors import ClientError
 from fl_lightning.federated_callbacks import FedProx, RoundLearningRate
 from fl_lightning.models import build_model
-from fl_lightning.trainer_flags import device_count
+from fl_lightning.trainer_flags import device_count, first_device_index
 from fl_lightning.vocabulary import EPSILON_METRIC, MAX_METRICS, RESERVED_METRICS
 
 
@@ -69,7 +69,8 @@ def make_trainer(cfg: TrainerConfig, **overrides: Any) -> L.Trainer:
 
 def one_device(cfg: TrainerConfig) -> int | list[int]:
     """`devices` for evaluation: the first of the configured ones (DDP would shard the data)."""
-    return [cfg.devices[0]] if isinstance(cfg.devices, list) else 1
+    index = first_device_index(cfg)
+    return [index] if index is not None else 1
 
 
 def client_seed(seed: int, server_round: int, partition_id: int) -> int:
@@ -151,7 +152,8 @@ def fit(
             raise ClientError("DP-SGD trains each client on one device; set trainer.devices=1")
         from fl_lightning.client_ddp import RankData, client_ddp
 
-        with client_ddp(ranks) as strategy:
+        unused = cfg.trainer.strategy.lower().endswith("_find_unused_parameters_true")
+        with client_ddp(ranks, find_unused_parameters=unused) as strategy:
             trainer = make_trainer(cfg.trainer, strategy=strategy, **kwargs)
             trainer.fit(model, datamodule=RankData(cfg, partition_id, num_partitions, seed))
     else:  # `ddp` on one device (a site's override) would only add a process group
@@ -218,8 +220,7 @@ def _first_device(cfg: TrainerConfig) -> torch.device:
     if cfg.accelerator in ("gpu", "cuda") or (
         cfg.accelerator == "auto" and torch.cuda.is_available()
     ):
-        index = cfg.devices[0] if isinstance(cfg.devices, list) else 0
-        return torch.device("cuda", index)
+        return torch.device("cuda", first_device_index(cfg) or 0)
     return torch.device("cpu")
 
 

@@ -107,6 +107,40 @@ def test_two_gloo_processes_make_the_update_of_one_process_on_the_same_batches(
     assert again.num_examples == 120 and again.metrics["xent_fit"] > 0
 
 
+CRASH = """
+from lightning.pytorch.callbacks import Callback
+
+
+class CrashOnRankOne(Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank == 1:
+            raise RuntimeError("rank 1 broke")
+"""
+
+
+def test_a_rank_that_crashes_fails_the_clients_round_and_leaves_nothing_behind(
+    project: Path,
+) -> None:
+    (project / "crash.py").write_text(CRASH)
+    cfg = site_config(project, devices=2, batch_size=16)
+    crashing = load_config(
+        project / "config.yaml",
+        [
+            "federation.num_clients=2",
+            "trainer.devices=2",
+            "trainer.strategy=ddp",
+            "trainer.callbacks=[{class_path: crash.CrashOnRankOne}]",
+        ],
+    )
+    before, environment = ddp_folders(), dict(os.environ)
+    with pytest.raises(Exception, match="rank 1 broke"):
+        training.fit(crashing, build_model(cfg).state_dict(), 0, 2, server_round=1)
+    assert marked_processes(None, MARKER) == [] and ddp_folders() == before
+    ours = {k: v for k, v in os.environ.items() if not k.startswith("PL_")}  # seed_everything's
+    assert ours == {k: v for k, v in environment.items() if not k.startswith("PL_")}
+    assert not list(Path(tempfile.gettempdir()).glob("pytorch-errorfile-*"))  # in the folder
+
+
 class RankWatch(threading.Thread):
     """Every 50 ms, the DDP ranks alive on this machine (spawned, with the marker), by the
     client process that started them."""
@@ -119,8 +153,9 @@ class RankWatch(threading.Thread):
 
     def run(self) -> None:
         while not self.done.wait(0.05):
-            ranks = {pid: _parent(pid) for pid in marked_processes(None, MARKER)}
-            clients = Counter(parent for pid, parent in ranks.items() if _is_rank(pid))
+            ranks = {pid: _parent(pid) for pid in marked_processes(None, MARKER) if _is_rank(pid)}
+            # A rank's own child, forked and not yet exec'd, looks like a rank: not counted.
+            clients = Counter(parent for parent in ranks.values() if parent not in ranks)
             self.most_clients = max(self.most_clients, len(clients))
             self.most_ranks = max(self.most_ranks, *clients.values(), 0)
 
@@ -165,6 +200,7 @@ def test_two_clients_train_on_two_processes_each_at_the_same_time_round_after_ro
             "trainer.max_epochs=1",
             "trainer.devices=2",
             "trainer.strategy=ddp",
+            "trainer.precision=bf16-mixed",  # mixed precision on the clients
             "federation.client_resources.num_cpus=2",
             f"output.dir={tmp_path / 'run'}",
         ],
@@ -188,6 +224,9 @@ def test_two_clients_train_on_two_processes_each_at_the_same_time_round_after_ro
     # 2 clients x 2 ranks at once, each client's round in a process group of its own
     assert (watch.most_clients, watch.most_ranks) == (2, 2)
     assert marked_processes(None, MARKER) == [] and ddp_folders() == before
+    # The server aggregates and checkpoints in the model's own dtypes.
+    state = torch.load(run.path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float32}
 
 
 def test_deploy_local_mixes_a_site_on_two_processes_with_a_site_on_one(

@@ -62,6 +62,13 @@ def test_a_site_sets_its_own_hardware_flags_checked_as_the_configs_are() -> None
         apply_node_config(cfg, {**node, "precision": "bf17"})
     with pytest.raises(ConfigError, match=r"node-config .*trainer.strategy: 'fsdp' is not"):
         apply_node_config(cfg, {**node, "strategy": "fsdp"})
+    # Values of the wrong type are refused as a config file's are, not passed to Lightning.
+    with pytest.raises(ConfigError, match=r"node-config .*trainer.strategy: 123 is not"):
+        apply_node_config(cfg, {**node, "strategy": 123})
+    with pytest.raises(ConfigError, match=r"node-config .*trainer.precision: 16.0 is not"):
+        apply_node_config(cfg, {**node, "precision": 16.0})
+    with pytest.raises(ConfigError, match=r"node-config 'gpus' and 'devices' both choose"):
+        apply_node_config(cfg, {**node, "gpus": "0", "devices": 2})
     private = load_config(
         MNIST,
         [

@@ -76,9 +76,10 @@ def test_trainer_flags_lightning_accepts_still_load(overrides: list[str]) -> Non
         (["trainer.accelerator=gpu", "trainer.devices=-1"], "trainer.devices: -1 trains each"),
         (["trainer.accelerator=gpu", "trainer.devices=auto"], "trainer.devices: 'auto' trains"),
         (["trainer.strategy=ddp_fork"], "trainer.strategy: 'ddp_fork' is not supported inside"),
-        (["trainer.strategy=ddp_find_unused_parameters_true"], "trainer.strategy: "),
         (["trainer.accelerator=gpu", "trainer.strategy=fsdp"], "trainer.strategy: 'fsdp' is"),
         (["trainer.strategy=deepspeed_stage_2"], "trainer.strategy: 'deepspeed_stage_2' is"),
+        (["trainer.accelerator=auto", "trainer.devices=2"], "trainer.accelerator: auto with"),
+        (["trainer.strategy=single_device", "trainer.devices=2"], "trainer.strategy: single_"),
     ],
 )
 def test_device_settings_a_client_cannot_run_are_refused_at_load(
@@ -98,6 +99,7 @@ def test_device_settings_a_client_cannot_run_are_refused_at_load(
         ["trainer.devices=2", "trainer.strategy=ddp_spawn"],
         ["trainer.strategy=ddp"],  # one device: trains in the client's process
         ["trainer.accelerator=gpu", "trainer.devices=[0, 1]", "trainer.strategy=ddp"],
+        ["trainer.devices=2", "trainer.strategy=ddp_find_unused_parameters_true"],
     ],
 )
 def test_several_devices_per_client_load(overrides: list[str]) -> None:
@@ -118,3 +120,13 @@ def test_default_trainer_flags_load_without_importing_lightning() -> None:
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "False"
+
+
+def test_evaluation_runs_on_the_first_device_the_trainer_names() -> None:
+    from fl_lightning.training import one_device
+
+    def on(devices: object) -> object:
+        gpu = ["trainer.accelerator=gpu", "federation.client_resources.num_gpus=2"]
+        return one_device(load_config(MNIST, [*gpu, f"trainer.devices={devices}"]).trainer)
+
+    assert on("'2,3'") == [2] and on("[1, 0]") == [1] and on(1) == 1 and on(2) == 1
