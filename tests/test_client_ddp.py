@@ -15,7 +15,6 @@ from flwr.simulation import run_simulation
 from torch.utils.data import DataLoader
 
 from fl_lightning import training
-from fl_lightning.cli import main
 from fl_lightning.client_app import make_client_app
 from fl_lightning.client_ddp import MARKER
 from fl_lightning.config import Config, load_config
@@ -227,19 +226,3 @@ def test_two_clients_train_on_two_processes_each_at_the_same_time_round_after_ro
     # The server aggregates and checkpoints in the model's own dtypes.
     state = torch.load(run.path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float32}
-
-
-def test_deploy_local_mixes_a_site_on_two_processes_with_a_site_on_one(
-    data_root: Path, tmp_path: Path
-) -> None:
-    run = tmp_path / "run"
-    args = ["deploy-local", "configs/mnist.yaml", "--nodes", "2", "--node-config", "devices=2"]
-    args += [f"data.root={data_root}", "data.max_train_samples=300", "data.max_test_samples=200"]
-    args += ["federation.num_rounds=1", "trainer.max_epochs=1", f"output.dir={run}"]
-    with RankWatch() as watch:
-        assert main(args) == 0
-    (_, last) = read_metrics(run)
-    assert last["failures"] == 0 and last["rejected"] == 0 and last["train/loss"] is not None
-    # SuperNode 0 trained on 2 ranks; SuperNode 1 in its own process (no ranks).
-    assert (watch.most_clients, watch.most_ranks) == (1, 2)
-    assert marked_processes(None, MARKER) == []

@@ -14,6 +14,7 @@ import pytest
 
 from fl_lightning.certificates import make_node_key, make_server_credentials
 from fl_lightning.cli import main
+from fl_lightning.client_ddp import MARKER
 from fl_lightning.config import load_config
 from fl_lightning.deployment import (
     RUN_MARKER,
@@ -21,6 +22,7 @@ from fl_lightning.deployment import (
     die_with_parent,
     marked_processes,
 )
+from tests.test_client_ddp import RankWatch
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.max_train_samples=300", "data.max_test_samples=200", "federation.num_rounds=1"]
@@ -251,22 +253,27 @@ def test_deploy_local_trains_each_supernode_on_its_own_folder_the_server_never_o
     monkeypatch.chdir(project)
     (project / "config.yaml").write_text(config_text())
     run = tmp_path / "run"
-    code = main(
-        [
-            "deploy-local",
-            "config.yaml",
-            "--nodes",
-            "2",
-            *(f"--node-config=data-root={json.dumps(str(site))}" for site in sites),
-            "federation.num_rounds=1",
-            f"output.dir={run}",
-        ]
-    )
+    args = [
+        "deploy-local",
+        "config.yaml",
+        "--nodes",
+        "2",
+        # Site a also trains on 2 processes (DDP), site b on 1: each site's hardware.
+        f"--node-config=data-root={json.dumps(str(sites[0]))} devices=2",
+        f"--node-config=data-root={json.dumps(str(sites[1]))}",
+        "federation.num_rounds=1",
+        f"output.dir={run}",
+    ]
+    with RankWatch() as watch:
+        code = main(args)
     assert code == 0
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {"hits_test", "hits_val", "xent_fit"} <= set(records[-1])
+    assert records[-1]["failures"] == 0 and records[-1]["rejected"] == 0
+    assert (watch.most_clients, watch.most_ranks) == (1, 2)  # site a's client, 2 ranks
     readers = [line.split(" ", 1) for line in opened.read_text().splitlines()]
     for site in sites:  # each site's data was read, by client processes only
         assert any(path.startswith(str(site)) for _, path in readers), site
+    # ClientApp processes (site a's DDP ranks keep their parent's argv), never the server's.
     assert {program for program, _ in readers} == {"flwr-clientapp"}, readers
-    assert marked_processes() == []
+    assert marked_processes() == [] and marked_processes(None, MARKER) == []
