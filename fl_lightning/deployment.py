@@ -165,6 +165,20 @@ def marked_processes(marker: str | None = None, variable: str = MARKER) -> list[
     return pids
 
 
+def kill_marked(marker: str, variable: str = MARKER, attempts: int = 50) -> list[int]:
+    """SIGKILL the processes marked `variable=marker` until none is left (or `attempts`
+    rounds, 0.1 s apart, have passed); the PIDs still alive then."""
+    for _ in range(attempts):
+        pids = marked_processes(marker, variable)
+        if not pids:
+            return []
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
+    return marked_processes(marker, variable)
+
+
 @dataclass
 class LocalDeployment:
     """A SuperLink and `num_nodes` authenticated SuperNodes on localhost (a context manager).
@@ -407,9 +421,7 @@ class LocalDeployment:
         """Stop every process of this deployment: SIGTERM, then SIGKILL after `grace` s."""
         # A signal may land while `submit` starts `flwr run`, before anything owns the child:
         # find it by its marker.
-        for pid in marked_processes(str(self.workdir), RUN_MARKER):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        kill_marked(str(self.workdir), RUN_MARKER)
         for proc in self._procs.values():
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -423,14 +435,7 @@ class LocalDeployment:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        for _ in range(50):
-            pids = marked_processes(str(self.workdir))
-            if not pids:
-                return
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            time.sleep(0.1)
+        kill_marked(str(self.workdir))
 
 
 def node_gpu_configs(gpus: Sequence[int], num_nodes: int) -> list[str]:

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from fl_lightning.cli import main
-from fl_lightning.deployment import flower_executable, free_port, marked_processes
+from fl_lightning.deployment import flower_executable, free_port, kill_marked
 from fl_lightning.scaffold import write_project
 from tests.conftest import REPO
 
@@ -150,12 +147,5 @@ def test_flwr_run_runs_the_project_init_writes(tmp_path: Path, data_root: Path) 
 
 def stop_processes_of(home: Path) -> None:
     """Kill what `flwr run` left running with FLWR_HOME=`home` (its SuperLink, the simulation)."""
-    for _ in range(100):
-        pids = marked_processes(str(home), "FLWR_HOME")
-        if not pids:
-            return
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.1)
-    raise AssertionError(f"processes with FLWR_HOME={home} still running: {pids}")
+    left = kill_marked(str(home), "FLWR_HOME", attempts=100)
+    assert not left, f"processes with FLWR_HOME={home} still running: {left}"
