@@ -14,6 +14,7 @@ folder is removed, with the round.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import shutil
@@ -25,7 +26,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.distributed import _init_dist_connection
+from lightning.fabric.utilities.distributed import (
+    _destroy_dist_connection,
+    _init_dist_connection,
+)
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader
@@ -71,6 +75,9 @@ class ClientDDP(DDPStrategy):
             kwargs["device_id"] = self.root_device  # NCCL binds each rank to its GPU
         assert self.cluster_environment is not None  # set by Lightning's connector
         _init_dist_connection(self.cluster_environment, self._process_group_backend, **kwargs)
+        # Lightning destroys an NCCL group at exit; a gloo group left to the interpreter's
+        # teardown can abort the rank ("terminate called without an active exception").
+        atexit.register(_destroy_dist_connection)
 
 
 class RankData(pl.LightningDataModule):

@@ -140,6 +140,9 @@ def test_sigterm_stops_deploy_local_its_processes_and_its_key_folder(
         env={**os.environ, "TMPDIR": str(temp)},
         stderr=subprocess.PIPE,
         text=True,
+        # As from a shell: whatever this test process's SIGTERM disposition (Ray's driver,
+        # Flower's simulation set their own), deploy-local respects an ignored one (nohup).
+        preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL),
     )
     assert proc.stderr is not None
     workdir = temp / "none"
