@@ -64,7 +64,9 @@ class ContinueSteps(Callback):
         self.logger.offset = (self.server_round - 1) * int(trainer.estimated_stepping_batches)
 
 
-def client_logging(output_dir: str | None, partition_id: int, server_round: int) -> dict:
-    """Trainer keywords (`logger`, one callback) logging this client's round to its run."""
+def client_logging(
+    output_dir: str | None, partition_id: int, server_round: int
+) -> tuple[ClientLogger, ContinueSteps]:
+    """The Trainer's logger for this client's round, and the callback that places its steps."""
     logger = ClientLogger(client_log_dir(output_dir, partition_id))
-    return {"logger": logger, "callbacks": [ContinueSteps(logger, server_round)]}
+    return logger, ContinueSteps(logger, server_round)

@@ -781,6 +781,16 @@ def sampled_clients(f: FederationConfig) -> int:
     return max(int(f.num_clients * f.fraction_train), 1)
 
 
+def check_private_devices(cfg: Config) -> None:
+    """DP-SGD keeps each client on one device (the config's, or a site's override)."""
+    _check(
+        cfg.privacy.mode != "dp_sgd" or device_count(cfg.trainer) == 1,
+        "trainer.devices",
+        "DP-SGD trains each client on one device (Opacus's per-sample gradients are not "
+        "wired into DDP here); set trainer.devices=1",
+    )
+
+
 def _validate_privacy(cfg: Config) -> None:
     p, t, s = cfg.privacy, cfg.trainer, cfg.strategy
     if p.mode == "none":
@@ -831,12 +841,7 @@ def _validate_privacy(cfg: Config) -> None:
             "trainer.limit_train_batches",
             "must be null under DP-SGD (the privacy accounting assumes full epochs)",
         )
-        _check(
-            device_count(t) == 1,
-            "trainer.devices",
-            "DP-SGD trains each client on one device (Opacus's per-sample gradients are not "
-            "wired into DDP here); set trainer.devices=1",
-        )
+        check_private_devices(cfg)
         _check(
             s.name != "fedprox",
             "strategy.name",

@@ -103,10 +103,8 @@ def build_model(cfg: Config, num_classes: int | None = None) -> pl.LightningModu
     """
     m = cfg.model
     if m.class_path is not None:
-        spec, label = (
-            ClassSpec(m.class_path, dict(m.init_args)),
-            f"model.class_path: {m.class_path}",
-        )
+        spec = ClassSpec(m.class_path, dict(m.init_args))
+        label = f"model.class_path: {m.class_path}"
     else:
         spec, label = builtin_spec(cfg, num_classes), f"model.name: {m.name}"
     model = instantiate(spec, "model", pl.LightningModule)
@@ -139,18 +137,16 @@ def builtin_spec(cfg: Config, num_classes: int | None = None) -> ClassSpec:
         "label_smoothing": cfg.model.label_smoothing,
         "activation": cfg.model.activation,
     }
+    shape = input_shape(cfg.data)
     if cfg.model.name == "mlp":
-        channels, height, width = input_shape(cfg.data)
-        kwargs["in_features"] = channels * height * width
+        kwargs["in_features"] = shape[0] * shape[1] * shape[2]
     cls = MODELS[cfg.model.name]
-    if cfg.data.class_path is None:  # a DataModule's shapes are the user's to match
-        actual = input_shape(cfg.data)
-        if cls.input_shape not in (None, actual):
-            raise ConfigError(
-                f"model.name: {cfg.model.name} takes inputs of shape {cls.input_shape}, but "
-                f"data.dataset={cfg.data.dataset} yields {actual}; pick a matching model "
-                "(e.g. mlp)"
-            )
+    # A DataModule's shapes are the user's to match; the built-in data's are checked here.
+    if cfg.data.class_path is None and cls.input_shape not in (None, shape):
+        raise ConfigError(
+            f"model.name: {cfg.model.name} takes inputs of shape {cls.input_shape}, but "
+            f"data.dataset={cfg.data.dataset} yields {shape}; pick a matching model (e.g. mlp)"
+        )
     return ClassSpec(f"{cls.__module__}.{cls.__qualname__}", kwargs)
 
 

@@ -11,7 +11,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from fl_lightning.config import Config, load_config, trainer_value
+from fl_lightning.config import Config, check_private_devices, load_config, trainer_value
 from fl_lightning.errors import ConfigError
 from fl_lightning.yaml_input import _show
 
@@ -116,7 +116,7 @@ def _with_site_hardware(cfg: Config, node_config: typing.Mapping[str, Any]) -> C
     federation mixes a 2-GPU site and a CPU-only one. The result is checked as the
     config's own trainer section is.
     """
-    from fl_lightning.trainer_flags import device_count, validate_trainer
+    from fl_lightning.trainer_flags import validate_trainer
 
     changes: dict[str, Any] = {k: node_config[k] for k in HARDWARE_KEYS if k in node_config}
     gpus = str(node_config.get("gpus", "")).strip()
@@ -137,14 +137,11 @@ def _with_site_hardware(cfg: Config, node_config: typing.Mapping[str, Any]) -> C
         changes = {k: trainer_value(k, v) for k, v in changes.items()}
         trainer = dataclasses.replace(cfg.trainer, **changes)
         validate_trainer(trainer)
+        site = dataclasses.replace(cfg, trainer=trainer)
+        check_private_devices(site)
     except ConfigError as error:
         raise ConfigError(f"node-config {_show(changes)}: {error}") from None
-    if cfg.privacy.mode == "dp_sgd" and device_count(trainer) != 1:
-        raise ConfigError(
-            f"node-config {_show(changes)}: DP-SGD trains each client on one device; "
-            "leave this site's devices at 1"
-        )
-    return dataclasses.replace(cfg, trainer=trainer)
+    return site
 
 
 def _with_site_data(cfg: Config, node_config: typing.Mapping[str, Any]) -> Config:

@@ -23,7 +23,12 @@ from torch.optim.swa_utils import update_bn
 
 from fl_lightning.class_path import instantiate
 from fl_lightning.client_data import ClientData, client_data
-from fl_lightning.config import BATCHNORM_STATISTICS, Config, TrainerConfig
+from fl_lightning.config import (
+    BATCHNORM_STATISTICS,
+    Config,
+    TrainerConfig,
+    check_private_devices,
+)
 from fl_lightning.errors import ClientError
 from fl_lightning.federated_callbacks import FedProx, RoundLearningRate
 from fl_lightning.models import build_model
@@ -135,9 +140,8 @@ def fit(
     if cfg.output.client_logs and server_round >= 1:  # round 0: client_report's local model
         from fl_lightning.client_logs import client_logging
 
-        logging_kwargs = client_logging(cfg.output.dir, partition_id, server_round)
-        callbacks += logging_kwargs.pop("callbacks")
-        kwargs.update(logging_kwargs)
+        kwargs["logger"], steps = client_logging(cfg.output.dir, partition_id, server_round)
+        callbacks.append(steps)
     loader, dp = data.train, None
     if cfg.privacy.mode == "dp_sgd":
         from fl_lightning.dp_sgd import ClientDPSGD, PrivateOptimizer
@@ -148,8 +152,7 @@ def fit(
     kwargs.update(limit_val_batches=0, callbacks=callbacks)
     ranks = device_count(cfg.trainer) or 1  # config validation: a number of devices
     if ranks > 1:
-        if dp is not None:  # refused at load and per site; never train DP-SGD without it
-            raise ClientError("DP-SGD trains each client on one device; set trainer.devices=1")
+        check_private_devices(cfg)  # as at load and per site: never DP-SGD without its loader
         from fl_lightning.client_ddp import RankData, client_ddp
 
         unused = cfg.trainer.strategy.lower().endswith("_find_unused_parameters_true")
