@@ -7,10 +7,12 @@ epoch, the full test split). Each scenario runs in this process with the Flower 
 tests/faults.py and tests/attacks.py (test hooks; no config key turns them on) and reports
 the failures and rejected updates counted, the rounds skipped and the final accuracy.
 
-`--set faults` (the default): failing clients and poisoned updates, against three strategies.
-`--set security`: client 3 sends one malicious train reply every round, one attack per
-scenario; each is compared with the reference run in which client 3 fails its training
-instead (the screen must leave the run exactly as if that client had failed).
+`--set faults` (the default): failing clients and poisoned updates, against FedAvg (with
+and without the update screen), Krum and FedMedian.
+`--set security`: client 3 attacks, one attack per scenario, and each run is compared with
+its reference: the run in which client 3 fails instead (the screen must leave the run
+exactly as if that client had failed), or the clean run where the attack only targets
+what is logged.
 `--quick` shrinks the setup (2,000 samples, 5 clients, 1 round) and runs two scenarios of
 each chosen set: a smoke test of the script, never a figure to record.
 """
@@ -18,14 +20,18 @@ each chosen set: a smoke test of the script, never a figure to record.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -54,6 +60,7 @@ SCALED = faults.scaled([2, 7], 100.0)
 RANDOM = faults.random_weights([2, 7], 1.0)
 STRATEGIES = {
     "fedavg": ("FedAvg", []),
+    "unscreened": ("FedAvg without the update screen", ["strategy.update_norm_factor=null"]),
     "krum": ("Krum", ["strategy.name=krum", "strategy.num_malicious_clients=2"]),
     "fedmedian": ("FedMedian", ["strategy.name=fedmedian"]),
 }
@@ -87,9 +94,74 @@ def above_partition(content: RecordDict) -> None:
 
 ATTACKER = 3
 REFERENCE = "reference"
-# name -> (the attack, what client 3 does to each of its train replies); None: it fails.
-SECURITY: dict[str, tuple[str, attacks.Attack | None]] = {
-    REFERENCE: ("none: client 3 raises in every train message instead", None),
+FEDADAM = ("strategy.name=fedadam",)
+# DP-SGD on this setup: small batches (Opacus keeps per-sample gradients), no Trainer
+# clipping (per-sample clipping replaces it), seeded noise so two runs can be compared.
+DP_BASE = (
+    "privacy.mode=dp_sgd",
+    "privacy.reproducible_noise=true",
+    "trainer.gradient_clip_val=null",
+    "data.batch_size=64",
+)
+DP_SGD = (*DP_BASE, "privacy.target_epsilon=3.0", "privacy.max_epsilon=3.0")
+# A fixed noise multiplier and a budget that fits 3 honest rounds (epsilon 3.68 by RDP) but
+# not one round of a client claiming 1 sample (4.73): the review's DP-SGD liar.
+DP_FIXED = (*DP_BASE, "privacy.noise_multiplier=1.0", "privacy.max_epsilon=4.0")
+DIRICHLET = ("data.partition=dirichlet",)  # sizes the server cannot know: only their sum
+# The review's error text: a line, then 3 MB of "Error." on one line.
+HUGE_ERROR = "boom\n" + "Error." * 500_000
+
+
+@dataclass(frozen=True)
+class Threat:
+    """One security scenario: what client 3 does, and the run it is compared with."""
+
+    what: str
+    mods: Callable[[int], list[Mod]]  # the mods, given the run's number of rounds
+    overrides: tuple[str, ...] = ()
+    reference: str | None = REFERENCE  # None: this run is a reference itself
+    watch: str | None = None  # a logged metric (last round) to show beside the reference's
+
+
+def train_attack(attack: attacks.Attack, *overrides: str, **kw: Any) -> Threat:
+    """Client 3 applies `attack` to every train reply."""
+
+    def mods(rounds: int) -> list[Mod]:
+        plan = attacks.every_round(attack, range(1, rounds + 1))
+        return [attacks.attacking(ATTACKER, plan, {})]
+
+    return Threat("", mods, overrides, **kw)
+
+
+def fails(partitions: list[int], types: list[str] | None, *overrides: str) -> Threat:
+    """A reference: the named clients raise in `types` of messages (None: all, census too)."""
+    return Threat("", lambda rounds: [faults.raising(partitions, types)], overrides, None)
+
+
+def with_what(what: str, threat: Threat) -> Threat:
+    return dataclasses.replace(threat, what=what)
+
+
+TRAIN = [MessageType.TRAIN]
+# name -> the threat. Issue #18's attacks on every train reply, compared with client 3
+# failing its training; then issue #24's well-formed but hostile clients.
+SECURITY: dict[str, Threat] = {
+    REFERENCE: with_what("none: client 3 raises in every train message", fails([3], TRAIN)),
+    "reference_fedadam": with_what("none, FedAdam", fails([3], TRAIN, *FEDADAM)),
+    "reference_dp_sgd": with_what("none, DP-SGD", fails([3], TRAIN, *DP_SGD)),
+    "reference_absent": with_what("none: client 3 raises in every message", fails([3], None)),
+    "reference_absent_dp_fixed": with_what(
+        "none, DP-SGD at a fixed noise", fails([3], None, *DP_FIXED)
+    ),
+    "reference_absent_dp_fixed_dirichlet": with_what(
+        "none, DP-SGD at a fixed noise, Dirichlet split", fails([3], None, *DP_FIXED, *DIRICHLET)
+    ),
+    "reference_two_absent": with_what(
+        "none: clients 0 and 3 raise in every message", fails([0, 3], None)
+    ),
+    "clean": Threat("none: no attacker", lambda rounds: [], (), None),
+}
+_ISSUE_18: dict[str, tuple[str, attacks.Attack]] = {
     "num_examples_1e12": ("`num-examples` 1e12", attacks.metric("num-examples", 10**12)),
     "num_examples_nan": ("`num-examples` NaN", attacks.metric("num-examples", math.nan)),
     "num_examples_0": ("`num-examples` 0", attacks.metric("num-examples", 0)),
@@ -108,6 +180,79 @@ SECURITY: dict[str, tuple[str, attacks.Attack | None]] = {
     "missing_metric": ("`train/accuracy` left out", attacks.missing_metric("train/accuracy")),
     "list_metric": ("`train/loss` a list", attacks.metric("train/loss", [1.0, 2.0])),
 }
+for _name, (_what, _attack) in _ISSUE_18.items():
+    SECURITY[_name] = with_what(_what, train_attack(_attack))
+SECURITY.update(
+    {
+        "error_text_3mb": Threat(
+            "fails every message (census too) with a 3 MB error text",
+            lambda rounds: [attacks.failing_with([ATTACKER], HUGE_ERROR)],
+            reference="reference_absent",
+            watch="client text seconds",
+        ),
+        "weights_1e30": with_what("every weight 1e30", train_attack(attacks.weights(1e30))),
+        "weights_1e8": with_what("every weight 1e8", train_attack(attacks.weights(1e8))),
+        "weights_1e30_fedadam": with_what(
+            "every weight 1e30, FedAdam",
+            train_attack(attacks.weights(1e30), *FEDADAM, reference="reference_fedadam"),
+        ),
+        "weights_1e8_fedadam": with_what(
+            "every weight 1e8, FedAdam",
+            train_attack(attacks.weights(1e8), *FEDADAM, reference="reference_fedadam"),
+        ),
+        "census_hijack": Threat(
+            "answers the census as partition 0 (client 0's)",
+            lambda rounds: [attacks.attacking(ATTACKER, {}, {}, attacks.census_claim(partition=0))],
+            reference="reference_two_absent",
+        ),
+        "census_size": Threat(
+            "claims 5x its training samples in the census",
+            lambda rounds: [attacks.attacking(ATTACKER, {}, {}, attacks.census_claim(train=5400))],
+            reference="reference_absent",
+        ),
+        "train_loss_1e308": with_what(
+            "`train/loss` 1.7e308 in every train reply",
+            train_attack(
+                attacks.metric("train/loss", 1.7e308), reference="clean", watch="train/loss"
+            ),
+        ),
+        "val_accuracy_1": Threat(
+            "`val/accuracy` 1.0 in every evaluate reply",
+            lambda rounds: [
+                attacks.attacking(
+                    ATTACKER,
+                    {},
+                    attacks.every_round(attacks.metric("val/accuracy", 1.0), range(1, rounds + 1)),
+                )
+            ],
+            reference="clean",
+            watch="val/accuracy",
+        ),
+        "dp_epsilon_1e300": with_what(
+            "DP-SGD: `privacy/epsilon` 1e300 in every train reply",
+            train_attack(
+                attacks.metric("privacy/epsilon", 1e300),
+                *DP_SGD,
+                reference="reference_dp_sgd",
+                watch="epsilon",
+            ),
+        ),
+        "dp_census_1_sample": Threat(
+            "DP-SGD at a fixed noise: claims 1 training sample in the census",
+            lambda rounds: [attacks.attacking(ATTACKER, {}, {}, attacks.census_claim(train=1))],
+            DP_FIXED,
+            reference="reference_absent_dp_fixed",
+            watch="epsilon",
+        ),
+        "dp_census_1_sample_dirichlet": Threat(
+            "the same, Dirichlet split",
+            lambda rounds: [attacks.attacking(ATTACKER, {}, {}, attacks.census_claim(train=1))],
+            (*DP_FIXED, *DIRICHLET),
+            reference="reference_absent_dp_fixed_dirichlet",
+            watch="epsilon",
+        ),
+    }
+)
 SETS = {"faults": list(SCENARIOS), "security": list(SECURITY)}
 
 
@@ -115,11 +260,8 @@ def scenario(name: str, rounds: int) -> tuple[str, list[str], list[Mod]]:
     """What scenario `name` injects, its overrides and its mods (in a run of `rounds`)."""
     if name in SCENARIOS:
         return SCENARIOS[name]
-    what, attack = SECURITY[name]
-    if attack is None:  # the run the attacks must equal: client 3's train reply never used
-        return what, [], [faults.raising([ATTACKER], message_types=[MessageType.TRAIN])]
-    plan = attacks.every_round(attack, range(1, rounds + 1))
-    return what, [], [attacks.attacking(ATTACKER, plan, {})]
+    threat = SECURITY[name]
+    return threat.what, list(threat.overrides), threat.mods(rounds)
 
 
 class Rejections(logging.Handler):
@@ -130,10 +272,51 @@ class Rejections(logging.Handler):
         self.reasons: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        """Keep the reason of a rejection warning, drop every other line."""
-        _, rejected, reason = record.getMessage().partition(" rejected: ")
+        """Keep the reason of a rejection warning (or of a census conflict), drop the rest."""
+        message = record.getMessage().removesuffix(" (repeats are counted, not shown)")
+        _, rejected, reason = message.partition(" rejected: ")
         if rejected:
-            self.reasons.append(reason.removesuffix(" (repeats are counted, not shown)"))
+            self.reasons.append(reason)
+        elif (
+            message.startswith(("census conflict: ", "a client failed")) or " skipped: " in message
+        ):
+            self.reasons.append(message)  # a conflict, a failure, or a round not adopted
+
+
+class TextClock:
+    """Seconds the server spends on what failed clients wrote (their error text), summed."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def __enter__(self) -> TextClock:
+        from fl_lightning import census, checks, replies
+
+        self._saved = [(m, m.error_summary) for m in (census, replies)]
+        self._say = checks.Notices.say
+        clock = self
+
+        def timed(function: Callable[..., Any]) -> Callable[..., Any]:
+            def run(*args: Any, **kwargs: Any) -> Any:
+                started = time.perf_counter()
+                try:
+                    return function(*args, **kwargs)
+                finally:
+                    clock.seconds += time.perf_counter() - started
+
+            return run
+
+        for module, function in self._saved:
+            module.error_summary = timed(function)  # type: ignore[attr-defined]
+        checks.Notices.say = timed(self._say)  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from fl_lightning import checks
+
+        for module, function in self._saved:
+            module.error_summary = function  # type: ignore[attr-defined]
+        checks.Notices.say = self._say  # type: ignore[method-assign]
 
 
 def simulate(name: str, setup: list[str], data: Path, workdir: Path) -> tuple[Path, str | None]:
@@ -142,7 +325,7 @@ def simulate(name: str, setup: list[str], data: Path, workdir: Path) -> tuple[Pa
 
     from fl_lightning.client_app import make_client_app
     from fl_lightning.config import load_config
-    from fl_lightning.errors import NothingTrained
+    from fl_lightning.errors import FlLightningError
     from fl_lightning.rundir import create_run_dir
     from fl_lightning.server_app import make_server_app
     from fl_lightning.simulation import backend_config
@@ -161,25 +344,36 @@ def simulate(name: str, setup: list[str], data: Path, workdir: Path) -> tuple[Pa
             num_supernodes=cfg.federation.num_clients,
             backend_config=backend_config(cfg),
         )
-    except NothingTrained as err:  # the product's own end for a run that trained nothing
+    except FlLightningError as err:  # the product's own end, one line (NothingTrained...)
         return run.metrics, " ".join(str(err).split())
     return run.metrics, None
 
 
 def run_scenario(name: str, setup: list[str], data: Path, workdir: Path) -> dict:
     """One federated run with the scenario's faults; what it counted and reached."""
+    from fl_lightning.simulation import _drop_client_tracebacks
+
     rejections = Rejections()
     flwr_logger = logging.getLogger("flwr")
     flwr_logger.addHandler(rejections)
+    flwr_logger.addFilter(_drop_client_tracebacks)  # as `fl-lightning run` does
     started = time.perf_counter()
     try:
-        metrics, error = simulate(name, setup, data, workdir)
+        with TextClock() as clock:
+            metrics, error = simulate(name, setup, data, workdir)
     finally:
         flwr_logger.removeHandler(rejections)
+        flwr_logger.removeFilter(_drop_client_tracebacks)
     lines = metrics.read_text().splitlines() if metrics.exists() else []
     rounds = [r for r in map(json.loads, lines) if r["round"] > 0]
     last = rounds[-1] if rounds else {}
+    threat = SECURITY.get(name)
+    watch = threat.watch if threat is not None else None
     return {
+        "reference": threat.reference if threat is not None else None,
+        "watch": watch,
+        "watched": clock.seconds if watch == "client text seconds" else last.get(watch or ""),
+        "skipped": sum(r.get("skipped", 0) for r in rounds),
         "scenario": name,
         "set": "faults" if name in SCENARIOS else "security",
         "injected": scenario(name, 1)[0],
@@ -192,6 +386,7 @@ def run_scenario(name: str, setup: list[str], data: Path, workdir: Path) -> dict
         "accuracy_per_round": [r["test/accuracy"] for r in rounds],
         "final_accuracy": last.get("test/accuracy"),
         "final_loss": last.get("test/loss"),
+        "last_metrics": last,
         "wall_seconds": time.perf_counter() - started,
     }
 
@@ -201,7 +396,7 @@ def what_it_did(r: dict) -> str:
     aggregated = sum(loss is not None for loss in r["train/loss"])
     did = f"completed {r['rounds']} rounds, aggregated {aggregated}"
     if aggregated < r["rounds"]:
-        did += f", skipped {r['rounds'] - aggregated} (too few usable updates)"
+        did += f", skipped {r['rounds'] - aggregated}"
     if r["error"] is not None:
         words = r["error"].split()
         first = " ".join(words[:10]) + (" ..." if len(words) > 10 else "")
@@ -233,32 +428,56 @@ def faults_table(results: list[dict], command: str) -> str:
 
 
 def same_end(r: dict, reference: dict | None) -> str:
-    """yes/no: final centralized accuracy and loss equal (to 1e-6) to the reference run's."""
-    if reference is None or r is reference:
-        return "(reference)" if r is reference else "- (no reference run)"
+    """How the run ended against the run it is compared with: equal (to 1e-6), or by how much
+    its final centralized accuracy differs."""
+    if reference is None:
+        return "(reference)" if r["reference"] is None else "- (reference not run)"
     pairs = [(r[k], reference[k]) for k in ("final_accuracy", "final_loss")]
     if any(a is None or b is None for a, b in pairs):
-        return "no"
-    equal = all(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6) for a, b in pairs)
-    return "yes" if equal else "no"
+        return "no final model"
+    if all(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6) for a, b in pairs):
+        return "equal"
+    return f"{r['final_accuracy'] - reference['final_accuracy']:+.4f}"
+
+
+def watched(r: dict, reference: dict | None) -> str:
+    """The figure a scenario watches (a logged metric, the server's time on client text)."""
+    if r["watch"] is None:
+        return "-"
+    value = r["watched"]
+    shown = "-" if value is None else f"{value:.4g}"
+    if r["watch"] == "client text seconds" and reference is not None:
+        shown += (
+            f" (the run: {r['wall_seconds']:.0f} s, reference {reference['wall_seconds']:.0f} s)"
+        )
+    if reference is not None and r["watch"] != "client text seconds":
+        theirs = reference["watched"] if reference["watch"] == r["watch"] else None
+        if theirs is None:
+            theirs = reference.get("last_metrics", {}).get(r["watch"])
+        shown += f" (reference {'-' if theirs is None else f'{theirs:.4g}'})"
+    return f"{r['watch']}: {shown}"
 
 
 def security_table(results: list[dict], command: str) -> str:
     """The security table: each attack, what the run did, why it was refused, accuracy."""
-    reference = next((r for r in results if r["scenario"] == REFERENCE), None)
+    by_name = {r["scenario"]: r for r in results}
     lines = [
         f"Measured {date.today().isoformat()} on {machine()} with `{command}`.",
         "",
-        "| attack (client 3, every train reply) | what the run did | updates rejected "
-        "| failures | the screen's reason | final centralized accuracy "
-        "| equal to the reference run |",
-        "|---|---|---|---|---|---|---|",
+        "| attack (client 3) | what the run did | rejected | failures | what the server said "
+        "| final accuracy | compared with | against it | watched |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        reason = "; ".join(r["reasons"]).replace("|", "/") or "-"
+        reasons = r["reasons"]
+        reason = (reasons[0] if reasons else "-").replace("|", "/")
+        if len(reasons) > 1:
+            reason += f" (and {len(reasons) - 1} more)"
+        reference = by_name.get(r["reference"]) if r["reference"] else None
         lines.append(
             f"| {r['injected']} | {what_it_did(r)} | {r['rejected']} | {r['failures']} | "
-            f"{reason} | {accuracy(r['final_accuracy'])} | {same_end(r, reference)} |"
+            f"{reason} | {accuracy(r['final_accuracy'])} | {r['reference'] or '-'} | "
+            f"{same_end(r, reference)} | {watched(r, reference)} |"
         )
     return "\n".join(lines)
 

@@ -19,9 +19,9 @@ from flwr.app import Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from fl_lightning.checks import Notices, error_summary, is_int, partition_of, show
 from fl_lightning.config import Config
 from fl_lightning.errors import NothingTrained
-from fl_lightning.replies import Notices, error_summary, is_int, partition_of
 from fl_lightning.vocabulary import (
     CENSUS_ACTION,
     CENSUS_RECORD,
@@ -30,6 +30,21 @@ from fl_lightning.vocabulary import (
 )
 
 CENSUS_MESSAGE_TYPE = f"{MessageType.QUERY}.{CENSUS_ACTION}"
+
+
+@dataclass(frozen=True)
+class Known:
+    """What the server knows of the clients' data without opening it (built-in datasets).
+
+    `classes` are the dataset's class names (what label counts count), `total` the
+    training samples all partitions hold together (the training split as the config caps
+    it), `sizes` each partition's (training, validation) sizes where the partition scheme
+    fixes them from the total alone (`partition.split_sizes`).
+    """
+
+    classes: tuple[str, ...] = ()
+    total: int | None = None
+    sizes: tuple[tuple[int, int], ...] | None = None
 
 
 @dataclass
@@ -42,6 +57,8 @@ class Census:
     val_sizes: dict[int, int] = field(default_factory=dict)
     label_counts: dict[int, list[int]] = field(default_factory=dict)  # only when sent
     notices: Notices = field(default_factory=Notices)
+    # Claims the server cannot settle (two nodes, one partition): said once, for summary.md.
+    conflicts: list[str] = field(default_factory=list)
 
     def missing(self) -> list[int]:
         """Partitions no node is bound to (no answer, a bad one, or claimed twice)."""
@@ -55,75 +72,107 @@ class Census:
         """Each partition's label counts (zeros for one that sent none)."""
         return [self.label_counts.get(p, [0] * num_classes) for p in range(self.num_clients)]
 
+    def conflict(self, text: str) -> None:
+        """A claim the server cannot settle: said once, blamed on nobody, kept for summary.md."""
+        self.conflicts.append(text)
+        self.notices.say("census conflict", text)
 
-def census_problem(
-    reply: Message, cfg: Config, num_classes: int, max_train: int | None = None
-) -> str | None:
+
+def census_problem(reply: Message, cfg: Config, known: Known | None = None) -> str | None:
     """Why a (non-failed) census reply cannot be believed; None if it can.
 
-    `max_train` is the most training samples the server knows a client can hold (the
-    dataset's training split): a larger claim would buy its sender the weight of samples
-    that do not exist.
+    A claim of more samples than the dataset holds, or of other sizes than the partition
+    scheme gives its partition, would buy its sender the weight (or, under DP-SGD, the
+    privacy plan) of samples that do not exist. With `federation.node_ids`, a partition is
+    claimed only by the node it names.
     """
+    known = known or Known()
     content = reply.content
     found = (set(content.array_records), set(content.metric_records), set(content.config_records))
     if found != (set(), set(), {IDENTITY_RECORD, CENSUS_RECORD}):
-        return f"it carries the records {sorted(map(str, set().union(*found)))}"
+        return f"it carries the records {show(sorted(map(str, set().union(*found)))[:8])}"
     if set(content.config_records[IDENTITY_RECORD].keys()) != {"partition-id"}:
         return f"its {IDENTITY_RECORD!r} record is not exactly {{'partition-id'}}"
     partition = partition_of(reply)
     if partition is None or not 0 <= partition < cfg.federation.num_clients:
         return f"its partition-id is not an integer in 0..{cfg.federation.num_clients - 1}"
+    owner = cfg.federation.node_ids
+    if owner is not None and owner[partition] != reply.metadata.src_node_id:
+        return (
+            f"it claims partition {partition}, which federation.node_ids gives node "
+            f"{owner[partition]}"
+        )
     record = content.config_records[CENSUS_RECORD]
     keys = {"train-size", "val-size"} | ({"label-counts"} if sends_label_counts(cfg) else set())
     if set(record.keys()) != keys:
-        return f"its census record holds {sorted(map(str, record.keys()))}, not {sorted(keys)}"
+        held = show(sorted(map(str, record.keys()))[:8])
+        return f"its census record holds {held}, not {sorted(keys)}"
     train, val = record["train-size"], record["val-size"]
     if not is_int(train) or train < 1 or not is_int(val) or val < 0:  # type: ignore[operator]
-        return f"train-size {train!r} and val-size {val!r} are not counts of samples"
+        return f"train-size {show(train)} and val-size {show(val)} are not counts of samples"
     claimed = int(train) + int(val)  # type: ignore[arg-type]
-    if max_train is not None and claimed > max_train:
-        return f"it claims {claimed} samples, more than the {max_train} the dataset holds"
+    if known.total is not None and claimed > known.total:
+        return f"it claims {claimed} samples, more than the {known.total} the dataset holds"
+    if known.sizes is not None and (train, val) != known.sizes[partition]:
+        expected = known.sizes[partition]
+        return (
+            f"it claims {show(train)} training and {show(val)} validation samples; partition "
+            f"{partition} "
+            f"of this dataset holds {expected[0]} and {expected[1]}"
+        )
     if "label-counts" in keys:
         counts = record["label-counts"]
         if (
             not isinstance(counts, list)
-            or len(counts) != num_classes
+            or len(counts) != len(known.classes)
             or not all(is_int(c) and c >= 0 for c in counts)  # type: ignore[operator]
             or sum(counts) != train  # type: ignore[arg-type]
         ):
-            return f"its label counts are not {num_classes} counts summing to train-size {train!r}"
+            return (
+                f"its label counts are not {len(known.classes)} counts summing to train-size "
+                f"{show(train)}"
+            )
     return None
 
 
-def tally(
-    replies: Iterable[Message], cfg: Config, num_classes: int, max_train: int | None = None
-) -> Census:
-    """The census from its replies: bad ones said and dropped, a partition claimed twice
-    bound to neither node."""
+def tally(replies: Iterable[Message], cfg: Config, known: Known | None = None) -> Census:
+    """The census from its replies: bad ones said and dropped, conflicts said and unbound.
+
+    A partition two nodes claim is a conflict: neither is bound (the server cannot tell
+    the owner from the impostor), and neither is blamed for it. So are claims that add up
+    to more samples than the dataset holds: the largest are left unbound until the rest fit.
+    """
+    known = known or Known()
     census = Census(cfg.federation.num_clients)
     claims: dict[int, list[Message]] = {}
     for reply in replies:
         node = reply.metadata.src_node_id
         if reply.has_error():
-            census.notices.say("a client failed the census", error_summary(reply.error.reason))
+            census.notices.say(
+                "a client failed the census", error_summary(reply.error.reason), who=f"node {node}"
+            )
             continue
-        problem = census_problem(reply, cfg, num_classes, max_train)
+        problem = census_problem(reply, cfg, known)
         if problem is not None:
-            census.notices.say(f"census reply of node {node} rejected", problem)
+            census.notices.say(f"census reply of node {node} rejected", problem, who=f"node {node}")
             continue
         claims.setdefault(partition_of(reply) or 0, []).append(reply)
+    bound: dict[int, Message] = {}
     for partition, claimants in sorted(claims.items()):
         nodes = sorted({reply.metadata.src_node_id for reply in claimants})
         if len(nodes) > 1:
-            census.notices.say(
-                "census",
-                f"nodes {nodes} all claim partition {partition}: none is bound to it, and "
-                "their replies are rejected for the whole run",
+            census.conflict(
+                f"nodes {', '.join(map(str, nodes))} all claim partition {partition}: neither "
+                "takes part (in a deployment, federation.node_ids binds each partition to "
+                "its node)"
             )
             continue
-        record = claimants[0].content.config_records[CENSUS_RECORD]
-        census.nodes[nodes[0]] = partition
+        bound[partition] = claimants[0]
+    for partition in _over_the_total(bound, known.total, census):
+        del bound[partition]
+    for partition, reply in bound.items():
+        record = reply.content.config_records[CENSUS_RECORD]
+        census.nodes[reply.metadata.src_node_id] = partition
         census.train_sizes[partition] = int(record["train-size"])  # type: ignore[arg-type]
         census.val_sizes[partition] = int(record["val-size"])  # type: ignore[arg-type]
         if "label-counts" in record:
@@ -131,7 +180,33 @@ def tally(
     return census
 
 
-def take_census(grid: Grid, cfg: Config, num_classes: int, max_train: int | None = None) -> Census:
+def _over_the_total(bound: dict[int, Message], total: int | None, census: Census) -> list[int]:
+    """Partitions whose claims, largest first, must go for the rest to fit in `total`."""
+    if total is None:
+        return []
+
+    def claimed(partition: int) -> int:
+        record = bound[partition].content.config_records[CENSUS_RECORD]
+        return int(record["train-size"]) + int(record["val-size"])  # type: ignore[arg-type]
+
+    overall = sum(claimed(p) for p in bound)
+    dropped: list[int] = []
+    for partition in sorted(bound, key=lambda p: (-claimed(p), p)):
+        if overall <= total:
+            break
+        overall -= claimed(partition)
+        dropped.append(partition)
+    if dropped:
+        nodes = [bound[p].metadata.src_node_id for p in dropped]
+        census.conflict(
+            f"the clients claim more samples together than the {total} the dataset holds; "
+            f"the largest claims (nodes {', '.join(map(str, nodes))}, partitions "
+            f"{', '.join(map(str, dropped))}) take no part"
+        )
+    return dropped
+
+
+def take_census(grid: Grid, cfg: Config, known: Known | None = None) -> Census:
     """Ask every node (once `federation.num_clients` are connected) what it holds.
 
     Raises NothingTrained when no partition could be bound: no round could use a reply.
@@ -142,7 +217,7 @@ def take_census(grid: Grid, cfg: Config, num_classes: int, max_train: int | None
         Message(RecordDict(), dst_node_id=node, message_type=CENSUS_MESSAGE_TYPE) for node in nodes
     ]
     replies = grid.send_and_receive(messages, timeout=fed.round_timeout)
-    census = tally(replies, cfg, num_classes, max_train)
+    census = tally(replies, cfg, known)
     if not census.nodes:
         raise NothingTrained(nothing_trained("no client answered the census", census.notices))
     if census.missing():
@@ -151,12 +226,17 @@ def take_census(grid: Grid, cfg: Config, num_classes: int, max_train: int | None
 
 
 def nothing_trained(what: str, notices: Notices) -> str:
-    """The one line a run that trained nothing ends with: what happened, the clients' first
-    problem, what to do."""
-    first = notices.first or "no client reported an error"
+    """The one line a run that trained nothing ends with: what happened, which clients
+    failed or were rejected and why (or the first problem), what to do."""
+    clients = notices.clients_line()
+    said = (
+        f"the clients' problems: {clients}"
+        if clients
+        else f"the clients' first problem: {notices.first or 'no client reported an error'}"
+    )
     return (
-        f"{what}, so nothing was trained; the clients' first problem: {first}. Fix that "
-        "(--verbose shows Flower's and Ray's full logs) and run again"
+        f"{what}, so nothing was trained; {said}. Fix that (--verbose shows Flower's and "
+        "Ray's full logs) and run again"
     )
 
 

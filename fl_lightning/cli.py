@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -134,6 +135,13 @@ def _report(cfg: Config, run: RunDir) -> int:
     finished = run.last_round()
     if run.stopped.exists():
         print(f"fl-lightning: stopped early: {run.stopped.read_text().strip()}", file=sys.stderr)
+    elif finished < 0:
+        print(
+            "error: the run ended before its first round, so nothing of it was kept "
+            f"(--verbose shows Flower's logs); {run.path} is free to use again",
+            file=sys.stderr,
+        )
+        return 1
     elif finished < cfg.federation.num_rounds:
         print(
             f"error: the run stopped after round {finished} of {cfg.federation.num_rounds}; "
@@ -156,7 +164,8 @@ def run_command(args: argparse.Namespace) -> int:
     if args.resume is None:
         run = create_run_dir(cfg)
         print(f"fl-lightning: writing {run.path}", file=sys.stderr)
-        run_simulation(cfg, run, verbose=args.verbose)
+        with _released_unless_a_round_ends(run):
+            run_simulation(cfg, run, verbose=args.verbose)
         return _report(cfg, run)
     from fl_lightning import resume
 
@@ -175,8 +184,7 @@ def deploy_command(args: argparse.Namespace) -> int:
     """Validate as `run` does, then run on a local TLS SuperLink and `--nodes` SuperNodes."""
     import secrets
 
-    from fl_lightning.deployment import deploy_local
-    from fl_lightning.rundir import CLAIM_TOKEN_ENV, claim, run_dir_path
+    from fl_lightning.rundir import claim, run_dir_path
 
     overrides = list(args.overrides)
     if args.nodes is not None:
@@ -191,12 +199,29 @@ def deploy_command(args: argparse.Namespace) -> int:
     config = cfg.to_dict()
     config["output"]["dir"] = str(path)  # the ServerApp writes exactly here
     print(f"fl-lightning: writing {path}", file=sys.stderr)
+    with _released_unless_a_round_ends(run):
+        _deploy(cfg, config, node_configs, run, args, token)
+    return _report(cfg, run)
+
+
+def _deploy(
+    cfg: Config,
+    config: dict,
+    node_configs: list[str],
+    run: RunDir,
+    args: argparse.Namespace,
+    token: str,
+) -> None:
+    """`deploy_local` the resolved `config` into `run`, its ServerApp holding the claim."""
+    from fl_lightning.deployment import deploy_local
+    from fl_lightning.rundir import CLAIM_TOKEN_ENV
+
     deploy_local(
         config,
         cfg.federation.num_clients,
         args.gpus,
         node_configs=node_configs,
-        keep=path,
+        keep=run.path,
         verbose=args.verbose,
         # Each SuperNode's threads, like each simulated client's CPUs under Ray.
         threads_per_node=max(1, int(cfg.federation.client_resources.num_cpus)),
@@ -206,7 +231,15 @@ def deploy_command(args: argparse.Namespace) -> int:
             "FL_LIGHTNING_IMPORT_PATH": str(Path(args.config).resolve().parent),
         },
     )
-    return _report(cfg, run)
+
+
+@contextlib.contextmanager
+def _released_unless_a_round_ends(run: RunDir) -> Iterator[None]:
+    """Give the run directory back (`RunDir.release`) if the run records no round."""
+    try:
+        yield
+    finally:
+        run.release()
 
 
 def _checked_node_configs(cfg: Config, texts: list[str], gpus: list[int]) -> list[str]:

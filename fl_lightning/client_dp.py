@@ -83,7 +83,11 @@ class _LedgerMixin:
         )
         add_gaussian_noise(list(values.values()), std, rng)
         self.ledger.record_release()
-        return ArrayRecord({key: Array(value) for key, value in values.items()}), metrics
+        released = ArrayRecord({key: Array(value) for key, value in values.items()})
+        problem = inner.adoption_problem(released)  # post-processing of the release
+        if problem is not None:
+            return inner.refuse_adopted(problem, server_round)
+        return released, metrics
 
 
 def clip_update(arrays: ArrayRecord, reference: ArrayRecord, norm: float) -> ArrayRecord:

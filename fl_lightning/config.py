@@ -10,7 +10,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fl_lightning.class_path import ClassSpec
 from fl_lightning.errors import ConfigError
@@ -18,6 +18,8 @@ from fl_lightning.trainer_flags import device_count, validate_trainer
 from fl_lightning.yaml_input import _key_text, _show, apply_override, parse_yaml
 
 DatasetName = Literal["mnist", "cifar10", "imagefolder"]
+# A Flower node id: an unsigned 64-bit integer (config integers are otherwise int64).
+NodeId = Annotated[int, "uint64"]
 ModelName = Literal["mnist_net", "cifar10_net", "mlp"]
 
 # Input shape each dataset produces; imagefolder's comes from data.channels/image_size.
@@ -187,6 +189,10 @@ class FederationConfig:
     # A running Ray cluster (`ray start --head`; "auto" finds a local head) to spread the
     # simulated clients over; None starts Ray on this machine alone.
     ray_address: str | None = None
+    # A deployment with SuperNode authentication: node_ids[p] is the node id the SuperLink
+    # gave the public key of partition p's site (`flwr supernode register`); the census
+    # then accepts partition p from that node only. `deploy-local` sets it.
+    node_ids: tuple[NodeId, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -220,6 +226,12 @@ class StrategyConfig:
     # (torch's update_bn) and the server averages the statistics they measured.
     batchnorm: Literal["average", "recompute"] = "average"
     batchnorm_batches: int = 100
+    # The update screen (fl_lightning.update_screen): a reply whose update (its weights
+    # minus the global model's, L2 norm over every floating-point array) is more than
+    # update_norm_factor times the median of the round's updates is rejected (null: off);
+    # so is one over max_update_norm, for users who know their updates' scale.
+    update_norm_factor: float | None = 10.0
+    max_update_norm: float | None = None
 
 
 @dataclass(frozen=True)
@@ -379,8 +391,27 @@ def data_config(raw: dict[str, Any], prefix: str) -> DataConfig:
     )
 
 
+# What Linux's file systems take: a name (one path component) of 255 bytes, a path of 4096.
+NAME_MAX = 255
+PATH_MAX = 4096
+
+
+def check_path_length(text: str, key: str) -> None:
+    """Refuse a path the file system would refuse (a name over NAME_MAX bytes), naming `key`."""
+    encoded = text.encode("utf-8", "surrogateescape")
+    _check(len(encoded) <= PATH_MAX, key, f"is a path of {len(encoded)} bytes, over {PATH_MAX}")
+    longest = max(encoded.split(b"/"), key=len)
+    _check(
+        len(longest) <= NAME_MAX,
+        key,
+        f"has a folder or file name of {len(longest)} bytes "
+        f"({_show(longest.decode(errors='replace'))}); file systems allow {NAME_MAX}: shorten it",
+    )
+
+
 def _resolve_path(text: str, key: str) -> str:
     """`text` as an absolute path (`~` expanded), or a ConfigError naming `key`."""
+    check_path_length(text, key)
     try:
         path = Path(text).expanduser()
     except RuntimeError:  # `~name` of a user this machine does not know
@@ -438,7 +469,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
             f"{prefix.rstrip('.') or 'config'}: must be a section (mapping of keys), "
             f"not {_show(raw)}"
         )
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)  # NodeId is Annotated
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs: dict[str, Any] = {}
     if cls is TrainerConfig:
@@ -475,6 +506,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if dataclasses.is_dataclass(hint):
         return _build(typing.cast(type, hint), value, prefix=f"{key}.")
     origin = typing.get_origin(hint)
+    if origin is Annotated:  # NodeId: an integer in uint64's range
+        if not _is_uint64(value):
+            raise ConfigError(f"{key}: {_show(value)} is not a node id (an integer in [0, 2**64))")
+        return value
     if origin is Literal:
         allowed = typing.get_args(hint)
         # Same type too: `True == 1` and `1.0 == 1` in Python, but not in a config.
@@ -497,6 +532,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     if hint in (bool, int, float, str):
         return _coerce_scalar(value, hint, key)
     raise TypeError(f"unsupported config type {hint!r} for {key}")  # a bug in this module
+
+
+def _is_uint64(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**64
 
 
 def _coerce_union(value: Any, options: tuple[Any, ...], key: str) -> Any:
@@ -577,6 +616,7 @@ def validate(cfg: Config) -> None:
     )
     _validate_classes(cfg)
     _validate_data(cfg)
+    _validate_output(cfg.output)
     _check(
         0 <= cfg.model.label_smoothing < 1,
         "model.label_smoothing",
@@ -594,6 +634,19 @@ def validate(cfg: Config) -> None:
         "optimizer.ema_decay",
         f"must be in (0, 1) or null, got {o.ema_decay}",
     )
+    _validate_federation(f, t)
+    _validate_strategy(cfg)
+    validate_trainer(cfg.trainer)
+    _validate_privacy(cfg)
+    _validate_secure_aggregation(cfg)
+
+
+# lightning.seed_everything's bounds (lightning.fabric.utilities.seed.max_seed_value): NumPy
+# seeds are uint32. tests/test_config.py checks that the two agree.
+MAX_SEED = 2**32 - 1
+
+
+def _validate_federation(f: FederationConfig, t: TrainerConfig) -> None:
     _check(f.num_clients >= 1, "federation.num_clients", f"must be >= 1, got {f.num_clients}")
     _check(f.num_rounds >= 1, "federation.num_rounds", f"must be >= 1, got {f.num_rounds}")
     _check(
@@ -607,6 +660,12 @@ def validate(cfg: Config) -> None:
         f"must be in [0, 1], got {f.fraction_evaluate}",
     )
     _check(f.round_timeout > 0, "federation.round_timeout", f"must be > 0, got {f.round_timeout}")
+    _check(
+        f.node_ids is None or (len(f.node_ids) == f.num_clients == len(set(f.node_ids))),
+        "federation.node_ids",
+        f"must name {f.num_clients} distinct node ids, one per partition (federation."
+        "num_clients), or be null",
+    )
     _check(
         1 <= f.min_train_clients <= sampled_clients(f),
         "federation.min_train_clients",
@@ -623,15 +682,12 @@ def validate(cfg: Config) -> None:
         "trainer.accelerator",
         "is 'cpu' while federation.client_resources.num_gpus > 0; set trainer.accelerator=gpu",
     )
-    _validate_strategy(cfg)
-    validate_trainer(cfg.trainer)
-    _validate_privacy(cfg)
-    _validate_secure_aggregation(cfg)
 
 
-# lightning.seed_everything's bounds (lightning.fabric.utilities.seed.max_seed_value): NumPy
-# seeds are uint32. tests/test_config.py checks that the two agree.
-MAX_SEED = 2**32 - 1
+def _validate_output(o: OutputConfig) -> None:
+    for key, value in (("root", o.root), ("dir", o.dir), ("experiment", o.experiment)):
+        if value is not None:
+            check_path_length(value, f"output.{key}")
 
 
 def _validate_data(cfg: Config) -> None:
@@ -768,6 +824,17 @@ def _validate_strategy(cfg: Config) -> None:
         s.batchnorm_batches >= 1,
         "strategy.batchnorm_batches",
         f"must be >= 1, got {s.batchnorm_batches}",
+    )
+    _check(
+        s.update_norm_factor is None or s.update_norm_factor > 1,
+        "strategy.update_norm_factor",
+        f"must be > 1 (a multiple of the round's median update norm) or null, "
+        f"got {s.update_norm_factor}",
+    )
+    _check(
+        s.max_update_norm is None or s.max_update_norm > 0,
+        "strategy.max_update_norm",
+        f"must be > 0 or null, got {s.max_update_norm}",
     )
 
 

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from fl_lightning.augment import random_crop_flip
 from fl_lightning.config import DataConfig
 from fl_lightning.errors import DataError
-from fl_lightning.rundir import write_atomically
+from fl_lightning.files import write_atomically
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 

@@ -26,10 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
 
-import yaml
-
 from fl_lightning.certificates import ServerCredentials, make_node_key, make_server_credentials
 from fl_lightning.errors import DeploymentError, Stopped
+from fl_lightning.yaml_input import dump_yaml
 
 # Every process of one deployment carries this variable (value: the deployment's folder),
 # so the ones Flower starts itself (SuperExec, ServerApp, ClientApps) can be found and
@@ -144,6 +143,29 @@ def stopped_by_signals() -> Iterator[None]:
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
+@contextlib.contextmanager
+def signals_held() -> Iterator[Callable[[Callable[[], None] | None], Callable[[], None]]]:
+    """Hold STOP_SIGNALS while inside; they are delivered on the way out.
+
+    Yields a wrapper for a child's `preexec_fn` that gives the child the signal mask of
+    before (a child inherits the held mask across exec otherwise).
+    """
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+    def unblock(preexec: Callable[[], None] | None) -> Callable[[], None]:
+        def child() -> None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)
+            if preexec is not None:
+                preexec()
+
+        return child
+
+    try:
+        yield unblock
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
 def marked_processes(marker: str | None = None, variable: str = MARKER) -> list[int]:
     """PIDs of live processes whose environment carries `variable=marker` (any value: None)."""
     needle = f"{variable}={marker or ''}".encode()
@@ -198,6 +220,9 @@ class LocalDeployment:
     extra_env: Mapping[str, str] = field(default_factory=dict)
     _procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, init=False)
     _credentials: ServerCredentials | None = field(default=None, init=False)
+    # The node id the SuperLink registered for SuperNode k's key (partition k), once started.
+    node_ids: list[int] = field(default_factory=list, init=False)
+    _run: subprocess.Popen[bytes] | None = field(default=None, init=False)  # `flwr run`
     port: int = field(default=0, init=False)
 
     @property
@@ -289,6 +314,7 @@ class LocalDeployment:
                 self.credentials.ca_cert,
             )
         self._wait_for_nodes(set(node_ids))
+        self.node_ids = [int(node) for node in node_ids]
 
     def spawn(
         self, name: str, command: list[str], env: dict[str, str] | None = None
@@ -401,7 +427,9 @@ class LocalDeployment:
         app.mkdir(exist_ok=True)
         (app / "pyproject.toml").write_text(_APP_PYPROJECT)
         config_path = self.workdir / "config.yaml"
-        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        # Each partition is the registered key's: the census refuses it from another node.
+        federation = {**config["federation"], "node_ids": self.node_ids}
+        config_path.write_text(dump_yaml({**config, "federation": federation}))
         command = [
             flower_executable("flwr"),
             "run",
@@ -413,15 +441,19 @@ class LocalDeployment:
         if stream:
             command.append("--stream")
         env = {**self.env, RUN_MARKER: str(self.workdir)}
-        return subprocess.run(
-            command, env=env, check=False, preexec_fn=die_with_parent()
-        ).returncode
+        # A stop signal landing between fork and exec would leave a child that `stop` can
+        # find neither by handle nor by marker (its environment is not yet the new one):
+        # the signals wait until the handle is kept.
+        with signals_held() as unblock:
+            self._run = subprocess.Popen(command, env=env, preexec_fn=unblock(die_with_parent()))
+        return self._run.wait()
 
     def stop(self, grace: float = 10.0) -> None:
         """Stop every process of this deployment: SIGTERM, then SIGKILL after `grace` s."""
-        # A signal may land while `submit` starts `flwr run`, before anything owns the child:
-        # find it by its marker.
-        kill_marked(str(self.workdir), RUN_MARKER)
+        if self._run is not None and self._run.poll() is None:
+            self._run.kill()  # the `flwr run` client first, before the SuperLink it talks to
+            self._run.wait()
+        kill_marked(str(self.workdir), RUN_MARKER)  # and anything it started
         for proc in self._procs.values():
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from fl_lightning.checks import one_line
 from fl_lightning.config import Config
+from fl_lightning.files import write_atomically
 from fl_lightning.models import build_model
-from fl_lightning.rundir import write_atomically
 from fl_lightning.training import logged_metrics, make_trainer, one_device, quiet_lightning
 
 
@@ -29,6 +31,7 @@ class CentralEvaluator:
         # Evaluation needs one device; DDP would shard (and pad) the test set.
         self.trainer = make_trainer(cfg.trainer, devices=one_device(cfg.trainer), strategy="auto")
         self.loader, self.noisy_loader = _test_loaders(cfg)
+        self._probe_trainer: L.Trainer | None = None  # one test batch (`probe`)
 
     def evaluate(
         self, state_dict: dict[str, torch.Tensor], noisy: bool = False
@@ -41,6 +44,32 @@ class CentralEvaluator:
         loader = self.noisy_loader if noisy else self.loader
         (metrics,) = self.trainer.test(self.model, dataloaders=loader, verbose=False)
         return logged_metrics(metrics)
+
+    def probe(self, state_dict: dict[str, torch.Tensor]) -> str | None:
+        """Why the server should not adopt `state_dict`: its test metrics on the first test
+        batch are not finite (or its test step fails); None if they are.
+
+        One batch costs milliseconds, not the full test split's seconds, so every round's
+        new model is tested before the next round trains on it.
+        """
+        if self._probe_trainer is None:
+            self._probe_trainer = make_trainer(
+                self.cfg.trainer, devices=one_device(self.cfg.trainer), strategy="auto",
+                limit_test_batches=1,
+            )  # fmt: skip
+        self.model.load_state_dict(state_dict)
+        try:
+            (metrics,) = self._probe_trainer.test(
+                self.model, dataloaders=self.loader, verbose=False
+            )
+        except Exception as err:  # the user's test_step on weights it cannot handle
+            return f"the server's test of it failed ({type(err).__name__}: {one_line(str(err))})"
+        bad = sorted(k for k, v in logged_metrics(metrics).items() if not math.isfinite(v))
+        if bad:
+            return (
+                f"its test metrics {', '.join(bad)} on the server's first test batch are not finite"
+            )
+        return None
 
     def save_checkpoint(self, path: Path) -> None:
         """Write a Lightning checkpoint of the last evaluated weights, atomically and durably."""

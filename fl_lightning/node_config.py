@@ -11,7 +11,13 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from fl_lightning.config import Config, check_private_devices, load_config, trainer_value
+from fl_lightning.config import (
+    Config,
+    check_path_length,
+    check_private_devices,
+    load_config,
+    trainer_value,
+)
 from fl_lightning.errors import ConfigError
 from fl_lightning.yaml_input import _show
 
@@ -154,6 +160,7 @@ def _with_site_data(cfg: Config, node_config: typing.Mapping[str, Any]) -> Confi
     root = str(node_config.get("data-root", "")).strip()
     if not root:
         return cfg
+    check_path_length(root, "node-config 'data-root'")
     if not Path(root).is_absolute():
         raise ConfigError(
             f"node-config 'data-root' is {root!r}; give the site's data folder as an absolute path"

@@ -20,20 +20,18 @@ Nothing here raises for any reply: whatever a client sends becomes a reason stri
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from io import BytesIO
-from logging import WARNING
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 from flwr.common.constant import SType
-from flwr.common.logger import log
 
 from fl_lightning.accountant_state import accountant_state_problem
+from fl_lightning.checks import error_summary, is_int, is_number, partition_of, show
 from fl_lightning.config import Config
 from fl_lightning.vocabulary import (
     ACCOUNTANT_RECORD,
@@ -65,73 +63,6 @@ class Screened:
     rejected: int
 
 
-class Notices:
-    """Says each distinct client problem once per run, and remembers the first one."""
-
-    # Details hold text a client chose (key names, error messages): each is cut to one
-    # short printable line, and a client inventing new ones every round is said about
-    # only so often.
-    MAX_DETAIL = 300
-    MAX_SAID = 100
-
-    def __init__(self) -> None:
-        self._said: set[str] = set()
-        self.first: str | None = None
-
-    def say(self, what: str, detail: str) -> None:
-        """Warn `what: detail` unless this detail was said before."""
-        detail = "".join(c if c.isprintable() else " " for c in detail)
-        detail = " ".join(detail.split())
-        if len(detail) > self.MAX_DETAIL:
-            detail = detail[: self.MAX_DETAIL] + "..."
-        line = f"{what}: {detail}"
-        if self.first is None:
-            self.first = line
-        if detail not in self._said and len(self._said) < self.MAX_SAID:
-            self._said.add(detail)
-            log(WARNING, "%s (repeats are counted, not shown)", line)
-
-
-def is_int(value: object) -> bool:
-    """True for a Python or NumPy integer, not a bool (Flower records allow both bools and ints)."""
-    return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
-
-
-def is_number(value: object) -> bool:
-    """True for a finite int or float (not a bool, not a list)."""
-    if is_int(value):
-        return True  # exact, and float() of a huge int would overflow
-    return isinstance(value, float | np.floating) and math.isfinite(value)
-
-
-# "SomeError: what happened", the line a traceback ends with.
-_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Warning)\b.*: .+")
-
-
-def error_summary(reason: object) -> str:
-    """The client's own exception line from a failed reply's reason (Ray and Flower wrap it)."""
-    lines = [line.strip() for line in str(reason or "").splitlines() if line.strip()]
-    own = [
-        line
-        for line in lines
-        if _EXCEPTION_LINE.match(line)
-        and "ClientAppException" not in line
-        and "RayTaskError" not in line
-    ]
-    if own:
-        return own[-1]
-    return lines[-1].removesuffix("'>") if lines else "no reason given"
-
-
-def partition_of(reply: Message) -> int | None:
-    """The partition id a reply claims (None for a failed reply or one without a valid id)."""
-    if reply.has_error():
-        return None
-    record = reply.content.config_records.get(IDENTITY_RECORD)
-    value = None if record is None else record.get("partition-id")
-    return int(value) if is_int(value) else None  # type: ignore[arg-type]
-
-
 def identity_problem(reply: Message, census: Census) -> str | None:
     """Why `reply`'s identity is not its node's partition of the census; None if it is."""
     record = reply.content.config_records.get(IDENTITY_RECORD)
@@ -139,13 +70,13 @@ def identity_problem(reply: Message, census: Census) -> str | None:
         return f"its {IDENTITY_RECORD!r} record is not exactly {{'partition-id'}}"
     partition = record["partition-id"]
     if not is_int(partition) or not 0 <= partition < census.num_clients:  # type: ignore[operator]
-        return f"partition-id {partition!r} is not an integer in 0..{census.num_clients - 1}"
+        return f"partition-id {show(partition)} is not an integer in 0..{census.num_clients - 1}"
     node = reply.metadata.src_node_id
     bound = census.nodes.get(node)
     if bound is None:
         return f"node {node} has no partition (it did not answer the census, or shared one)"
     if bound != partition:
-        return f"it claims partition {partition!r}, its node answered the census as {bound}"
+        return f"it claims partition {show(partition)}, its node answered the census as {bound}"
     return None
 
 
@@ -156,7 +87,7 @@ def decode(array: Array, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray 
     shape a header declares before finding the bytes missing.
     """
     if array.stype != SType.NUMPY:
-        return f"serialization type {array.stype!r} is not {SType.NUMPY!r}"
+        return f"serialization type {show(array.stype)} is not {SType.NUMPY!r}"
     if array.dtype != str(dtype) or array.shape != shape:
         return f"declared {array.dtype} {array.shape}, the model's is {dtype} {shape}"
     data = array.data
@@ -181,6 +112,12 @@ def decode(array: Array, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray 
     return values
 
 
+def _names(keys: Iterable[object], limit: int = 8) -> str:
+    """Some of a client's record or array names, sorted, for a one-line reason."""
+    names = sorted(str(key)[:40] for key, _ in zip(keys, range(limit), strict=False))
+    return show(names)
+
+
 def shape_bytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
     """How many bytes an array of `shape` and `dtype` holds."""
     return math.prod(shape) * dtype.itemsize
@@ -190,7 +127,7 @@ def arrays_problem(arrays: ArrayRecord, reference: ArrayRecord) -> str | None:
     """Why `arrays` cannot be aggregated into the global model `reference`; None if it can."""
     if set(arrays.keys()) != set(reference.keys()):
         missing = sorted(set(reference.keys()) - set(arrays.keys()))
-        unexpected = sorted(map(str, set(arrays.keys()) - set(reference.keys())))
+        unexpected = _names(set(arrays.keys()) - set(reference.keys()))
         return f"its arrays do not match the model's (missing {missing}, unexpected {unexpected})"
     for key, expected in reference.items():
         shape = tuple(int(d) for d in expected.shape)
@@ -224,7 +161,7 @@ def _records_problem(reply: Message, stage: str, cfg: Config) -> str | None:
     if found != expected:
         names = ("array", "metric", "config")
         wrong = [
-            f"{name} records {sorted(map(str, f))} instead of {sorted(e)}"
+            f"{name} records {_names(f)} instead of {sorted(e)}"
             for name, f, e in zip(names, found, expected, strict=True)
             if f != e
         ]
@@ -274,24 +211,26 @@ def metrics_problem(
         return f"it carries {len(found)} metrics, more than {MAX_METRICS}"
     for name in found:
         if len(name) > MAX_METRIC_NAME or not name.isprintable():
-            return f"metric name {name[:40]!r}... is not a short printable name"
+            return f"metric name {show(name[:40])}... is not a short printable name"
     if names is not None and found != names:
         missing = sorted(names - found)
         unexpected = sorted(found - names)
         return f"its metrics are not the run's (missing {missing}, unexpected {unexpected})"
     for key, value in metrics.items():
         if not is_number(value):
-            return f"metric {key} is {value!r}, not a finite number"
+            return f"metric {key} is {show(value)}, not a finite number"
         # The built-in modules' accuracies are shares; a user's may be percentages.
         if cfg.model.class_path is None and key.endswith("accuracy") and not 0 <= value <= 1:
-            return f"metric {key} is {value!r}, outside [0, 1]"
+            return f"metric {key} is {show(value)}, outside [0, 1]"
         if key == EPSILON_METRIC and value < 0:
-            return f"metric {key} is {value!r}, negative"
+            return f"metric {key} is {show(value)}, negative"
     examples = metrics[NUM_EXAMPLES]
     if not is_int(examples) or not 0 < examples <= cap:
-        return f"num-examples is {examples!r}, not an integer in 1..{cap} (its partition's size)"
+        return (
+            f"num-examples is {show(examples)}, not an integer in 1..{cap} (its partition's size)"
+        )
     if metrics[UNIFORM_WEIGHT] != 1:
-        return f"{UNIFORM_WEIGHT} is {metrics[UNIFORM_WEIGHT]!r}, not 1"
+        return f"{UNIFORM_WEIGHT} is {show(metrics[UNIFORM_WEIGHT])}, not 1"
     return None
 
 
@@ -371,7 +310,11 @@ class ReplyScreen:
         for reply in replies:
             if reply.has_error():
                 failures += 1
-                self.notices.say(f"a client failed in {stage}", error_summary(reply.error.reason))
+                self.notices.say(
+                    f"a client failed in {stage}",
+                    error_summary(reply.error.reason),
+                    who=self.who(reply),
+                )
                 continue
             problem = self.problem(reply, stage, reference)
             partition = partition_of(reply)
@@ -379,8 +322,7 @@ class ReplyScreen:
                 problem = f"a second reply for partition {partition} this round"
             if problem is not None:
                 rejected += 1
-                who = "a client" if partition is None else f"client {partition}"
-                self.notices.say(f"{stage} reply of {who} rejected", problem)
+                self.reject(reply, stage, problem)
                 continue
             assert partition is not None
             taken.add(partition)
@@ -424,8 +366,19 @@ class ReplyScreen:
                 f"its metrics are not the round's (missing {sorted(names - found)}, "
                 f"unexpected {sorted(found - names)})"
             )
-            self.notices.say(f"{stage} reply of client {partition_of(reply)} rejected", problem)
+            self.reject(reply, stage, problem)
         return kept
+
+    def who(self, reply: Message) -> str:
+        """The client a reply came from, by the partition its node holds in the census."""
+        node = reply.metadata.src_node_id
+        partition = self.census.nodes.get(node)
+        return f"node {node}" if partition is None else f"client {partition}"
+
+    def reject(self, reply: Message, stage: str, problem: str) -> None:
+        """Say once why a reply of `stage` is left out, counted against its client."""
+        who = self.who(reply)
+        self.notices.say(f"{stage} reply of {who} rejected", problem, who=who)
 
 
 def weights(replies: Iterable[Message]) -> np.ndarray:

@@ -19,6 +19,7 @@ each strategy attribute is rebuilt with the type its Flower class keeps it in
 
 from __future__ import annotations
 
+import math
 import random
 import warnings
 from dataclasses import dataclass, field
@@ -27,12 +28,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from fl_lightning.accountant_state import is_rdp_step
 from fl_lightning.config import Config
 from fl_lightning.errors import ConfigError
-from fl_lightning.rundir import RunDir, round_of, write_atomically
+from fl_lightning.files import NotAFile, open_regular, write_atomically
+from fl_lightning.rundir import RunDir, round_of
 from fl_lightning.strategy_state import (
     Malformed,
     by_name,
@@ -42,17 +43,18 @@ from fl_lightning.strategy_state import (
     is_partition,
     is_tensor,
 )
-from fl_lightning.yaml_input import parse_yaml
+from fl_lightning.vocabulary import MAX_METRIC_NAME
+from fl_lightning.yaml_input import dump_yaml, parse_yaml
 
-# resume.pt's layout. Format 2 lacked the metric names; format 1 was a pickle of Python
-# objects: both refused now.
-FORMAT = 3
+# resume.pt's layout. Format 3 kept the clients' reported epsilons, format 2 lacked the
+# metric names, format 1 was a pickle of Python objects: all refused now.
+FORMAT = 4
 _KEYS = {"format", "round", "weights", "strategy", "history", "ledger", "rng"}
 _KEYS |= {"logged", "screened"}
 _SCREEN_KEYS = {"agreed", "votes"}
 _RNG_KEYS = {"python", "numpy", "torch"}
 _NUMPY_RNG_KEYS = {"key", "pos", "has_gauss", "cached_gaussian"}
-_LEDGER_KEYS = {"rounds_taken", "reported", "releases"}
+_LEDGER_KEYS = {"sampled", "trained", "releases"}
 _MT19937_WORDS = 624  # NumPy's legacy global RNG (MT19937) keeps 624 32-bit words
 
 
@@ -169,7 +171,7 @@ def _check_config(cfg: Config, run: RunDir, path: Path) -> None:
     if not run.config.exists():
         raise ConfigError(f"--resume: {path} holds no run (no config.yaml); check the path")
     saved = _saved_config(run)
-    ours = yaml.safe_load(yaml.safe_dump(cfg.to_dict()))  # as config.yaml holds it
+    ours = parse_yaml(dump_yaml(cfg.to_dict()), "the config")  # as config.yaml holds it
     for section in (saved, ours):
         section.pop("output", None)  # where a run writes is not part of what it computes
     if saved != ours:
@@ -183,7 +185,10 @@ def _check_config(cfg: Config, run: RunDir, path: Path) -> None:
 def _saved_config(run: RunDir) -> dict[Any, Any]:
     """The run's config.yaml as a mapping, read as strictly as a config file is."""
     try:
-        text = run.config.read_text(encoding="utf-8")
+        with open_regular(run.config) as stream:
+            text = stream.read().decode("utf-8")
+    except NotAFile:
+        text, problem = None, "not a plain file"
     except OSError as err:
         raise ConfigError(
             f"--resume: cannot read {run.config} ({err.strerror or err}); "
@@ -206,9 +211,14 @@ def _saved_config(run: RunDir) -> dict[Any, Any]:
 def _read(file: Path) -> Any:
     """resume.pt's contents, built from tensors and plain data only."""
     try:
-        with warnings.catch_warnings():
+        with open_regular(file) as stream, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's advice on loading unsafely is not ours
-            return torch.load(file, map_location="cpu", weights_only=True)
+            return torch.load(stream, map_location="cpu", weights_only=True)
+    except NotAFile:
+        raise ConfigError(
+            f"--resume: {file} is not a plain file (a FIFO, a device or a folder), so not the "
+            "resume state a run writes; start a new run"
+        ) from None
     except OSError as err:
         raise ConfigError(
             f"--resume: cannot read {file} ({err.strerror}); check it and its permissions"
@@ -231,8 +241,8 @@ def _parse(raw: Any, cfg: Config, model: dict[str, torch.Tensor]) -> ResumeState
         raw["round"],
         weights,
         raw["strategy"],
-        _check_history(raw["history"]),
-        _check_ledger(raw["ledger"], cfg),
+        _check_history(raw["history"], raw["round"]),
+        _check_ledger(raw["ledger"], cfg, raw["round"]),
         raw["rng"],
         _check_logged(raw["logged"]),
         _check_screened(raw["screened"], cfg),
@@ -270,45 +280,52 @@ def _check_weights(weights: Any, model: dict[str, torch.Tensor]) -> dict[str, to
     return {key: weights[key].detach() for key in model}
 
 
-def _check_history(history: Any) -> dict[int, dict[str, float]]:
-    """The round records behind summary.md: round -> metric name -> number."""
+def _check_history(history: Any, last: int) -> dict[int, dict[str, float]]:
+    """The round records behind summary.md: rounds up to `last` -> metric name -> number."""
     expect(isinstance(history, dict), "history: not a record per round")
-    for server_round, metrics in history.items():
+    expect(
+        last in history and set(history) <= set(range(last + 1)),
+        f"history: not the records of rounds up to {last}",
+    )
+    for metrics in history.values():
         expect(
-            is_int(server_round)
-            and server_round >= 0
-            and isinstance(metrics, dict)
-            and all(isinstance(k, str) and _is_number(v) for k, v in metrics.items()),
-            "history: not numbers per round",
+            isinstance(metrics, dict)
+            and all(_is_name(k) and _is_number(v) and math.isfinite(v) for k, v in metrics.items()),
+            "history: not finite numbers under metric names",
         )
     return history
 
 
-def _check_ledger(ledger: Any, cfg: Config) -> dict[str, Any] | None:
-    """The privacy ledger's `state()`: present exactly when the run has a privacy mode."""
+def _check_ledger(ledger: Any, cfg: Config, last: int) -> dict[str, Any] | None:
+    """The privacy ledger's `state()`: present exactly when the run has a privacy mode.
+
+    A client trained in at most the rounds it was sent training, and was sent at most one
+    training message a round.
+    """
     if cfg.privacy.mode == "none":
         expect(ledger is None, "ledger: a privacy ledger in a run without privacy")
         return None
     clients = cfg.federation.num_clients
     # Without it the epsilon would silently start again from 0.
     expect(isinstance(ledger, dict) and set(ledger) == _LEDGER_KEYS, "ledger: missing")
-    taken = ledger["rounds_taken"]
+    sampled, trained = ledger["sampled"], ledger["trained"]
+    for name, counts in (("sampled", sampled), ("trained", trained)):
+        expect(
+            isinstance(counts, list)
+            and len(counts) == clients
+            and all(is_int(n) and 0 <= n <= last for n in counts),
+            f"ledger.{name}: not a count of rounds per client",
+        )
     expect(
-        isinstance(taken, list)
-        and len(taken) == clients
-        and all(is_int(t) and t >= 0 for t in taken),
-        "ledger.rounds_taken: not a count per client",
-    )
-    reported = ledger["reported"]
-    expect(
-        isinstance(reported, dict)
-        and all(is_partition(p, clients) and _is_number(e) and e >= 0 for p, e in reported.items()),
-        "ledger.reported: not an epsilon per client",
+        all(t <= n for t, n in zip(trained, sampled, strict=True)),
+        "ledger.trained: more rounds than the client was sent training",
     )
     releases = ledger["releases"]
     expect(
-        isinstance(releases, list) and all(_is_release(r) for r in releases),
-        "ledger.releases: not an RDP accountant's history",
+        isinstance(releases, list)
+        and len(releases) <= last
+        and all(_is_release(r) for r in releases),
+        "ledger.releases: not an accountant's history of one release a round",
     )
     return ledger
 
@@ -352,16 +369,24 @@ def _check_screened(screened: Any, cfg: Config) -> dict[str, Any] | None:
         ),
         "screened.votes: not metric names per stage and partition",
     )
+    for stage, names in agreed.items():
+        # The screen agrees on the names more than half of the partitions sent.
+        held = [n for n in votes.get(stage, {}).values() if set(n) == set(names)]
+        expect(
+            2 * len(held) > len(votes.get(stage, {})),
+            f"screened.agreed: the {stage} names are not what most clients sent",
+        )
     return screened
 
 
 def _is_names(names: Any) -> bool:
     """A list of distinct metric names."""
-    return (
-        isinstance(names, list)
-        and all(isinstance(name, str) for name in names)
-        and len(set(names)) == len(names)
-    )
+    return isinstance(names, list) and all(map(_is_name, names)) and len(set(names)) == len(names)
+
+
+def _is_name(name: Any) -> bool:
+    """A metric name as a reply may carry it (or one of ours): short and printable."""
+    return isinstance(name, str) and 0 < len(name) <= MAX_METRIC_NAME + 32 and name.isprintable()
 
 
 def _is_release(entry: Any) -> bool:
@@ -434,7 +459,13 @@ def _cut_metrics(run: RunDir, last_round: int) -> None:
     """Keep metrics.jsonl's records up to `last_round`; drop later ones and torn lines."""
     if not run.metrics.exists():
         return
-    old = run.metrics.read_bytes()
+    try:
+        old = run.read_metrics()
+    except OSError as err:
+        raise ConfigError(
+            f"--resume: cannot read {run.metrics} ({err.strerror or err}); it must be the "
+            "file the run wrote: start a new run"
+        ) from None
     rounds = [(line, round_of(line)) for line in old.splitlines()]
     new = b"".join(line + b"\n" for line, r in rounds if r is not None and r <= last_round)
     if new != old:

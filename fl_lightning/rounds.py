@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -135,8 +136,8 @@ class RoundRecorder:
     def add_clients(self, metrics: dict[int, dict[str, float]]) -> None:
         """Each client's own metrics this round, by partition, and their spread across clients.
 
-        Logged as `clients/<partition>/<name>` and `clients/min|mean|max/<name>` (the mean
-        unweighted: which clients lag shows here, not in the weighted mean).
+        Logged as `clients/<partition>/<name>` and `clients/min|median|mean|max/<name>` (the
+        mean unweighted: which clients lag shows here, not in the weighted mean).
         """
         for partition, own in sorted(metrics.items()):
             for name, value in own.items():
@@ -146,6 +147,7 @@ class RoundRecorder:
             values = [own[name] for own in metrics.values() if name in own]
             spread: dict[str, float] = {
                 "min": min(values),
+                "median": statistics.median(values),
                 "mean": sum(values) / len(values),
                 "max": max(values),
             }
@@ -196,6 +198,17 @@ class RoundRecorder:
             self.screen.state() if self.screen is not None else None,
             background,
         )
+
+    def adoption_problem(self, state_dict: dict[str, torch.Tensor]) -> str | None:
+        """Why a candidate global model must not be adopted (`CentralEvaluator.probe`).
+
+        Tested on the thread that closes rounds, after the closes queued before it: the
+        evaluator's module is never used by two threads at once.
+        """
+        state = {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
+        if self._closer is None:
+            return self.evaluator.probe(state)
+        return self._closer.submit(self.evaluator.probe, state).result()
 
     def wait(self) -> None:
         """Block until every round closing in the background is written; raise its error."""

@@ -5,17 +5,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import threading
+import shutil
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-import yaml
-
 from fl_lightning.config import Config
 from fl_lightning.errors import ConfigError
+from fl_lightning.files import open_regular
+from fl_lightning.yaml_input import dump_yaml
 
 # The lock file whose exclusive creation claims a run directory (kept: it marks the run).
 LOCK = ".fl-lightning-run"
@@ -28,6 +27,8 @@ class RunDir:
     """Paths of one run's outputs."""
 
     path: Path
+    # Whether this run's claim made the folder (else it claimed an existing empty one).
+    created: bool = field(default=False, compare=False)
 
     @property
     def config(self) -> Path:
@@ -77,7 +78,7 @@ class RunDir:
         """
         if not self.metrics.exists():
             return -1
-        lines = self.metrics.read_bytes().splitlines()
+        lines = self.read_metrics().splitlines()
         for number, line in reversed(list(enumerate(lines, 1))):
             recorded = round_of(line)
             if recorded is not None:
@@ -91,6 +92,29 @@ class RunDir:
     def checkpoint(self, name: str) -> Path:
         """`checkpoints/<name>.ckpt` (round_<k> or last)."""
         return self.path / "checkpoints" / f"{name}.ckpt"
+
+    def read_metrics(self) -> bytes:
+        """metrics.jsonl's bytes (OSError if it is not a plain file: never a wait on a FIFO)."""
+        with open_regular(self.metrics) as stream:
+            return stream.read()
+
+    def release(self) -> None:
+        """Undo the claim of a run that recorded no round: its files, its lock, its folder.
+
+        A run that fails before its first round (a census nobody answered, an error while
+        starting) leaves nothing behind, so the same `output.dir` can be used again.
+        Everything in the folder is the run's own: it was new or empty when claimed.
+        """
+        if self.last_round() >= 0:
+            return
+        for entry in self.path.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+        if self.created:
+            with contextlib.suppress(OSError):
+                self.path.rmdir()
 
 
 def round_of(line: str | bytes) -> int | None:
@@ -146,7 +170,7 @@ def claim(path: Path, key: str = "output.dir", token: str = "") -> RunDir:
             f"{key}: cannot create the run directory {path} ({err.strerror or err}); "
             "choose a directory you can write to"
         ) from None
-    return RunDir(path)
+    return RunDir(path, created=path in created)
 
 
 def _make_parents(folder: Path, created: list[Path]) -> None:
@@ -226,7 +250,7 @@ def create_run_dir(cfg: Config) -> RunDir:
     key = "output.dir" if cfg.output.dir is not None else "output.root"
     token = os.environ.get(CLAIM_TOKEN_ENV, "")
     run = RunDir(path) if token and _claimed_with(path, token) else claim(path, key)
-    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    text = dump_yaml(cfg.to_dict())
     try:
         with run.config.open("x") as stream:  # exclusive: a config is never overwritten
             stream.write(text)
@@ -241,41 +265,3 @@ def _claimed_with(path: Path, token: str) -> bool:
         return (path / LOCK).read_text() == token and not RunDir(path).config.exists()
     except OSError:
         return False
-
-
-def write_atomically(path: Path, write: Callable[[Path], None], mode: int = 0o666) -> None:
-    """Replace `path` with what `write(temporary_path)` writes, durably and all at once.
-
-    The temporary file, in the same folder, is created exclusively with `mode` (less the
-    umask), written, fsynced and renamed over `path`, then the folder is fsynced: after a
-    crash or power loss `path` is the old file or the whole new one. On any failure the
-    temporary file is removed and `path` is untouched.
-    """
-    partial = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode))
-    try:
-        write(partial)
-        descriptor = os.open(partial, os.O_RDWR)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    _fsync_folder(path.parent)
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make a rename in `folder` durable (its directory entry)."""
-    try:
-        descriptor = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:  # not possible on this platform: the rename is still atomic
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -44,11 +44,12 @@ from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping, Fed
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
+from fl_lightning.checks import is_int, is_number
 from fl_lightning.config import Config, sampled_clients
 from fl_lightning.dp_randomness import add_gaussian_noise, numpy_generator
 from fl_lightning.errors import FlLightningError, SecureAggregationError
+from fl_lightning.metric_means import plausible
 from fl_lightning.node_config import apply_node_config, config_from_run_config
-from fl_lightning.replies import is_int, is_number
 from fl_lightning.rounds import RoundRecorder, round_lr_factor
 from fl_lightning.vocabulary import (
     EPSILON_METRIC,
@@ -58,6 +59,9 @@ from fl_lightning.vocabulary import (
     RESERVED_METRICS,
     SERVER_ROUND,
 )
+
+if TYPE_CHECKING:  # opacus loads only for runs with differential privacy
+    from fl_lightning.privacy_ledger import PrivacyLedger
 
 log = logging.getLogger(__name__)
 
@@ -209,12 +213,23 @@ class SecureFedAvg(FedAvg):
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list:
-        """Check the privacy budget, start the round's clock, remember the global model."""
-        if self.recorder.ledger is not None:
-            self.recorder.ledger.check_next_round(server_round)
+        """Sample the census's clients within their privacy budget, start the round's clock,
+        remember the global model."""
+        bound = sorted(self.nodes.values())
+        ledger = self.recorder.ledger
+        allowed = set(bound if ledger is None else ledger.within_budget(server_round, bound))
         self.recorder.start()
         self._global = parameters_to_ndarrays(parameters)
-        return super().configure_fit(server_round, parameters, client_manager)
+        sampled = [
+            (proxy, instruction)
+            for proxy, instruction in super().configure_fit(
+                server_round, parameters, client_manager
+            )
+            if self.nodes.get(_node_id(proxy)) in allowed
+        ]
+        if ledger is not None and self.cfg.privacy.mode == "dp_sgd":
+            ledger.record_sampled(self.nodes[_node_id(proxy)] for proxy, _ in sampled)
+        return sampled
 
     def aggregate_fit(
         self,
@@ -228,31 +243,46 @@ class SecureFedAvg(FedAvg):
             log.warning(
                 "round %d: %d failure(s) during secure aggregation", server_round, len(failures)
             )
-        ledger = self.recorder.ledger
-        if ledger is not None and self.cfg.privacy.mode == "dp_sgd":
-            ledger.record_dp_sgd(_reported_epsilons(results, self.nodes))
+        self.recorder.count(skipped=0)
+        if self.recorder.ledger is not None and self.cfg.privacy.mode == "dp_sgd":
+            _credit_epsilons(self.recorder.ledger, results, self.nodes)
         aggregated, metrics = super().aggregate_fit(server_round, results, failures)
         if aggregated is None:
             return None, metrics
         delta = parameters_to_ndarrays(aggregated)
         if not all(np.isfinite(d).all() for d in delta):
-            log.warning("round %d skipped: the secure sum is not finite", server_round)
+            self.skip("the secure sum is not finite", server_round)
             return None, metrics
         updated = [(g + d).astype(g.dtype) for g, d in zip(self._global, delta, strict=True)]
         clipped = sum(_count(r.metrics.get(CLIPPED_KEY)) for _, r in results)
         self.recorder.add({CLIPPED_KEY: float(clipped)})
+        if self.cfg.privacy.mode != "client_dp":  # there: after the noise (the wrapper)
+            problem = self.recorder.adoption_problem(self.state_dict(updated))
+            if problem is not None:
+                self.skip(f"the new model is not adopted: {problem}", server_round)
+                return None, metrics
         self.recorder.lap("aggregation")
         return ndarrays_to_parameters(updated), metrics
+
+    def skip(self, why: str, server_round: int) -> None:
+        """Leave the global model as it is this round, saying why; counted as `skipped`."""
+        log.warning("round %d skipped: %s; the global model stays as it was", server_round, why)
+        self.recorder.count(skipped=1)
+        self.recorder.lap("aggregation")
+
+    def state_dict(self, arrays: NDArrays) -> dict[str, torch.Tensor]:
+        """The model's state dict with `arrays` as its floating-point entries."""
+        state = dict(self.template)
+        state.update(
+            {k: torch.from_numpy(np.asarray(a)) for k, a in zip(self.keys, arrays, strict=True)}
+        )
+        return state
 
     def evaluate(
         self, server_round: int, parameters: Parameters
     ) -> tuple[float, dict[str, Scalar]] | None:
         """Centralized evaluation; the round is logged after the federated evaluation."""
-        arrays = parameters_to_ndarrays(parameters)
-        state = dict(self.template)
-        state.update(
-            {k: torch.from_numpy(np.asarray(a)) for k, a in zip(self.keys, arrays, strict=True)}
-        )
+        state = self.state_dict(parameters_to_ndarrays(parameters))
         if server_round == 0:
             self.recorder.start()
         if server_round == 0 or self.fraction_evaluate == 0:
@@ -315,6 +345,10 @@ class _AccountedClientSideClipping(DifferentialPrivacyClientSideFixedClipping):
         rng = numpy_generator(self.cfg.privacy, self.cfg.seed, server_round)
         add_gaussian_noise(arrays, std, rng)
         self.ledger.record_release()
+        problem = self.strategy.recorder.adoption_problem(self.strategy.state_dict(arrays))
+        if problem is not None:  # a test of the release: post-processing
+            self.strategy.skip(f"the new model is not adopted: {problem}", server_round)
+            return None, metrics
         return ndarrays_to_parameters(arrays), metrics
 
 
@@ -323,24 +357,29 @@ def _count(value: object) -> int:
     return int(value) if is_int(value) and value > 0 else 0  # type: ignore[operator, call-overload]
 
 
-def _reported_epsilons(
-    results: list[tuple[ClientProxy, FitRes]], nodes: Mapping[int, int]
-) -> dict[int, float]:
-    """DP-SGD: partition id -> reported epsilon, for the well-formed reports only.
+def _credit_epsilons(
+    ledger: PrivacyLedger, results: list[tuple[ClientProxy, FitRes]], nodes: Mapping[int, int]
+) -> None:
+    """DP-SGD: credit each reported epsilon that the client's plan explains to its census
+    partition (the ledger's own figure is logged either way).
 
-    The partition is the one the census bound to the reply's node, not one the reply
-    claims. An update already in the secure sum cannot be taken out again: a report
-    without a finite, non-negative epsilon is left out of the ledger (warned).
+    An update already in the secure sum cannot be taken out again: a report the plan does
+    not explain is said and left out of the ledger.
     """
-    epsilons: dict[int, float] = {}
     for proxy, res in results:
-        partition = nodes.get(getattr(proxy, "node_id", -1))
-        epsilon = res.metrics.get(EPSILON_METRIC)
-        if partition is not None and is_number(epsilon) and epsilon >= 0:  # type: ignore[operator]
-            epsilons[partition] = float(epsilon)  # type: ignore[arg-type]
+        partition = nodes.get(_node_id(proxy))
+        if partition is None:
+            continue
+        rounds = ledger.verified_rounds(partition, res.metrics.get(EPSILON_METRIC), None)
+        if isinstance(rounds, str):
+            log.warning("the privacy report of client %s is ignored: %s", partition, rounds)
         else:
-            log.warning("round's privacy report of node %s ignored: malformed", proxy.cid)
-    return epsilons
+            ledger.record_trained(partition, rounds)
+
+
+def _node_id(proxy: ClientProxy) -> int:
+    """The node a legacy client proxy stands for (-1 if it names none)."""
+    return int(getattr(proxy, "node_id", -1))
 
 
 def _usable_evaluations(results: list[tuple[ClientProxy, EvaluateRes]]) -> list:
@@ -367,17 +406,19 @@ def _weighted_mean(results: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Sc
     """Example-weighted mean of the clients' metrics, over the well-formed reports only.
 
     Evaluation replies are outside the secure sum and come from clients: a report with a
-    weight that is not a positive integer, or a non-finite or non-numeric value, is skipped.
+    weight that is not a positive integer, or a non-finite or non-numeric value, is skipped,
+    and a value the others make implausible is left out of its mean (`metric_means`).
     """
     usable = [(n, m) for n, m in results if _count(n) > 0 and all(is_number(v) for v in m.values())]
     # Only names most reports carry: a client cannot write names of its own into the logs.
     counts = Counter(k for _, m in usable for k in m)
-    keys = {k for k, n in counts.items() if 2 * n > len(usable)}
-    return {
-        k: sum(n * float(cast(float, m[k])) for n, m in usable if k in m)
-        / sum(n for n, m in usable if k in m)
-        for k in sorted(keys)
-    }
+    means: dict[str, Scalar] = {}
+    for key in sorted(k for k, n in counts.items() if 2 * n > len(usable)):
+        pairs = [(n, float(cast(float, m[key]))) for n, m in usable if key in m]
+        # As the Message API's strategies do: no one client runs away with it (metric_means).
+        kept = [p for p, ok in zip(pairs, plausible([v for _, v in pairs]), strict=True) if ok]
+        means[key] = sum(n * v for n, v in kept) / sum(n for n, _ in kept)
+    return means
 
 
 def run_secure_rounds(
@@ -448,9 +489,4 @@ def run_secure_rounds(
             "cannot leave one client out mid-protocol (--verbose shows Flower's logs)"
         ) from None
     # DefaultWorkflow keeps the current global model in its state's "parameters" record.
-    final = legacy.state.array_records["parameters"].to_numpy_ndarrays()
-    state = dict(secure.template)
-    state.update(
-        {k: torch.from_numpy(np.asarray(v)) for k, v in zip(secure.keys, final, strict=True)}
-    )
-    return state
+    return secure.state_dict(legacy.state.array_records["parameters"].to_numpy_ndarrays())

@@ -17,7 +17,7 @@ from fl_lightning.rundir import RunDir, create_run_dir
 if TYPE_CHECKING:  # torch and Lightning load when the ServerApp runs, not at import
     import torch
 
-    from fl_lightning.census import Census
+    from fl_lightning.census import Census, Known
     from fl_lightning.resume import ResumeState
     from fl_lightning.rounds import RoundRecorder
     from fl_lightning.tracking import RunTracker
@@ -56,7 +56,7 @@ def run_federation(
         tracker.history.update(resume.history)
         tracker.progress.update(resume.round)
         start = ArrayRecord(resume.weights)
-    census = _census(grid, cfg, tracker, *_dataset_facts(cfg))
+    census = _census(grid, cfg, tracker, _known(cfg))
     recorder = RoundRecorder(evaluator, tracker, run)
     if resume is not None:
         recorder.load_logged_names(resume.logged)  # a name's prefix depends on earlier rounds
@@ -134,7 +134,6 @@ def _run_rounds(
         fraction_evaluate=fraction_evaluate,
         min_train_nodes=1,
         min_evaluate_nodes=1,
-        min_available_nodes=fed.num_clients,
     )
     recorder.strategy = strategy
     recorder.screen = strategy.screen
@@ -166,44 +165,46 @@ def _run_rounds(
     return (result.arrays if len(result.arrays) else initial).to_torch_state_dict()
 
 
-def _dataset_facts(cfg: Config) -> tuple[tuple[str, ...], int | None]:
-    """A built-in dataset's class names and the most training samples a client can hold.
+def _known(cfg: Config) -> Known:
+    """What the server knows of the clients' data without opening it: a built-in dataset's
+    class names, its training samples (the most all clients can hold together) and, where
+    the partition scheme fixes them, each client's sizes.
 
     The built-in datasets are decoded on the server anyway (their test split); a
-    `data.class_path` DataModule's training data is never opened here: no facts.
+    `data.class_path` DataModule's training data is never opened here: nothing known.
     """
+    from fl_lightning.census import Known
+
     if cfg.data.class_path is not None:
-        return (), None
+        return Known()
     from fl_lightning.data import load_splits
+    from fl_lightning.partition import split_sizes
 
     splits = load_splits(cfg.data)
-    # No client holds more samples than the training split (capped as the config caps it).
-    return splits.classes, min(len(splits.train), cfg.data.max_train_samples or len(splits.train))
+    total = min(len(splits.train), cfg.data.max_train_samples or len(splits.train))
+    return Known(splits.classes, total, split_sizes(cfg.data, cfg.federation.num_clients, total))
 
 
-def _census(
-    grid: Grid,
-    cfg: Config,
-    tracker: RunTracker,
-    classes: tuple[str, ...],
-    max_train: int | None,
-) -> Census:
+def _census(grid: Grid, cfg: Config, tracker: RunTracker, known: Known) -> Census:
     """Ask every client what it holds (`fl_lightning.census`); draw the label histogram
     from the counts clients sent, or say why there is none."""
     from fl_lightning.census import take_census
 
     try:
-        census = take_census(grid, cfg, len(classes), max_train)
+        census = take_census(grid, cfg, known)
     except NothingTrained as err:
         tracker.note(str(err))
         tracker.close()  # the run directory keeps what was written
         raise
+    for conflict in census.conflicts:
+        tracker.note(f"census conflict: {conflict}")
     if census.missing():
         tracker.note(f"census: no client answered for partitions {census.missing()}")
     if census.label_counts:
         import numpy as np
 
-        tracker.log_label_histogram(np.array(census.label_count_rows(len(classes))), classes)
+        rows = census.label_count_rows(len(known.classes))
+        tracker.log_label_histogram(np.array(rows), known.classes)
     elif cfg.data.class_path is not None:
         tracker.note(
             "label histogram: not drawn; clients of a data.class_path DataModule "

@@ -33,6 +33,11 @@ def backend_config(cfg: Config) -> dict:
             "none; set 1 (a GPU per client) or a fraction such as 0.2 (clients share one)"
         )
     _check_resources_for_devices(cfg)
+    if cfg.federation.node_ids is not None:
+        raise ConfigError(
+            "federation.node_ids: binds partitions to a deployment's registered SuperNodes; "
+            "a simulation makes its own nodes: remove it (deploy-local sets it itself)"
+        )
     return {
         "client_resources": {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus},
         # On a cluster, Ray counts every node's CPUs and GPUs itself.

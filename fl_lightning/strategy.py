@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from logging import WARNING
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 from flwr.app import (
@@ -33,22 +32,23 @@ from flwr.serverapp.strategy import (
     Krum,
 )
 
+from fl_lightning.batchnorm import recompute_batchnorm
 from fl_lightning.census import Census
-from fl_lightning.config import BATCHNORM_STATISTICS, Config
-from fl_lightning.replies import BATCHNORM, EVALUATE, TRAIN, ReplyScreen, weights
-from fl_lightning.replies import partition_of as _partition_of
+from fl_lightning.checks import partition_of as _partition_of
+from fl_lightning.config import Config
+from fl_lightning.metric_means import robust_weighted_mean
+from fl_lightning.replies import EVALUATE, ReplyScreen
+from fl_lightning.round_screen import RoundScreen
 from fl_lightning.rounds import RoundRecorder, round_lr_factor
+from fl_lightning.sampling import seeded_sampling
 from fl_lightning.vocabulary import (
     ACCOUNTANT_RECORD,
-    BATCHNORM_ACTION,
     EPSILON_METRIC,
     LR_FACTOR,
     RESERVED_METRICS,
-    SERVER_ROUND,
     UNIFORM_WEIGHT,
 )
 
-BATCHNORM_MESSAGE_TYPE = f"{MessageType.QUERY}.{BATCHNORM_ACTION}"
 # Attributes Flower's server optimizers (FedAdam, FedYogi, FedAdagrad, FedAvgM) rebind as
 # they aggregate: put back when their aggregate is refused, so one bad round does not
 # poison the next ones.
@@ -80,12 +80,16 @@ class LightningFedAvg(FedAvg):
 
     Every round it sends clients their learning-rate factor (`optimizer.warmup_rounds`,
     `optimizer.round_decay`). Train and evaluate replies carry the module's own metrics;
-    their example-weighted means are the round's training and distributed metrics, under
-    the module's names. Every reply is screened against the run's `census` before any of it
-    is used; failed replies and bad ones are counted and left out (`fl_lightning.replies`),
-    and an aggregate that is not finite is refused. Client sampling is reproducible, and
-    `round_offset` lets a resumed run continue its round numbers. The other strategies
-    below inherit all of this.
+    their example-weighted means (`metric_means`) are the round's training and distributed
+    metrics, under the module's names. Every reply is screened before any of it is used:
+    against the run's `census` (`fl_lightning.replies`), against its DP-SGD plan (the
+    privacy ledger) and against the round's other updates (`fl_lightning.update_screen`);
+    failed replies and bad ones are counted and left out. A new global model is adopted
+    only if it, and the server optimizer's state, are finite and its first test batch
+    gives finite metrics; otherwise the round is skipped and counted. Only nodes the census
+    bound (and, under DP, within their budget) are sampled, reproducibly; `round_offset`
+    lets a resumed run continue its round numbers. The other strategies below inherit all
+    of this.
     """
 
     def __init__(
@@ -95,48 +99,68 @@ class LightningFedAvg(FedAvg):
         census: Census,
         **kwargs: Any,
     ) -> None:
+        kwargs.setdefault("train_metrics_aggr_fn", robust_weighted_mean)
+        kwargs.setdefault("evaluate_metrics_aggr_fn", robust_weighted_mean)
+        # Flower waits until this many of the nodes a round may sample are connected: those
+        # are the census's (within the privacy budget), not a fixed number (`_sampling`).
+        kwargs.setdefault("min_available_nodes", 1)
         super().__init__(**kwargs)
         self.cfg = cfg
         self.recorder = recorder
         self.census = census
         self.screen = ReplyScreen(cfg, census)
+        self.updates = RoundScreen(cfg, self.screen, recorder)
         self._global: ArrayRecord | None = None
         self._grid: Grid | None = None
-        # screen_train's verdicts this round, by id() of the reply (held, so ids stay unique):
-        # the partition of a usable reply, None for a refused one.
-        self._train_round: int | None = None
-        self._train_seen: dict[int, tuple[Message, int | None]] = {}
-        self._train_partitions: set[int] = set()
         self.rounds_adopted = 0  # rounds whose aggregate became the global model
         # Rounds already completed by the run this one resumes: Flower counts from 1 again.
         self.round_offset = 0
-        self._sent = {"train": 0, "evaluate": 0}  # messages sent this round
+        self._evaluations_sent = 0  # messages sent this round
         # DP-SGD: each client's accountant (JSON) as last reported, kept for --resume.
         self.accountants: dict[int, str] = {}
         self.resent_accountants = False
+        self._out_of_budget: set[int] = set()  # partitions said to be past max_epsilon
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample clients for training, set the round's lr and start the round's clock.
 
-        Raises PrivacyBudgetExceeded, before any client trains, if the round would take a
-        client past `privacy.max_epsilon`.
+        Under DP, a client whose next round would take it past `privacy.max_epsilon` is
+        not sampled; PrivacyBudgetExceeded ends the run, before any client trains, when too
+        few clients are left.
         """
         server_round += self.round_offset
-        if self.recorder.ledger is not None:
-            self.recorder.ledger.check_next_round(server_round)
+        allowed = self._within_budget(server_round)
         self.recorder.start()
         self._global = arrays
-        self._train_round, self._train_seen, self._train_partitions = None, {}, set()
         self._grid = grid  # strategy.batchnorm=recompute messages the round's clients again
         config[LR_FACTOR] = round_lr_factor(self.cfg.optimizer, server_round)
-        with self._sampling(grid, server_round, "train") as ordered:
-            messages = list(super().configure_train(server_round, arrays, config, ordered))
+        with self._sampling(grid, server_round, "train", allowed) as view:
+            messages = list(super().configure_train(server_round, arrays, config, view))
+        ledger = self.recorder.ledger
+        if ledger is not None and self.cfg.privacy.mode == "dp_sgd":
+            ledger.record_sampled(self.census.nodes[m.metadata.dst_node_id] for m in messages)
         if self.resent_accountants:
             messages = [self._with_own_accountant(message) for message in messages]
-        self._sent["train"] = len(messages)
+        self.updates.start(arrays, sent=len(messages))
         return messages
+
+    def _within_budget(self, server_round: int) -> list[int] | None:
+        """The partitions the privacy ledger lets train this round (None: no ledger)."""
+        ledger = self.recorder.ledger
+        if ledger is None:
+            return None
+        bound = sorted(self.census.nodes.values())
+        allowed = ledger.within_budget(server_round, bound)
+        for partition in sorted(set(bound) - set(allowed) - self._out_of_budget):
+            self._out_of_budget.add(partition)
+            self.recorder.tracker.note(
+                f"privacy budget: client {partition} takes no further part from round "
+                f"{server_round}: another round would take it past privacy.max_epsilon="
+                f"{self.cfg.privacy.max_epsilon}"
+            )
+        return allowed
 
     def _with_own_accountant(self, message: Message) -> Message:
         """A resumed DP-SGD run: the clients' accountants died with the killed run, so each
@@ -159,67 +183,32 @@ class LightningFedAvg(FedAvg):
     ) -> Iterable[Message]:
         """Sample clients for federated evaluation, reproducibly (see `_sampling`)."""
         server_round += self.round_offset
-        with self._sampling(grid, server_round, "evaluate") as ordered:
-            messages = list(super().configure_evaluate(server_round, arrays, config, ordered))
-        self._sent["evaluate"] = len(messages)
+        with self._sampling(grid, server_round, "evaluate") as view:
+            messages = list(super().configure_evaluate(server_round, arrays, config, view))
+        self._evaluations_sent = len(messages)
         return messages
 
-    @contextlib.contextmanager
-    def _sampling(self, grid: Grid, server_round: int, stage: str) -> Iterator[Grid]:
-        """Make Flower's client sampling depend on (seed, round, stage) alone.
-
-        Flower draws `random.sample` from Python's global RNG over node ids that are random
-        per run; the same seed would sample other partitions in every run, and a resumed run
-        others than the run it continues. With partial participation, nodes are put in
-        partition order (the census's) and the draw is seeded; the
-        global RNG is restored afterwards.
-        """
+    def _sampling(
+        self, grid: Grid, server_round: int, stage: str, allowed: list[int] | None = None
+    ) -> contextlib.AbstractContextManager[Grid]:
+        """The census's nodes (`allowed` ones only), sampled by (seed, round, stage) alone."""
         f = self.cfg.federation
-        if f.fraction_train == 1.0 and f.fraction_evaluate in (0.0, 1.0):
-            yield grid  # everybody takes part: nothing to reproduce
-            return
-        state = random.getstate()
-        random.seed(f"{self.cfg.seed}/{server_round}/{stage}")
-        try:
-            yield cast(Grid, _PartitionOrderedGrid(grid, self.census.nodes))
-        finally:
-            random.setstate(state)
+        partial = not (f.fraction_train == 1.0 and f.fraction_evaluate in (0.0, 1.0))
+        key = f"{self.cfg.seed}/{server_round}/{stage}"
+        return seeded_sampling(grid, self.census.nodes, key, partial, allowed)
 
     def screen_train(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
-        """The round's usable train replies, in partition order; failures and rejections counted.
-
-        Idempotent within a round: the client-level DP wrapper screens the raw replies
-        before it clips them, then this strategy's `aggregate_train` screens the screened
-        list again; a reply seen before keeps its verdict and is not counted twice.
-        """
-        replies = list(replies)
-        if self._train_round != server_round:
-            self._train_round, self._train_seen, self._train_partitions = server_round, {}, set()
-            self.recorder.lap("client_training")  # sending, training, receiving
-            # Clients that never replied (round_timeout, dropped out) failed too.
-            self.recorder.count(failures=max(0, self._sent["train"] - len(replies)), rejected=0)
-        new = [reply for reply in replies if id(reply) not in self._train_seen]
-        screened = self.screen.screen(new, TRAIN, self._global, taken=self._train_partitions)
-        self.recorder.count(failures=screened.failures, rejected=screened.rejected)
-        usable = {id(reply) for reply in screened.valid}
-        for reply in new:
-            partition = _partition_of(reply) if id(reply) in usable else None
-            self._train_seen[id(reply)] = (reply, partition)
-        verdicts = [self._train_seen[id(reply)][1] for reply in replies]
-        kept = [(p, reply) for p, reply in zip(verdicts, replies, strict=True) if p is not None]
-        return [reply for _, reply in sorted(kept, key=lambda pair: pair[0])]
+        """The round's usable train replies, in partition order (`RoundScreen.train`)."""
+        return self.updates.train(server_round, replies)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Screen, aggregate, restore the model's dtypes, refuse a non-finite aggregate, and
-        keep the train metrics for the round's log."""
+        """Screen, aggregate, restore the model's dtypes, and adopt the result only if it
+        (and the server optimizer's state) is sound; keep the train metrics for the log."""
         replies = self.screen_train(server_round, replies)
         server_round += self.round_offset
         self.accountants.update(_accountant_states(replies))
-        ledger = self.recorder.ledger
-        if ledger is not None and self.cfg.privacy.mode == "dp_sgd":
-            ledger.record_dp_sgd(_client_epsilons(replies))
         needed = self.cfg.federation.min_train_clients
         if len(replies) < needed:
             return self._skip(
@@ -228,24 +217,38 @@ class LightningFedAvg(FedAvg):
             )
         saved = {name: getattr(self, name, None) for name in _SERVER_OPTIMIZER_STATE}
         arrays, metrics = super().aggregate_train(server_round, replies)
-        if arrays is not None and self._global is not None:
+        problem = "Flower aggregated nothing" if arrays is None else None
+        if arrays is not None:
+            assert self._global is not None
             arrays = restore_dtypes(arrays, self._global)
-        if arrays is not None and not _finite(arrays):
+            problem = _not_finite(arrays, "the aggregate") or _unsound_state(self)
+        if problem is None and self.cfg.strategy.batchnorm == "recompute":
+            arrays = self._recompute_batchnorm(server_round, arrays, replies)  # type: ignore[arg-type]
+        if problem is None and self.cfg.privacy.mode != "client_dp":  # there: after the noise
+            problem = self.adoption_problem(arrays)  # type: ignore[arg-type]
+        if problem is not None:
             for name, value in saved.items():
                 if hasattr(self, name):
                     setattr(self, name, value)
-            return self._skip("the aggregate of the usable updates is not finite", server_round)
-        if arrays is not None and self.cfg.strategy.batchnorm == "recompute":
-            self.recorder.lap("aggregation")
-            nodes = [reply.metadata.src_node_id for reply in replies]
-            arrays = self._recompute_batchnorm(server_round, arrays, nodes)
-            self.recorder.lap("batchnorm_statistics")
+            return self._skip(problem, server_round)
         if metrics is not None:
             self.recorder.add(module_metrics(metrics), source="train")
         self._log_clients(replies)
-        self.rounds_adopted += arrays is not None
+        self.rounds_adopted += 1
         self.recorder.lap("aggregation")
         return arrays, metrics
+
+    def adoption_problem(self, arrays: ArrayRecord) -> str | None:
+        """Why `arrays` must not become the global model: its server-side test on one batch
+        gives metrics that are not finite (`CentralEvaluator.probe`)."""
+        problem = self.recorder.adoption_problem(arrays.to_torch_state_dict())
+        return None if problem is None else f"the new model is not adopted: {problem}"
+
+    def refuse_adopted(self, problem: str, server_round: int) -> tuple[None, None]:
+        """Take back the adoption of this round's aggregate (client_dp: its noised release
+        failed `adoption_problem`)."""
+        self.rounds_adopted -= 1
+        return self._skip(problem, server_round + self.round_offset)
 
     def _log_clients(self, replies: list[Message]) -> None:
         """Each client's own metrics (not under differential privacy: they are not covered)."""
@@ -253,61 +256,25 @@ class LightningFedAvg(FedAvg):
             self.recorder.add_clients(_per_client(replies))
 
     def _skip(self, why: str, server_round: int) -> tuple[None, None]:
-        """Leave the global model as it is this round, saying why."""
+        """Leave the global model as it is this round, saying why; counted as `skipped`."""
         log(WARNING, "round %d skipped: %s; the global model stays as it was", server_round, why)
+        self.recorder.count(skipped=1)
         self.recorder.lap("aggregation")
         return None, None
 
     def _recompute_batchnorm(
-        self, server_round: int, arrays: ArrayRecord, nodes: list[int]
+        self, server_round: int, arrays: ArrayRecord, replies: list[Message]
     ) -> ArrayRecord:
-        """`strategy.batchnorm=recompute`: BatchNorm statistics measured on the new model.
-
-        The clients that trained this round run `arrays` over some of their training
-        batches; the example-weighted mean of what they measured replaces the average of
-        their old running statistics. Failed or unusable replies are counted and left
-        out (the same screen as updates); if none is usable the averaged statistics stay.
-        """
-        keys = [k for k in arrays if k.endswith(BATCHNORM_STATISTICS)]
-        if not keys or self._grid is None:
-            return arrays
-        content = RecordDict(
-            {"arrays": arrays, "config": ConfigRecord({SERVER_ROUND: server_round})}
-        )
-        messages = [
-            Message(content, dst_node_id=node, message_type=BATCHNORM_MESSAGE_TYPE)
-            for node in nodes
-        ]
-        replies = list(
-            self._grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout)
-        )
-        reference = ArrayRecord({k: arrays[k] for k in keys})
-        screened = self.screen.screen(replies, BATCHNORM, reference=reference)
-        missing = max(0, len(messages) - len(replies))
-        self.recorder.count(failures=screened.failures + missing, rejected=screened.rejected)
-        if not screened.valid:
-            log(
-                WARNING,
-                "round %d: no client measured BatchNorm statistics; the averaged ones stay",
-                server_round,
-            )
-            return arrays
-        shares = weights(screened.valid)
-        updated = ArrayRecord()
-        for key, array in arrays.items():
-            if key in keys:
-                measured = [r.content.array_records["arrays"][key].numpy() for r in screened.valid]
-                mean = sum(w * m for w, m in zip(shares, measured, strict=True))
-                array = Array(np.asarray(mean, dtype=array.numpy().dtype))
-            updated[key] = array
-        if not _finite(updated):
-            log(
-                WARNING,
-                "round %d: BatchNorm statistics not finite; averaged ones kept",
-                server_round,
-            )
-            return arrays
-        return updated
+        """`strategy.batchnorm=recompute`: the round's clients measure the new model's
+        BatchNorm statistics (`fl_lightning.batchnorm`); the averaged ones stay if none can."""
+        self.recorder.lap("aggregation")
+        nodes = [reply.metadata.src_node_id for reply in replies]
+        assert self._grid is not None
+        arrays, problem = recompute_batchnorm(self._grid, arrays, nodes, server_round, self.updates)
+        if problem is not None:
+            log(WARNING, "round %d: %s; the averaged ones stay", server_round, problem)
+        self.recorder.lap("batchnorm_statistics")
+        return arrays
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -317,7 +284,7 @@ class LightningFedAvg(FedAvg):
         self.recorder.lap("client_evaluation")
         replies = list(replies)
         screened = self.screen.screen(replies, EVALUATE)
-        missing = max(0, self._sent["evaluate"] - len(replies))
+        missing = max(0, self._evaluations_sent - len(replies))
         self.recorder.count(failures=screened.failures + missing, rejected=screened.rejected)
         if not screened.valid:
             return None
@@ -423,24 +390,6 @@ def build_strategy(
     return cls(cfg=cfg, recorder=recorder, census=census, **params, **sampling)
 
 
-class _PartitionOrderedGrid:
-    """A Grid whose node ids come in partition order (what Flower's sampling draws from)."""
-
-    def __init__(self, grid: Grid, partitions: dict[int, int]) -> None:
-        self._grid = grid
-        self._partitions = partitions
-
-    def get_node_ids(self) -> list[int]:
-        """Connected node ids, sorted by partition id (unknown nodes last, by id)."""
-        return sorted(
-            self._grid.get_node_ids(),
-            key=lambda node: (self._partitions.get(node, len(self._partitions)), node),
-        )
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grid, name)
-
-
 def _accountant_states(replies: list[Message]) -> dict[int, str]:
     """DP-SGD: partition id -> the accountant state each reply carries (if any)."""
     states = {}
@@ -483,10 +432,24 @@ def _screened_partition(reply: Message) -> int:
     return partition
 
 
-def _finite(arrays: ArrayRecord) -> bool:
-    """Whether every floating-point value of `arrays` is finite."""
-    for array in arrays.values():
+def _unsound_state(strategy: LightningFedAvg) -> str | None:
+    """Why the server optimizer's state (FedAdam's moments, FedAvgM's momentum) is unsound."""
+    for name in _SERVER_OPTIMIZER_STATE:
+        value = getattr(strategy, name, None)
+        arrays: list[Any] = []
+        if isinstance(value, ArrayRecord):
+            arrays = [array.numpy() for array in value.values()]
+        elif isinstance(value, dict | list):
+            arrays = list(value.values()) if isinstance(value, dict) else value
+        if not all(np.isfinite(np.asarray(a, dtype=np.float64)).all() for a in arrays):
+            return f"the server optimizer's {name} would not be finite"
+    return None
+
+
+def _not_finite(arrays: ArrayRecord, what: str) -> str | None:
+    """Why `arrays` cannot be a model: some floating-point value is NaN or infinite."""
+    for key, array in arrays.items():
         values = array.numpy()
         if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
-            return False
-    return True
+            return f"{what} is not finite ({key})".lstrip()
+    return None

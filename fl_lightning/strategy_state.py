@@ -96,6 +96,9 @@ def _array(value: Any, shape: torch.Size, where: str) -> Any:
         array = value.detach().numpy().copy()
     except (TypeError, RuntimeError):
         raise Malformed(f"{where}: {value.dtype} is no NumPy dtype") from None
+    # A server optimizer's state is finite (the strategy refuses a round that would make
+    # it otherwise): a NaN here would freeze every later round.
+    expect(bool(np.isfinite(array).all()), f"{where}: not finite")
     return array[()] if array.ndim == 0 else array
 
 
@@ -106,6 +109,14 @@ def _encode_named(arrays: dict[str, Any]) -> dict[str, torch.Tensor]:
 def _decode_named(value: Any, frame: _Frame, where: str) -> dict[str, Any]:
     expect(by_name(value) and set(value) == set(frame.weights), f"{where}: not by array")
     return {k: _array(value[k], w.shape, f"{where}.{k}") for k, w in frame.weights.items()}
+
+
+def _decode_second_moment(value: Any, frame: _Frame, where: str) -> dict[str, Any]:
+    """FedOpt's v_t: a running mean of squares (or of their signed Yogi updates): >= 0."""
+    moments = _decode_named(value, frame, where)
+    for key, array in moments.items():
+        expect(bool((np.asarray(array) >= 0).all()), f"{where}.{key}: negative")
+    return moments
 
 
 def _encode_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -149,7 +160,7 @@ def _decode_accountants(value: Any, frame: _Frame, where: str) -> dict[int, str]
 _FIELDS: dict[str, _Field] = {
     "accountants": _Field(FedAvg, _encode_accountants, _decode_accountants),
     "m_t": _Field(FedOpt, _encode_named, _decode_named),
-    "v_t": _Field(FedOpt, _encode_named, _decode_named),
+    "v_t": _Field(FedOpt, _encode_named, _decode_second_moment),
     "current_arrays": _Field(FedAvgM, _encode_record, _decode_record),
     "momentum_vector": _Field(FedAvgM, _encode_list, _decode_list),
 }

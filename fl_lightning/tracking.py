@@ -16,7 +16,7 @@ from fl_lightning.rundir import RunDir
 
 # A round record's bookkeeping and per-client views, next to the module's metrics and the
 # ledger's `epsilon`: logged everywhere, not shown on the console line or in summary.md.
-NOT_SHOWN = ("seconds", "failures", "rejected", "epsilon_mean")
+NOT_SHOWN = ("seconds", "failures", "rejected", "skipped", "epsilon_mean")
 NOT_SHOWN_PREFIXES = ("time/", "secure_aggregation/", "clients/")
 
 

@@ -97,8 +97,55 @@ def extra_record(content: RecordDict) -> None:
     content["extra"] = ConfigRecord({"hello": 1})
 
 
-def attacking(partition: int, train: Mapping[int, Attack], evaluate: Mapping[int, Attack]) -> Mod:
-    """A mod: client `partition` applies `train[round]` / `evaluate[round]` to its replies.
+def weights(value: float) -> Attack:
+    """Every floating-point weight `value`: finite, well-formed, and far from honest."""
+
+    def attack(content: RecordDict) -> None:
+        arrays = content.array_records["arrays"]
+        for key, array in list(arrays.items()):
+            values = array.numpy()
+            if np.issubdtype(values.dtype, np.floating):
+                arrays[key] = Array(np.full_like(values, value))
+
+    return attack
+
+
+def census_claim(**claim: object) -> Attack:
+    """A census answer claiming other things: `partition=` another id, `train=` a size."""
+
+    def attack(content: RecordDict) -> None:
+        if "partition" in claim:
+            content.config_records["client"]["partition-id"] = claim["partition"]  # type: ignore[assignment]
+        record = content.config_records["census"]
+        if "train" in claim:
+            record["train-size"] = claim["train"]  # type: ignore[assignment]
+            if "label-counts" in record:  # kept consistent, so only the size is a lie
+                counts = [0] * len(record["label-counts"])  # type: ignore[arg-type]
+                counts[0] = claim["train"]  # type: ignore[call-overload]
+                record["label-counts"] = counts  # type: ignore[assignment]
+
+    return attack
+
+
+def failing_with(partitions: Collection[int], text: str) -> Mod:
+    """The named clients raise RuntimeError(`text`) in every message, the census included."""
+
+    def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        if int(context.node_config["partition-id"]) in partitions:
+            raise RuntimeError(text)
+        return call_next(msg, context)
+
+    return mod
+
+
+def attacking(
+    partition: int,
+    train: Mapping[int, Attack],
+    evaluate: Mapping[int, Attack],
+    census: Attack | None = None,
+) -> Mod:
+    """A mod: client `partition` applies `train[round]` / `evaluate[round]` to its replies,
+    and `census` to its census answer.
 
     The round is the `server-round` the server's message carries.
     """
@@ -107,8 +154,12 @@ def attacking(partition: int, train: Mapping[int, Attack], evaluate: Mapping[int
         reply = call_next(msg, context)
         if int(context.node_config["partition-id"]) != partition or reply.has_error():
             return reply
+        if msg.metadata.message_type == "query.census":
+            if census is not None:
+                census(reply.content)
+            return reply
         attacks = {"train": train, "evaluate": evaluate}.get(msg.metadata.message_type)
-        if attacks is None:  # the census and other queries are answered honestly
+        if attacks is None:  # other queries are answered honestly
             return reply
         server_round = int(msg.content.config_records["config"]["server-round"])  # type: ignore[arg-type]
         if server_round in attacks:

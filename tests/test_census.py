@@ -1,17 +1,21 @@
 """The census: what clients say they hold, screened, bound to their nodes."""
 
+import dataclasses
 from collections.abc import Iterable
+from pathlib import Path
 
 import pytest
 from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fl_lightning.census import CENSUS_MESSAGE_TYPE, census_problem, take_census, tally
+from fl_lightning.census import CENSUS_MESSAGE_TYPE, Known, census_problem, take_census, tally
 from fl_lightning.config import load_config
-from fl_lightning.errors import NothingTrained
+from fl_lightning.errors import ConfigError, NothingTrained
+from fl_lightning.partition import client_splits, split_sizes
 from tests.test_config import MNIST, REPO
 
 CLASSES = 10
+KNOWN = Known(tuple(str(c) for c in range(CLASSES)))
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +40,7 @@ def answer(node: int, partition: object, train: object = 60, val: object = 6, **
 
 def test_honest_answers_bind_nodes_to_partitions_with_their_sizes() -> None:
     cfg = load_config(MNIST)  # 5 clients
-    census = tally([answer(10 + p, p, train=50 + p) for p in range(5)], cfg, CLASSES)
+    census = tally([answer(10 + p, p, train=50 + p) for p in range(5)], cfg, KNOWN)
     assert census.nodes == {10 + p: p for p in range(5)}
     assert census.partition_sizes() == [50, 51, 52, 53, 54]
     assert census.val_sizes[0] == 6
@@ -44,13 +48,75 @@ def test_honest_answers_bind_nodes_to_partitions_with_their_sizes() -> None:
     assert census.missing() == []
 
 
-def test_two_nodes_claiming_one_partition_bind_neither() -> None:
+def test_two_nodes_claiming_one_partition_are_a_conflict_blamed_on_neither() -> None:
+    # An impostor answering as another client's partition: the server cannot tell which
+    # node owns it, so neither takes part, and neither is counted as a rejected client.
     cfg = load_config(MNIST)
-    census = tally([answer(1, 0), answer(2, 1), answer(3, 1)], cfg, CLASSES)
+    census = tally([answer(1, 0), answer(2, 1), answer(3, 1)], cfg, KNOWN)
     assert census.nodes == {1: 0}
     assert census.missing() == [1, 2, 3, 4]
     assert census.partition_sizes() == [60, 0, 0, 0, 0]
-    assert "nodes [2, 3] all claim partition 1" in str(census.notices.first)
+    assert census.conflicts == [
+        "nodes 2, 3 all claim partition 1: neither takes part (in a deployment, "
+        "federation.node_ids binds each partition to its node)"
+    ]
+    assert census.notices.clients_line() == ""  # nobody blamed
+
+
+def test_node_ids_bind_each_partition_to_its_node() -> None:
+    # With SuperNode authentication, node ids are the registered keys': the impostor (node
+    # 9, answering as partition 1) is refused and the owner (node 2) keeps its partition.
+    cfg = load_config(MNIST, ["federation.node_ids=[1, 2, 3, 4, 5]"])
+    census = tally([answer(1, 0), answer(2, 1), answer(9, 1)], cfg, KNOWN)
+    assert census.nodes == {1: 0, 2: 1}
+    assert census.conflicts == []
+    assert "federation.node_ids gives node 2" in census.notices.clients_line()
+    assert "node 9" in census.notices.clients_line()
+
+
+def test_node_ids_hold_any_flower_node_id() -> None:
+    big = 2**64 - 1  # Flower's node ids are unsigned 64-bit
+    cfg = load_config(MNIST, [f"federation.node_ids=[{big}, 2, 3, 4, 5]"])
+    assert cfg.federation.node_ids == (big, 2, 3, 4, 5)
+    for bad in ("[1, 2]", "[1, 1, 2, 3, 4]", "[-1, 2, 3, 4, 5]", f"[{2**64}, 2, 3, 4, 5]"):
+        with pytest.raises(ConfigError, match=r"federation\.node_ids"):
+            load_config(MNIST, [f"federation.node_ids={bad}"])
+
+
+def test_an_iid_partition_claims_exactly_its_size() -> None:
+    # 300 samples in 5 IID partitions of 60, 10% held out: 54 + 6 each. The server knows
+    # that from the total alone (no data opened); any other claim is refused.
+    cfg = load_config(MNIST)
+    known = Known(KNOWN.classes, 300, split_sizes(cfg.data, 5, 300))
+    assert known.sizes == ((54, 6),) * 5
+    liar = answer(2, 1, train=1, val=0, labels=[1] + [0] * (CLASSES - 1))
+    census = tally([answer(1, 0, train=54), liar], cfg, known)
+    assert census.nodes == {1: 0}
+    assert "partition 1 of this dataset holds 54 and 6" in census.notices.clients_line()
+
+
+def test_split_sizes_are_the_sizes_the_clients_get(data_root: Path) -> None:
+    for scheme in ("iid", "shards"):
+        cfg = load_config(
+            MNIST,
+            [f"data.root={data_root}", "data.max_train_samples=1003", f"data.partition={scheme}",
+             "federation.num_clients=7"],
+        )  # fmt: skip
+        splits = client_splits(cfg.data, 7, cfg.seed)
+        assert split_sizes(cfg.data, 7, 1003) == tuple((len(t), len(v)) for t, v in splits)
+    assert split_sizes(dataclasses.replace(cfg.data, partition="dirichlet"), 7, 1003) is None
+
+
+def test_claims_adding_up_to_more_than_the_dataset_are_a_conflict() -> None:
+    # Each claim fits the 300 samples, their sum does not: the largest claim is left out
+    # (reported as a conflict, blamed on nobody), the rest fit.
+    cfg = load_config(MNIST)
+    known = Known(KNOWN.classes, 300)
+    claims = [answer(1, 0, train=100), answer(2, 1, train=100), answer(3, 2, train=150)]
+    census = tally(claims, cfg, known)
+    assert census.nodes == {1: 0, 2: 1}
+    assert "the largest claims (nodes 3, partitions 2) take no part" in census.conflicts[0]
+    assert census.notices.clients_line() == ""
 
 
 @pytest.mark.parametrize(
@@ -73,15 +139,15 @@ def test_two_nodes_claiming_one_partition_bind_neither() -> None:
 def test_implausible_answers_are_rejected(bad: dict) -> None:
     cfg = load_config(MNIST)
     reply = answer(1, **{"partition": 0, **bad})
-    assert census_problem(reply, cfg, CLASSES) is not None
-    assert tally([reply], cfg, CLASSES).nodes == {}
+    assert census_problem(reply, cfg, KNOWN) is not None
+    assert tally([reply], cfg, KNOWN).nodes == {}
 
 
 def test_under_privacy_clients_send_sizes_only() -> None:
     cfg = load_config(REPO / "configs" / "mnist_dp_sgd.yaml")
-    assert census_problem(answer(1, 0, drop=["label-counts"]), cfg, CLASSES) is None
+    assert census_problem(answer(1, 0, drop=["label-counts"]), cfg, KNOWN) is None
     # A label histogram where none belongs is refused, not kept.
-    assert census_problem(answer(1, 0), cfg, CLASSES) is not None
+    assert census_problem(answer(1, 0), cfg, KNOWN) is not None
 
 
 def test_failed_and_malformed_answers_are_said_and_skipped() -> None:
@@ -89,7 +155,7 @@ def test_failed_and_malformed_answers_are_said_and_skipped() -> None:
     query = Message(RecordDict(), dst_node_id=4, message_type=CENSUS_MESSAGE_TYPE)
     failed = Message(Error(0, "Traceback ...\nValueError: no data here"), reply_to=query)
     odd = Message(RecordDict({"metrics": MetricRecord({"x": 1})}), reply_to=query)
-    census = tally([failed, odd, answer(1, 0)], cfg, CLASSES)
+    census = tally([failed, odd, answer(1, 0)], cfg, KNOWN)
     assert census.nodes == {1: 0}
     assert census.notices.first == "a client failed the census: ValueError: no data here"
 
@@ -114,7 +180,7 @@ class CensusGrid:
 def test_take_census_asks_every_node_once() -> None:
     cfg = load_config(MNIST)
     grid = CensusGrid()
-    census = take_census(grid, cfg, CLASSES)  # type: ignore[arg-type]
+    census = take_census(grid, cfg, KNOWN)  # type: ignore[arg-type]
     assert sorted(m.metadata.dst_node_id for m in grid.sent) == [1, 2, 3, 4, 5]
     assert {m.metadata.message_type for m in grid.sent} == {f"{MessageType.QUERY}.census"}
     assert census.nodes == {n: n - 1 for n in range(1, 6)}
@@ -122,13 +188,13 @@ def test_take_census_asks_every_node_once() -> None:
 
 def test_a_census_nobody_answers_ends_the_run_with_one_line() -> None:
     with pytest.raises(NothingTrained, match=r"no client answered the census.*RuntimeError: down"):
-        take_census(CensusGrid(fail=True), load_config(MNIST), CLASSES)  # type: ignore[arg-type]
+        take_census(CensusGrid(fail=True), load_config(MNIST), KNOWN)  # type: ignore[arg-type]
 
 
 def test_a_claim_of_more_samples_than_the_dataset_holds_is_not_believed() -> None:
     cfg = load_config(MNIST)
     census = tally([answer(1, 0, train=90, val=10), answer(2, 1, train=95, val=10)], cfg,
-                   CLASSES, max_train=100)  # fmt: skip
+                   Known(KNOWN.classes, total=100))  # fmt: skip
     assert census.nodes == {1: 0}  # node 2's 105 samples do not exist
 
 

@@ -9,13 +9,13 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fl_lightning.census import CENSUS_MESSAGE_TYPE, Census, census_problem
+from fl_lightning.batchnorm import BATCHNORM_MESSAGE_TYPE
+from fl_lightning.census import CENSUS_MESSAGE_TYPE, Census, Known, census_problem
 from fl_lightning.client_app import app
 from fl_lightning.config import Config
 from fl_lightning.models import build_model
 from fl_lightning.node_config import config_from_run_config
 from fl_lightning.replies import EVALUATE, TRAIN, ReplyScreen
-from fl_lightning.strategy import BATCHNORM_MESSAGE_TYPE
 from fl_lightning.vocabulary import UNIFORM_WEIGHT
 
 
@@ -83,7 +83,7 @@ def test_census_handler_counts_the_clients_own_labels(tiny_mnist: Config, data_r
     assert (record["train-size"], record["val-size"]) == (135, 15)
     expected = label_counts(tiny_mnist.data, 2, tiny_mnist.seed)[1].tolist()
     assert record["label-counts"] == expected
-    assert census_problem(reply, tiny_mnist, 10) is None
+    assert census_problem(reply, tiny_mnist, Known(tuple("0123456789"))) is None
 
 
 def test_census_handler_sends_sizes_only_under_privacy(data_root: Path) -> None:

@@ -260,3 +260,11 @@ def test_an_unreadable_config_file_is_one_line(tmp_path: Path) -> None:
     deep = tmp_path / "deep.yaml"
     deep.write_text("seed: " + "[" * 5000 + "]" * 5000 + "\n")
     assert "nested too deeply" in load_error([], deep)
+
+
+@pytest.mark.parametrize("key", ["output.dir", "output.root", "output.experiment", "data.root"])
+def test_a_name_longer_than_file_systems_allow_is_refused_at_load(key: str) -> None:
+    long = "x" * 300
+    value = long if key == "output.experiment" else f"/tmp/{long}/run"
+    message = load_error([f"{key}={value}"])
+    assert message.startswith(f"{key}: has a folder or file name of 300 bytes")

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from flwr.app import MessageType
 from flwr.clientapp.typing import Mod
 from flwr.simulation import run_simulation
 
@@ -52,6 +53,9 @@ def simulate(
 
 # Krum keeps a single client's model: it must learn something from 360 samples.
 LEARN_MORE = ["trainer.max_epochs=2", "data.batch_size=16", "data.augment=none"]
+# The update screen would reject these poisoned updates before any strategy saw them: off,
+# so these tests are of the strategies themselves.
+UNSCREENED = ["strategy.update_norm_factor=null"]
 
 
 SCALED = faults.scaled([2, 7], 100.0)
@@ -68,8 +72,8 @@ def final_weights_are_finite(run: RunDir) -> bool:
 @pytest.mark.parametrize(
     ("fault", "counter", "per_round"),
     [
-        # Raises in train and evaluate: one failure each.
-        (faults.raising([3]), "failures", 2),
+        # Answers the census, then raises in train and evaluate: one failure each.
+        (faults.raising([3], [MessageType.TRAIN, MessageType.EVALUATE]), "failures", 2),
         (faults.nan_weights([3]), "rejected", 1),
         (faults.wrong_shapes([3]), "rejected", 1),
     ],
@@ -105,7 +109,7 @@ def test_a_round_with_too_few_updates_is_skipped(data_root: Path, tmp_path: Path
             data_root,
             tmp_path / "run",
             ["federation.min_train_clients=2", "federation.num_rounds=1"],
-            [faults.raising([0, 1, 2, 3])],
+            [faults.raising([0, 1, 2, 3], [MessageType.TRAIN, MessageType.EVALUATE])],
         )
     initial, skipped = read_metrics(tmp_path / "run")
     assert skipped["failures"] == 8  # 4 clients, train and evaluate
@@ -118,6 +122,7 @@ def test_robust_strategies_shrug_off_two_of_ten_clients_poisoning_their_weights(
     strategy: str, data_root: Path, tmp_path: Path
 ) -> None:
     overrides = [f"strategy.name={strategy}", "strategy.num_malicious_clients=2", *LEARN_MORE]
+    overrides += UNSCREENED
     sizes = {"clients": 10, "per_client": 400}
     clean = read_metrics(simulate(data_root, tmp_path / "clean", overrides, [], **sizes).path)
     assert clean[-1]["test/accuracy"] > 0.7  # a model worth protecting
@@ -132,11 +137,17 @@ def test_robust_strategies_shrug_off_two_of_ten_clients_poisoning_their_weights(
 
 
 def test_plain_fedavg_is_wrecked_by_random_weights(data_root: Path, tmp_path: Path) -> None:
-    # The checks above can fail: without a robust strategy, two poisoned clients of ten
-    # destroy the model. (Scaling alone leaves FedAvg's argmax nearly intact: MNISTNet is
-    # positively homogeneous, so a scaled average mostly scales the logits.)
+    # The checks above can fail: without a robust strategy (or the update screen), two
+    # poisoned clients of ten destroy the model. (Scaling alone leaves FedAvg's argmax
+    # nearly intact: MNISTNet is positively homogeneous, so a scaled average mostly scales
+    # the logits.)
     attacked = simulate(
-        data_root, tmp_path / "run", LEARN_MORE, [RANDOM], clients=10, per_client=400
+        data_root,
+        tmp_path / "run",
+        [*LEARN_MORE, *UNSCREENED],
+        [RANDOM],
+        clients=10,
+        per_client=400,
     )
     assert read_metrics(attacked.path)[-1]["test/accuracy"] < 0.5
 

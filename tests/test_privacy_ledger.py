@@ -1,5 +1,8 @@
 """The server's privacy ledger: epsilon per round, and the refusal of a round over budget."""
 
+import json
+import math
+
 import pytest
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
@@ -35,15 +38,18 @@ def test_a_round_past_max_epsilon_is_refused_before_it_starts() -> None:
     server_round = 1
     with pytest.raises(PrivacyBudgetExceeded, match=r"round \d+ not started.*max_epsilon=3.0"):
         while True:
-            ledger.check_next_round(server_round)
+            ledger.within_budget(server_round, range(5))
             ledger.record_release()
             server_round += 1
     assert server_round > 1  # some rounds fit
     assert ledger.metrics()["epsilon"] <= 3.0 < ledger.projected_epsilon()
 
 
-def test_dp_sgd_projection_uses_each_clients_plan_and_participation() -> None:
-    cfg = load_config(REPO / "configs" / "mnist_dp_sgd.yaml")
+DP_SGD = REPO / "configs" / "mnist_dp_sgd.yaml"
+
+
+def test_dp_sgd_epsilon_is_the_servers_own_from_each_plan_and_the_rounds_sent() -> None:
+    cfg = load_config(DP_SGD)
     sizes = [9720, 4000]
     ledger = PrivacyLedger(cfg, sizes)
     delta = cfg.privacy.delta
@@ -53,10 +59,58 @@ def test_dp_sgd_projection_uses_each_clients_plan_and_participation() -> None:
     assert ledger.projected_epsilon() == pytest.approx(
         max(p.epsilon(1, delta) for p in ledger.plans)
     )
-    ledger.record_dp_sgd({1: 2.0})  # only client 1 trained this round
-    assert ledger.rounds_taken == [0, 1]
+    ledger.record_sampled([1])  # only client 1 is sent training this round
+    assert ledger.sampled == [0, 1]
     assert ledger.projected_epsilon() == pytest.approx(
         max(ledger.plans[0].epsilon(1, delta), ledger.plans[1].epsilon(2, delta))
     )
-    ledger.record_dp_sgd({0: 1.0})
-    assert ledger.metrics() == {"epsilon": 2.0, "epsilon_mean": 1.5}
+    ledger.record_sampled([0, 1])
+    expected = [ledger.plans[0].epsilon(1, delta), ledger.plans[1].epsilon(2, delta)]
+    assert ledger.metrics() == pytest.approx(
+        {"epsilon": max(expected), "epsilon_mean": sum(expected) / 2}
+    )
+
+
+def accountant_json(noise: float, rate: float, steps: int) -> str:
+    """What a DP-SGD client sends: its Opacus accountant's state as JSON."""
+    return json.dumps({"history": [[noise, rate, steps]], "mechanism": "prv"})
+
+
+def test_a_reported_epsilon_must_be_what_the_clients_plan_gives() -> None:
+    cfg = load_config(DP_SGD)
+    ledger = PrivacyLedger(cfg, [9720, 9720])
+    plan = ledger.plans[0]
+    ledger.record_sampled([0, 1])
+    honest = accountant_json(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
+    epsilon = plan.epsilon(1, cfg.privacy.delta)
+    assert ledger.verified_rounds(0, epsilon, honest) == 1
+    assert ledger.verified_rounds(0, epsilon, None) == 1  # SecAgg+: the epsilon alone
+    for lie, state in [
+        (1e300, honest),  # the review's attack: it became the run's logged epsilon
+        (epsilon * 0.5, honest),
+        (epsilon, accountant_json(plan.noise_multiplier * 2, plan.sample_rate, 18)),
+        (epsilon, accountant_json(plan.noise_multiplier, plan.sample_rate, 2 * 18)),  # 2 rounds
+        (epsilon, accountant_json(plan.noise_multiplier, plan.sample_rate, 17)),
+        (math.nan, honest),
+    ]:
+        assert isinstance(ledger.verified_rounds(1, lie, state), str), (lie, state)
+    ledger.record_trained(0, 1)
+    # A round already credited cannot be reported again.
+    assert isinstance(ledger.verified_rounds(0, epsilon, honest), str)
+    # Whatever was reported, the logged epsilon is the server's: plans and rounds sent.
+    assert ledger.metrics()["epsilon"] == pytest.approx(epsilon)
+
+
+def test_a_client_past_its_budget_stops_alone() -> None:
+    # A client claiming 1 sample (sample rate 1) spends far more per round than the others:
+    # it is left out, and the others go on, instead of the run ending for everybody.
+    cfg = load_config(DP_SGD, ["privacy.target_epsilon=null", "privacy.noise_multiplier=1.0"])
+    ledger = PrivacyLedger(cfg, [9720, 9720, 1])
+    delta = cfg.privacy.delta
+    honest, liar = ledger.plans[0].epsilon(1, delta), ledger.plans[2].epsilon(1, delta)
+    assert honest < liar
+    ledger.max_epsilon = (honest + liar) / 2
+    assert ledger.within_budget(1, [0, 1, 2]) == [0, 1]
+    ledger.record_sampled([0, 1])
+    with pytest.raises(PrivacyBudgetExceeded, match="round 2 not started"):
+        ledger.within_budget(2, [0, 1, 2])  # now nobody has room for another round

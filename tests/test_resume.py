@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import signal
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -208,7 +210,30 @@ def garbage(path: Path, marker: Path) -> None:
     path.write_bytes(b"\x80\x02not a checkpoint")
 
 
-@pytest.mark.parametrize("damage", [crafted_zip, crafted_pickle, truncated, garbage])
+def a_fifo(path: Path, marker: Path) -> None:
+    # A plain open() of a FIFO waits for a writer forever: the review's --resume hang.
+    path.unlink()
+    os.mkfifo(path)
+
+
+@pytest.fixture()
+def no_hang() -> Iterator[None]:
+    """Fail, rather than hang, a test whose code under test blocks for more than 60 s."""
+
+    def hung(signum: int, frame: Any) -> None:
+        raise TimeoutError("blocked for 60 s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("damage", [crafted_zip, crafted_pickle, truncated, garbage, a_fifo])
+@pytest.mark.usefixtures("no_hang")
 def test_a_crafted_or_damaged_file_is_refused_in_one_line_and_never_run(
     damage: Any,
     saved: tuple[Config, RunDir],
@@ -277,7 +302,11 @@ DELETE = object()
         ("strategy/accountants", {torch.tensor([1, 2]): "{}"}),
         ("history", {0: {"test/accuracy": "high"}}),
         ("history", [1, 2]),
-        ("ledger", {"rounds_taken": [0, 0]}),  # a ledger in a run without privacy
+        ("history/1", {"test/accuracy": float("nan")}),
+        ("history/1", {"test/accuracy": float("inf")}),
+        ("history/99", {"test/accuracy": 1.0}),  # a forged round the run never reached
+        ("history/1", {"\x1b[31m": 1.0}),
+        ("ledger", {"sampled": [0, 0]}),  # a ledger in a run without privacy
         ("rng/python", (3, (1, 2), None)),
         ("rng/python", torch.tensor([3, 3])),
         ("rng/numpy/key", torch.zeros(624, dtype=torch.float32)),
@@ -290,6 +319,10 @@ DELETE = object()
         ("screened", {"agreed": {}}),
         ("screened", {"agreed": {"train": [1]}, "votes": {}}),
         ("screened", {"agreed": {}, "votes": {"train": {5: ["loss"]}}}),  # 2 clients
+        # Names no client sent: every later reply would be rejected, every round skipped.
+        ("screened", {"agreed": {"train": ["made/up"]}, "votes": {"train": {0: ["loss"]}}}),
+        ("strategy/momentum_vector/0", torch.full((32, 1, 5, 5), float("nan"))),
+        ("strategy/current_arrays/net.11.bias", torch.full((10,), float("inf"))),
     ],
 )
 def test_a_file_of_the_wrong_structure_is_refused_and_nothing_is_changed(
@@ -360,9 +393,14 @@ def unreadable(path: Path) -> None:
     pass  # its mode is taken away below, once the folder's files are read
 
 
+def fifo(path: Path) -> None:
+    a_fifo(path, path)
+
+
 @pytest.mark.parametrize(
-    "damage", [empty, a_list, malformed, not_utf8, twice, a_folder, unreadable]
+    "damage", [empty, a_list, malformed, not_utf8, twice, a_folder, unreadable, fifo]
 )
+@pytest.mark.usefixtures("no_hang")
 def test_a_damaged_config_yaml_is_refused_in_one_line(
     damage: Any,
     saved: tuple[Config, RunDir],
@@ -387,3 +425,45 @@ def test_a_damaged_config_yaml_is_refused_in_one_line(
     assert err.startswith("error: --resume: ") and err.count("\n") == 1, err
     assert str(run.config) in err
     assert {p: p.read_bytes() for p in run.path.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize(("name", "value"), [("m_t", np.nan), ("v_t", np.inf), ("v_t", -1.0)])
+def test_a_fedadam_moment_that_would_freeze_the_run_is_refused(
+    name: str, value: float, tiny_overrides: list[str]
+) -> None:
+    # A NaN second moment makes every later FedAdam step NaN (skipped); a negative one has
+    # no square root. Neither can come from a run: both are refused in one line.
+    cfg = config(tiny_overrides, "strategy.name=fedadam")
+    run = create_run_dir(cfg)
+    strategy, weights = build(cfg), model_weights(cfg)
+    fill(strategy, weights)
+    getattr(strategy, name)["net.11.bias"] = np.full(10, value)
+    write_state(run, cfg, strategy, weights)
+    with pytest.raises(
+        ConfigError, match=rf"strategy\.{name}\.net\.11\.bias: (not finite|negative)"
+    ):
+        resume.load(cfg, run.path)
+
+
+@pytest.mark.parametrize(
+    ("part", "value"),
+    [
+        ("trained", [2, 0]),
+        ("sampled", [5, 0]),
+        ("sampled", [-1, 0]),
+        ("releases", [(1.0, 1.0, 1)] * 3),
+    ],
+)
+def test_a_ledger_that_no_run_could_keep_is_refused(
+    part: str, value: Any, tiny_overrides: list[str]
+) -> None:
+    # After round 1: at most 1 round sent, trained no more than sent, one release a round.
+    cfg = config(tiny_overrides, "privacy.mode=client_dp", "privacy.noise_multiplier=0.3")
+    run = create_run_dir(cfg)
+    write_state(run, cfg, build(cfg), model_weights(cfg))
+    resume.load(cfg, run.path)
+    raw = torch.load(resume.resume_path(run), weights_only=True)
+    raw["ledger"][part] = value
+    torch.save(raw, resume.resume_path(run))
+    with pytest.raises(ConfigError, match=f"ledger.{part}"):
+        resume.load(cfg, run.path)

@@ -9,7 +9,8 @@ import torch
 
 from fl_lightning.cli import main
 from fl_lightning.errors import ConfigError
-from fl_lightning.rundir import LOCK, RunDir, claim, write_atomically
+from fl_lightning.files import write_atomically
+from fl_lightning.rundir import LOCK, RunDir, claim
 
 
 def _race(target: Path, runs: int = 8) -> list[str]:
@@ -168,3 +169,24 @@ def test_a_record_without_an_integer_round_is_skipped_by_last_round_and_resume(
         assert run.last_round() == 1
     _cut_metrics(run, 1)  # what --resume keeps: the same lines last_round counts
     assert run.metrics.read_text() == '{"round": 0}\n{"round": 1}\n'
+
+
+def test_a_run_that_records_no_round_gives_its_directory_back(tmp_path: Path) -> None:
+    # The review found an output.dir left holding only the lock after a run failed before
+    # its first round: a rerun there was refused.
+    new = claim(tmp_path / "new")
+    (new.path / "tensorboard").mkdir()
+    (new.path / "tensorboard" / "events").write_text("x")
+    new.config.write_text("seed: 1\n")
+    new.release()
+    assert not new.path.exists()
+    (tmp_path / "empty").mkdir()  # an empty folder the user made stays, empty
+    existing = claim(tmp_path / "empty")
+    existing.config.write_text("seed: 1\n")
+    existing.release()
+    assert existing.path.is_dir() and not any(existing.path.iterdir())
+    claim(tmp_path / "empty")  # claimable again
+    ran = claim(tmp_path / "ran")
+    ran.metrics.write_text('{"round": 0}\n')
+    ran.release()  # a run with a round keeps everything
+    assert sorted(p.name for p in ran.path.iterdir()) == [LOCK, "metrics.jsonl"]

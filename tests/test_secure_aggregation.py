@@ -174,16 +174,25 @@ def test_hostile_evaluation_results_are_left_out_of_the_distributed_metrics() ->
 
 
 def test_dp_sgd_epsilons_are_credited_to_the_census_partition_of_the_node() -> None:
+    # Under SecAgg+ a client sends its epsilon in the clear (no accountant): it is credited
+    # to the partition its node holds, and only if the client's plan gives it.
     from types import SimpleNamespace
 
-    from fl_lightning.secure_aggregation import _reported_epsilons
+    from fl_lightning.privacy_ledger import PrivacyLedger
+    from fl_lightning.secure_aggregation import _credit_epsilons
+
+    cfg = load_config(REPO / "configs" / "mnist_dp_sgd.yaml")
+    ledger = PrivacyLedger(cfg, [100] * 5)
+    ledger.record_sampled([3, 4])
+    honest = ledger.client_epsilon(3, 1)
 
     def fit(node: int, **metrics: object) -> tuple:
         return SimpleNamespace(cid=str(node), node_id=node), SimpleNamespace(metrics=metrics)
 
     results = [
-        fit(7, **{"privacy/epsilon": 1.5, "partition-id": 0}),  # claims another partition
+        fit(7, **{"privacy/epsilon": honest, "partition-id": 0}),  # claims another partition
         fit(8, **{"privacy/epsilon": float("nan")}),
-        fit(9, **{"privacy/epsilon": 2.0}),  # a node the census did not bind
+        fit(9, **{"privacy/epsilon": honest}),  # a node the census did not bind
     ]
-    assert _reported_epsilons(results, {7: 3, 8: 4}) == {3: 1.5}  # type: ignore[arg-type]
+    _credit_epsilons(ledger, results, {7: 3, 8: 4})  # type: ignore[arg-type]
+    assert ledger.trained == [0, 0, 0, 1, 0]

@@ -1,4 +1,6 @@
+import json
 from collections.abc import Iterable
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,9 +17,11 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fl_lightning.census import Census
 from fl_lightning.config import load_config
+from fl_lightning.privacy_ledger import PrivacyLedger
 from fl_lightning.rounds import RoundRecorder, round_lr_factor
-from fl_lightning.strategy import build_strategy, restore_dtypes
-from fl_lightning.vocabulary import UNIFORM_WEIGHT
+from fl_lightning.strategy import LightningFedAvg, build_strategy, restore_dtypes
+from fl_lightning.vocabulary import ACCOUNTANT_RECORD, EPSILON_METRIC, UNIFORM_WEIGHT
+from tests.attacks import Attack, weights
 from tests.test_config import MNIST, REPO
 
 STRATEGIES = [
@@ -40,9 +44,22 @@ def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(TaskIdentity, name, 1)
 
 
-def recorder() -> RoundRecorder:
-    """A recorder for strategies whose rounds are aggregated but never closed here."""
-    return RoundRecorder(None, None, None)  # type: ignore[arg-type]
+class Probe:
+    """The server's test of each new model (`CentralEvaluator.probe`): a verdict to give."""
+
+    def __init__(self, problem: str | None = None) -> None:
+        self.problem = problem
+        self.tested: list[dict] = []
+
+    def probe(self, state_dict: dict) -> str | None:
+        self.tested.append(state_dict)
+        return self.problem
+
+
+def recorder(problem: str | None = None) -> RoundRecorder:
+    """A recorder for strategies whose rounds are aggregated but never closed here; its
+    test of each new model finds `problem` (None: it passes)."""
+    return RoundRecorder(Probe(problem), None, None)  # type: ignore[arg-type]
 
 
 def census(clients: int = 5, train: int = 100, val: int = 10) -> Census:
@@ -242,3 +259,142 @@ def test_after_a_resume_each_client_gets_back_its_own_accountant_only() -> None:
         expected = strategy.accountants.get(partition)
         assert resent == ({f"accountant-{partition}": expected} if expected else {})
         assert "lr-factor" in config and "arrays" in message.content.array_records
+
+
+def round_of_replies(
+    strategy: LightningFedAvg, attack: Attack | None = None, clients: int = 5
+) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    """Configure round 1 and aggregate honest replies (client 4's changed by `attack`)."""
+    messages = list(strategy.configure_train(1, global_arrays(), ConfigRecord(), FakeGrid()))  # type: ignore[arg-type]
+    replies = []
+    for message in sorted(messages, key=node_partition)[:clients]:
+        reply = reply_to(message, 0.1 * (node_partition(message) + 1), 20, 100)
+        if attack is not None and node_partition(message) == 4:
+            attack(reply.content)
+        replies.append(reply)
+    return strategy.aggregate_train(1, replies)
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedadam"])
+@pytest.mark.parametrize("value", [1e30, 1e8])
+def test_an_update_far_larger_than_the_rounds_is_rejected_before_aggregation(
+    name: str, value: float
+) -> None:
+    # The review's attack: every weight 1e30 (or 1e8), finite, so the reply screen passes it.
+    # FedAvg adopted a 2e29 model, FedAdam's second moment overflowed and froze the run.
+    cfg = load_config(MNIST, [f"strategy.name={name}"])
+    clean = build_strategy(cfg, recorder(), census(), min_available_nodes=5)
+    dirty = build_strategy(cfg, recorder(), census(), min_available_nodes=5)
+    clean_arrays, _ = round_of_replies(clean, clients=4)
+    dirty_arrays, _ = round_of_replies(dirty, weights(value))
+    assert clean_arrays is not None and dirty_arrays is not None
+    np.testing.assert_array_equal(dirty_arrays["w"].numpy(), clean_arrays["w"].numpy())
+    assert dirty.recorder.metrics["rejected"] == 1
+    assert "update_norm_factor" in str(dirty.census.notices.reasons.get("client 4"))
+    if name == "fedadam":
+        assert all(np.isfinite(v).all() for v in dirty.v_t.values())  # type: ignore[attr-defined]
+
+
+def test_under_client_level_dp_only_the_absolute_bound_applies() -> None:
+    # A bound relative to the others would let one client's update decide whether another's
+    # is used, which the noise calibration does not cover; the absolute one does not.
+    five = ["federation.num_clients=5", "federation.fraction_train=1.0"]
+    for extra, rejected in (([], 0), (["strategy.max_update_norm=2"], 1)):
+        cfg = load_config(REPO / "configs" / "mnist_client_dp.yaml", [*five, *extra])
+        strategy = build_strategy(cfg, recorder(), census(), min_available_nodes=5)
+        round_of_replies(strategy, weights(1e3))
+        assert strategy.recorder.metrics["rejected"] == rejected, extra
+
+
+def test_a_server_optimizer_state_that_would_not_be_finite_skips_the_round() -> None:
+    # Without the update screen, one reply of 1e30 overflows FedAdam's second moment (float32
+    # squares): the aggregate is finite, the state is not. The round is skipped, the
+    # moments left as they were, and the skip counted.
+    cfg = load_config(MNIST, ["strategy.name=fedadam", "strategy.update_norm_factor=null"])
+    strategy = build_strategy(cfg, recorder(), census(), min_available_nodes=5)
+    assert round_of_replies(strategy, weights(1e30)) == (None, None)
+    assert strategy.v_t is None and strategy.m_t is None  # type: ignore[attr-defined]
+    assert strategy.recorder.metrics["skipped"] == 1 and strategy.rounds_adopted == 0
+    arrays, _ = round_of_replies(strategy)  # the next round trains as if nothing happened
+    assert arrays is not None and strategy.rounds_adopted == 1
+
+
+def test_a_model_whose_server_side_test_is_not_finite_is_not_adopted() -> None:
+    strategy = build_strategy(
+        load_config(MNIST), recorder("test/loss is nan"), census(), min_available_nodes=5
+    )
+    assert round_of_replies(strategy) == (None, None)
+    assert strategy.recorder.metrics["skipped"] == 1 and strategy.rounds_adopted == 0
+    passing = build_strategy(load_config(MNIST), recorder(), census(), min_available_nodes=5)
+    arrays, _ = round_of_replies(passing)
+    assert arrays is not None
+    # What was tested is what is adopted.
+    (tested,) = passing.recorder.evaluator.tested  # type: ignore[attr-defined]
+    np.testing.assert_array_equal(tested["w"].numpy(), arrays["w"].numpy())
+
+
+def test_only_nodes_the_census_bound_are_sampled() -> None:
+    # Node 5 is unbound (two nodes claimed its partition, or it did not answer): it is sent
+    # nothing, so it is neither a failure nor a rejection.
+    bound = census()
+    del bound.nodes[5]
+    strategy = build_strategy(load_config(MNIST), recorder(), bound, min_available_nodes=4)
+    messages = list(strategy.configure_train(1, global_arrays(), ConfigRecord(), FakeGrid()))  # type: ignore[arg-type]
+    assert sorted(m.metadata.dst_node_id for m in messages) == [1, 2, 3, 4]
+    replies = [reply_to(m, 0.1, 20, 100) for m in messages]
+    strategy.aggregate_train(1, replies)
+    assert (strategy.recorder.metrics["failures"], strategy.recorder.metrics["rejected"]) == (0, 0)
+
+
+def test_a_dp_sgd_reply_whose_epsilon_its_plan_does_not_give_is_rejected() -> None:
+    # The review's attack: privacy/epsilon = 1e300 became the run's logged epsilon. The
+    # server knows each client's plan and the rounds it sent it training: a reply's epsilon
+    # and accountant must be what they give, and the logged epsilon is the server's own.
+    cfg = load_config(REPO / "configs" / "mnist_dp_sgd.yaml")
+    rounds = recorder()
+    rounds.ledger = ledger = PrivacyLedger(cfg, [100] * 5)
+    strategy = build_strategy(cfg, rounds, census(), min_available_nodes=5)
+    plan = ledger.plans[0]
+    epsilon = plan.epsilon(1, cfg.privacy.delta)
+    state = json.dumps(
+        {"history": [[plan.noise_multiplier, plan.sample_rate, plan.steps_per_round]],
+         "mechanism": cfg.privacy.accountant}
+    )  # fmt: skip
+
+    def dp(reported: float) -> Attack:
+        def reply(content: RecordDict) -> None:
+            content.metric_records["metrics"][EPSILON_METRIC] = reported
+            content[ACCOUNTANT_RECORD] = ConfigRecord({"state": state})
+
+        return reply
+
+    messages = list(strategy.configure_train(1, global_arrays(), ConfigRecord(), FakeGrid()))  # type: ignore[arg-type]
+    replies = []
+    for message in messages:
+        reply = reply_to(message, 0.1, 20, 100)
+        dp(1e300 if node_partition(message) == 4 else epsilon)(reply.content)
+        replies.append(reply)
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None and rounds.metrics["rejected"] == 1
+    assert "it reports epsilon 1e+300" in str(strategy.census.notices.reasons["client 4"])
+    assert ledger.metrics()["epsilon"] == pytest.approx(epsilon)
+    assert ledger.trained == [1, 1, 1, 1, 0] and ledger.sampled == [1] * 5
+
+
+def test_a_client_past_its_privacy_budget_is_not_sampled_and_the_round_goes_on() -> None:
+    # Flower waits for `min_available_nodes` of the nodes a round may sample: with a client
+    # left out for its budget, a fixed number (all bound nodes) would wait forever.
+    cfg = load_config(
+        REPO / "configs" / "mnist_dp_sgd.yaml",
+        ["privacy.target_epsilon=null", "privacy.noise_multiplier=1.0"],
+    )
+    rounds = recorder()
+    rounds.ledger = ledger = PrivacyLedger(cfg, [9720, 9720, 9720, 9720, 1])
+    honest, hungry = ledger.client_epsilon(0, 1), ledger.client_epsilon(4, 1)
+    ledger.max_epsilon = (honest + hungry) / 2
+    rounds.tracker = SimpleNamespace(note=lambda text: None)  # type: ignore[assignment]
+    strategy = build_strategy(cfg, rounds, census())  # as the ServerApp builds it
+    assert strategy.min_available_nodes == 1  # of the nodes the round may sample
+    messages = list(strategy.configure_train(1, global_arrays(), ConfigRecord(), FakeGrid()))  # type: ignore[arg-type]
+    assert sorted(node_partition(m) for m in messages) == [0, 1, 2, 3]
+    assert ledger.sampled == [1, 1, 1, 1, 0]
