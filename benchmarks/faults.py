@@ -24,6 +24,7 @@ import dataclasses
 import json
 import logging
 import math
+import statistics
 import sys
 import tempfile
 import time
@@ -159,7 +160,14 @@ SECURITY: dict[str, Threat] = {
     "reference_two_absent": with_what(
         "none: clients 0 and 3 raise in every message", fails([0, 3], None)
     ),
-    "clean": Threat("none: no attacker", lambda rounds: [], (), None),
+    "clean": Threat("none: no attacker", lambda rounds: [], (), None, "update norm spread"),
+    "clean_dirichlet": Threat(
+        "none: no attacker, Dirichlet split (alpha 0.3)",
+        lambda rounds: [],
+        ("data.partition=dirichlet", "data.alpha=0.3"),
+        None,
+        "update norm spread",
+    ),
 }
 _ISSUE_18: dict[str, tuple[str, attacks.Attack]] = {
     "num_examples_1e12": ("`num-examples` 1e12", attacks.metric("num-examples", 10**12)),
@@ -283,40 +291,51 @@ class Rejections(logging.Handler):
             self.reasons.append(message)  # a conflict, a failure, or a round not adopted
 
 
-class TextClock:
-    """Seconds the server spends on what failed clients wrote (their error text), summed."""
+class ServerWatch:
+    """What the server does with what clients send, measured in this (the server's) process:
+    the seconds spent on failed clients' text, and each round's update-norm spread (the
+    largest update norm over the median: how far the update screen's bar is from honest)."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
+        self.spreads: list[float] = []
 
-    def __enter__(self) -> TextClock:
-        from fl_lightning import census, checks, replies
+    def __enter__(self) -> ServerWatch:
+        from fl_lightning import census, checks, replies, round_screen
 
-        self._saved = [(m, m.error_summary) for m in (census, replies)]
-        self._say = checks.Notices.say
-        clock = self
-
-        def timed(function: Callable[..., Any]) -> Callable[..., Any]:
-            def run(*args: Any, **kwargs: Any) -> Any:
-                started = time.perf_counter()
-                try:
-                    return function(*args, **kwargs)
-                finally:
-                    clock.seconds += time.perf_counter() - started
-
-            return run
-
-        for module, function in self._saved:
-            module.error_summary = timed(function)  # type: ignore[attr-defined]
-        checks.Notices.say = timed(self._say)  # type: ignore[method-assign]
+        self._saved: list[tuple[Any, str, Any]] = [
+            (census, "error_summary", census.error_summary),
+            (replies, "error_summary", replies.error_summary),
+            (checks.Notices, "say", checks.Notices.say),
+            (round_screen, "norm_problems", round_screen.norm_problems),
+        ]
+        for owner, name, function in self._saved[:3]:
+            setattr(owner, name, self._timed(function))
+        round_screen.norm_problems = self._spread(round_screen.norm_problems)  # type: ignore[assignment]
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        from fl_lightning import checks
+    def _timed(self, function: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - started
 
-        for module, function in self._saved:
-            module.error_summary = function  # type: ignore[attr-defined]
-        checks.Notices.say = self._say  # type: ignore[method-assign]
+        return run
+
+    def _spread(self, function: Callable[..., Any]) -> Callable[..., Any]:
+        def run(norms: list[float], *args: Any) -> Any:
+            median = statistics.median(norms) if norms else 0.0
+            if median > 0:
+                self.spreads.append(max(norms) / median)
+            return function(norms, *args)
+
+        return run
+
+    def __exit__(self, *exc: object) -> None:
+        for owner, name, function in self._saved:
+            setattr(owner, name, function)
 
 
 def simulate(name: str, setup: list[str], data: Path, workdir: Path) -> tuple[Path, str | None]:
@@ -359,7 +378,7 @@ def run_scenario(name: str, setup: list[str], data: Path, workdir: Path) -> dict
     flwr_logger.addFilter(_drop_client_tracebacks)  # as `fl-lightning run` does
     started = time.perf_counter()
     try:
-        with TextClock() as clock:
+        with ServerWatch() as watch_server:
             metrics, error = simulate(name, setup, data, workdir)
     finally:
         flwr_logger.removeHandler(rejections)
@@ -372,7 +391,10 @@ def run_scenario(name: str, setup: list[str], data: Path, workdir: Path) -> dict
     return {
         "reference": threat.reference if threat is not None else None,
         "watch": watch,
-        "watched": clock.seconds if watch == "client text seconds" else last.get(watch or ""),
+        "watched": {
+            "client text seconds": watch_server.seconds,
+            "update norm spread": max(watch_server.spreads, default=None),
+        }.get(watch or "", last.get(watch or "")),
         "skipped": sum(r.get("skipped", 0) for r in rounds),
         "scenario": name,
         "set": "faults" if name in SCENARIOS else "security",

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from logging import WARNING
+from typing import Any
 
 from flwr.app import Message, MessageType, RecordDict
 from flwr.common.logger import log
@@ -26,6 +27,10 @@ from fl_lightning.vocabulary import (
     CENSUS_ACTION,
     CENSUS_RECORD,
     IDENTITY_RECORD,
+    LABEL_COUNTS,
+    OWN_DATA,
+    TRAIN_SIZE,
+    VAL_SIZE,
     sends_label_counts,
 )
 
@@ -34,16 +39,15 @@ CENSUS_MESSAGE_TYPE = f"{MessageType.QUERY}.{CENSUS_ACTION}"
 
 @dataclass(frozen=True)
 class Known:
-    """What the server knows of the clients' data without opening it (built-in datasets).
+    """What the server knows of the clients' data (a built-in dataset cut into partitions).
 
-    `classes` are the dataset's class names (what label counts count), `total` the
-    training samples all partitions hold together (the training split as the config caps
-    it), `sizes` each partition's (training, validation) sizes where the partition scheme
-    fixes them from the total alone (`partition.split_sizes`).
+    `classes` are the dataset's class names (what label counts count); `sizes` each
+    partition's (training, validation) sizes, from the same split the clients make of the
+    same public copy (`partition.client_splits`). A site's own data, or a DataModule's, is
+    nothing the server knows.
     """
 
     classes: tuple[str, ...] = ()
-    total: int | None = None
     sizes: tuple[tuple[int, int], ...] | None = None
 
 
@@ -81,10 +85,10 @@ class Census:
 def census_problem(reply: Message, cfg: Config, known: Known | None = None) -> str | None:
     """Why a (non-failed) census reply cannot be believed; None if it can.
 
-    A claim of more samples than the dataset holds, or of other sizes than the partition
-    scheme gives its partition, would buy its sender the weight (or, under DP-SGD, the
-    privacy plan) of samples that do not exist. With `federation.node_ids`, a partition is
-    claimed only by the node it names.
+    A claim of other sizes than the split gives its partition would buy its sender the
+    weight (or, under DP-SGD, the privacy plan) of samples that do not exist; a site's own
+    data cannot be checked. With `federation.node_ids`, a partition is claimed only by the
+    node it names.
     """
     known = known or Known()
     content = reply.content
@@ -103,35 +107,40 @@ def census_problem(reply: Message, cfg: Config, known: Known | None = None) -> s
             f"{owner[partition]}"
         )
     record = content.config_records[CENSUS_RECORD]
-    keys = {"train-size", "val-size"} | ({"label-counts"} if sends_label_counts(cfg) else set())
+    keys = {TRAIN_SIZE, VAL_SIZE, OWN_DATA} | ({LABEL_COUNTS} if sends_label_counts(cfg) else set())
     if set(record.keys()) != keys:
         held = show(sorted(map(str, record.keys()))[:8])
         return f"its census record holds {held}, not {sorted(keys)}"
-    train, val = record["train-size"], record["val-size"]
-    if not is_int(train) or train < 1 or not is_int(val) or val < 0:  # type: ignore[operator]
-        return f"train-size {show(train)} and val-size {show(val)} are not counts of samples"
-    claimed = int(train) + int(val)  # type: ignore[arg-type]
-    if known.total is not None and claimed > known.total:
-        return f"it claims {claimed} samples, more than the {known.total} the dataset holds"
-    if known.sizes is not None and (train, val) != known.sizes[partition]:
+    train, val, own = record[TRAIN_SIZE], record[VAL_SIZE], record[OWN_DATA]
+    if not is_int(train) or train < 1 or not is_int(val) or val < 0 or not isinstance(own, bool):  # type: ignore[operator]
+        return (
+            f"{TRAIN_SIZE} {show(train)}, {VAL_SIZE} {show(val)} and {OWN_DATA} {show(own)} are "
+            "not two counts of samples and a boolean"
+        )
+    if known.sizes is not None and not own and (train, val) != known.sizes[partition]:
         expected = known.sizes[partition]
         return (
             f"it claims {show(train)} training and {show(val)} validation samples; partition "
-            f"{partition} "
-            f"of this dataset holds {expected[0]} and {expected[1]}"
+            f"{partition} of this dataset holds {expected[0]} and {expected[1]}"
         )
-    if "label-counts" in keys:
-        counts = record["label-counts"]
-        if (
-            not isinstance(counts, list)
-            or len(counts) != len(known.classes)
-            or not all(is_int(c) and c >= 0 for c in counts)  # type: ignore[operator]
-            or sum(counts) != train  # type: ignore[arg-type]
-        ):
-            return (
-                f"its label counts are not {len(known.classes)} counts summing to train-size "
-                f"{show(train)}"
-            )
+    return _label_counts_problem(record, keys, train, known)
+
+
+def _label_counts_problem(record: Any, keys: set[str], train: object, known: Known) -> str | None:
+    """Why a census record's label counts are not the dataset's classes summing to `train`."""
+    if LABEL_COUNTS not in keys:
+        return None
+    counts = record[LABEL_COUNTS]
+    if (
+        not isinstance(counts, list)
+        or len(counts) != len(known.classes)
+        or not all(is_int(c) and c >= 0 for c in counts)
+        or sum(counts) != train
+    ):
+        return (
+            f"its label counts are not {len(known.classes)} counts summing to {TRAIN_SIZE} "
+            f"{show(train)}"
+        )
     return None
 
 
@@ -139,10 +148,8 @@ def tally(replies: Iterable[Message], cfg: Config, known: Known | None = None) -
     """The census from its replies: bad ones said and dropped, conflicts said and unbound.
 
     A partition two nodes claim is a conflict: neither is bound (the server cannot tell
-    the owner from the impostor), and neither is blamed for it. So are claims that add up
-    to more samples than the dataset holds: the largest are left unbound until the rest fit.
+    the owner from the impostor), and neither is blamed for it.
     """
-    known = known or Known()
     census = Census(cfg.federation.num_clients)
     claims: dict[int, list[Message]] = {}
     for reply in replies:
@@ -157,7 +164,6 @@ def tally(replies: Iterable[Message], cfg: Config, known: Known | None = None) -
             census.notices.say(f"census reply of node {node} rejected", problem, who=f"node {node}")
             continue
         claims.setdefault(partition_of(reply) or 0, []).append(reply)
-    bound: dict[int, Message] = {}
     for partition, claimants in sorted(claims.items()):
         nodes = sorted({reply.metadata.src_node_id for reply in claimants})
         if len(nodes) > 1:
@@ -167,43 +173,13 @@ def tally(replies: Iterable[Message], cfg: Config, known: Known | None = None) -
                 "its node)"
             )
             continue
-        bound[partition] = claimants[0]
-    for partition in _over_the_total(bound, known.total, census):
-        del bound[partition]
-    for partition, reply in bound.items():
-        record = reply.content.config_records[CENSUS_RECORD]
-        census.nodes[reply.metadata.src_node_id] = partition
-        census.train_sizes[partition] = int(record["train-size"])  # type: ignore[arg-type]
-        census.val_sizes[partition] = int(record["val-size"])  # type: ignore[arg-type]
-        if "label-counts" in record:
-            census.label_counts[partition] = [int(c) for c in record["label-counts"]]  # type: ignore[union-attr]
+        record = claimants[0].content.config_records[CENSUS_RECORD]
+        census.nodes[nodes[0]] = partition
+        census.train_sizes[partition] = int(record[TRAIN_SIZE])  # type: ignore[arg-type]
+        census.val_sizes[partition] = int(record[VAL_SIZE])  # type: ignore[arg-type]
+        if LABEL_COUNTS in record:
+            census.label_counts[partition] = [int(c) for c in record[LABEL_COUNTS]]  # type: ignore[union-attr]
     return census
-
-
-def _over_the_total(bound: dict[int, Message], total: int | None, census: Census) -> list[int]:
-    """Partitions whose claims, largest first, must go for the rest to fit in `total`."""
-    if total is None:
-        return []
-
-    def claimed(partition: int) -> int:
-        record = bound[partition].content.config_records[CENSUS_RECORD]
-        return int(record["train-size"]) + int(record["val-size"])  # type: ignore[arg-type]
-
-    overall = sum(claimed(p) for p in bound)
-    dropped: list[int] = []
-    for partition in sorted(bound, key=lambda p: (-claimed(p), p)):
-        if overall <= total:
-            break
-        overall -= claimed(partition)
-        dropped.append(partition)
-    if dropped:
-        nodes = [bound[p].metadata.src_node_id for p in dropped]
-        census.conflict(
-            f"the clients claim more samples together than the {total} the dataset holds; "
-            f"the largest claims (nodes {', '.join(map(str, nodes))}, partitions "
-            f"{', '.join(map(str, dropped))}) take no part"
-        )
-    return dropped
 
 
 def take_census(grid: Grid, cfg: Config, known: Known | None = None) -> Census:

@@ -31,15 +31,30 @@ _EXCEPTION_NAME = re.compile(r"[A-Za-z_][\w.]*")
 _EXCEPTION_SUFFIXES = ("Error", "Exception", "Interrupt", "Exit", "Warning")
 _WRAPPERS = ("ClientAppException", "RayTaskError")
 
-_SHORT = reprlib.Repr()
+
+class _Short(reprlib.Repr):
+    """reprlib's short repr, also for an integer of any size (repr refuses 4300+ digits)."""
+
+    def repr_int(self, x: int, level: int) -> str:
+        if abs(x) > 10**30:
+            return f"an integer of about 2**{x.bit_length()}"
+        return super().repr_int(x, level)
+
+
+_SHORT = _Short()
 _SHORT.maxstring = _SHORT.maxother = 60
 _SHORT.maxlist = _SHORT.maxdict = _SHORT.maxset = 6
 _SHORT.maxlevel = 3
 
 
 def is_int(value: object) -> bool:
-    """True for a Python or NumPy integer, not a bool (Flower records allow both bools and ints)."""
-    return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
+    """True for a Python or NumPy integer of int64's range, not a bool (Flower records allow
+    both; a record that never went through protobuf, in a simulation, can hold any int)."""
+    return (
+        isinstance(value, int | np.integer)
+        and not isinstance(value, bool | np.bool_)
+        and bool(-(2**63) <= value < 2**63)
+    )
 
 
 def is_number(value: object) -> bool:
@@ -51,9 +66,6 @@ def is_number(value: object) -> bool:
 
 def show(value: object) -> str:
     """`value` as a short one-line repr, cheap whatever its size (a client's value, a key)."""
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**30:
-        # repr of a huge int is slow; Python refuses it past 4300 digits.
-        return f"an integer of about 2**{value.bit_length()}"
     if isinstance(value, bytes):
         value = value[: 2 * _SHORT.maxstring].decode("latin-1")  # reprlib's repr is of str
     if isinstance(value, str) and len(value) > 4 * _SHORT.maxstring:

@@ -199,7 +199,7 @@ def deploy_command(args: argparse.Namespace) -> int:
     config = cfg.to_dict()
     config["output"]["dir"] = str(path)  # the ServerApp writes exactly here
     print(f"fl-lightning: writing {path}", file=sys.stderr)
-    with _released_unless_a_round_ends(run):
+    with _released_unless_a_round_ends(run, keep=("deployment",)):
         _deploy(cfg, config, node_configs, run, args, token)
     return _report(cfg, run)
 
@@ -234,12 +234,22 @@ def _deploy(
 
 
 @contextlib.contextmanager
-def _released_unless_a_round_ends(run: RunDir) -> Iterator[None]:
-    """Give the run directory back (`RunDir.release`) if the run records no round."""
+def _released_unless_a_round_ends(run: RunDir, keep: tuple[str, ...] = ()) -> Iterator[None]:
+    """Give the run directory back (`RunDir.release`) if the run records no round; what
+    `keep` names (deploy-local's logs) is moved aside, and where is said, unless a signal
+    stopped the run (then everything it made is gone, as the signal's line says)."""
+    from fl_lightning.errors import Stopped
+
+    stopped = False
     try:
         yield
+    except Stopped:
+        stopped = True
+        raise
     finally:
-        run.release()
+        aside = run.release(() if stopped else keep)
+        if aside is not None:
+            print(f"fl-lightning: no round completed; the logs are in {aside}", file=sys.stderr)
 
 
 def _checked_node_configs(cfg: Config, texts: list[str], gpus: list[int]) -> list[str]:

@@ -17,11 +17,15 @@ from fl_lightning.vocabulary import (
     CENSUS_ACTION,
     CENSUS_RECORD,
     IDENTITY_RECORD,
+    LABEL_COUNTS,
     LR_FACTOR,
     NUM_EXAMPLES,
+    OWN_DATA,
     PROXIMAL_MU,
     SERVER_ROUND,
+    TRAIN_SIZE,
     UNIFORM_WEIGHT,
+    VAL_SIZE,
     sends_label_counts,
 )
 
@@ -171,9 +175,10 @@ def make_client_app(
         train, val, labels = client_census(
             config, partition, num_partitions, with_labels=sends_label_counts(config)
         )
-        record = ConfigRecord({"train-size": train, "val-size": val})
+        own = config.data.partition == "site"
+        record = ConfigRecord({TRAIN_SIZE: train, VAL_SIZE: val, OWN_DATA: own})
         if labels is not None:
-            record["label-counts"] = labels
+            record[LABEL_COUNTS] = labels
         content = RecordDict({IDENTITY_RECORD: _identity(context), CENSUS_RECORD: record})
         return Message(content=content, reply_to=msg)
 

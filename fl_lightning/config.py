@@ -229,8 +229,9 @@ class StrategyConfig:
     # The update screen (fl_lightning.update_screen): a reply whose update (its weights
     # minus the global model's, L2 norm over every floating-point array) is more than
     # update_norm_factor times the median of the round's updates is rejected (null: off);
-    # so is one over max_update_norm, for users who know their updates' scale.
-    update_norm_factor: float | None = 10.0
+    # so is one over max_update_norm, for users who know their updates' scale. 100: far
+    # above what honest clients of unequal sizes differ by, far below a poisoned update.
+    update_norm_factor: float | None = 100.0
     max_update_norm: float | None = None
 
 

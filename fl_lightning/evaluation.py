@@ -31,7 +31,7 @@ class CentralEvaluator:
         # Evaluation needs one device; DDP would shard (and pad) the test set.
         self.trainer = make_trainer(cfg.trainer, devices=one_device(cfg.trainer), strategy="auto")
         self.loader, self.noisy_loader = _test_loaders(cfg)
-        self._probe_trainer: L.Trainer | None = None  # one test batch (`probe`)
+        self._probe: tuple[L.LightningModule, L.Trainer] | None = None  # see `probe`
 
     def evaluate(
         self, state_dict: dict[str, torch.Tensor], noisy: bool = False
@@ -52,16 +52,18 @@ class CentralEvaluator:
         One batch costs milliseconds, not the full test split's seconds, so every round's
         new model is tested before the next round trains on it.
         """
-        if self._probe_trainer is None:
-            self._probe_trainer = make_trainer(
+        if self._probe is None:
+            # Its own module and Trainer: the round-closing thread may be evaluating the
+            # previous round with the evaluator's own, at idle priority, as this one runs.
+            trainer = make_trainer(
                 self.cfg.trainer, devices=one_device(self.cfg.trainer), strategy="auto",
                 limit_test_batches=1,
             )  # fmt: skip
-        self.model.load_state_dict(state_dict)
+            self._probe = (build_model(self.cfg), trainer)
+        model, trainer = self._probe
+        model.load_state_dict(state_dict)
         try:
-            (metrics,) = self._probe_trainer.test(
-                self.model, dataloaders=self.loader, verbose=False
-            )
+            (metrics,) = trainer.test(model, dataloaders=self.loader, verbose=False)
         except Exception as err:  # the user's test_step on weights it cannot handle
             return f"the server's test of it failed ({type(err).__name__}: {one_line(str(err))})"
         bad = sorted(k for k, v in logged_metrics(metrics).items() if not math.isfinite(v))

@@ -45,14 +45,9 @@ def train_val_split(
     indices: torch.Tensor, val_fraction: float, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Hold out a seeded `val_fraction` of a client's partition for local validation."""
-    num_val = held_out(len(indices), val_fraction)
+    num_val = round(len(indices) * val_fraction)
     shuffled = indices[torch.randperm(len(indices), generator=_generator(seed, 3))]
     return shuffled[num_val:], shuffled[:num_val]
-
-
-def held_out(size: int, val_fraction: float) -> int:
-    """How many of a partition's `size` samples are held out for validation."""
-    return round(size * val_fraction)
 
 
 def label_partitions(
@@ -103,28 +98,6 @@ def label_partitions(
     except ValueError as err:  # e.g. no Dirichlet draw gives every client enough samples
         raise ConfigError(f"data.partition={scheme}: {err}") from None
     return [torch.as_tensor(part, dtype=torch.long) for part in parts]
-
-
-def split_sizes(
-    data: DataConfig, num_partitions: int, total: int
-) -> tuple[tuple[int, int], ...] | None:
-    """Each partition's (training, validation) sizes, where `total` samples alone fix them.
-
-    An `iid` split cuts the pool into parts of equal size (+-1), `shards` gives every client
-    `shards_per_client` shards of equal size: the server knows these sizes without opening
-    the data (what `client_splits` computes from it). `dirichlet` sizes depend on the labels,
-    `site` data on each site: None.
-    """
-    if data.partition == "iid":
-        base, extra = divmod(total, num_partitions)
-        sizes = [base + (p < extra) for p in range(num_partitions)]  # torch.tensor_split's
-    elif data.partition == "shards":
-        shard_size = total // (num_partitions * data.shards_per_client)
-        sizes = [shard_size * data.shards_per_client] * num_partitions
-    else:
-        return None
-    held = [held_out(size, data.val_fraction) for size in sizes]
-    return tuple((size - val, val) for size, val in zip(sizes, held, strict=True))
 
 
 ClientSplit = tuple[torch.Tensor, torch.Tensor]

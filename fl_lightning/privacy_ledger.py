@@ -52,6 +52,7 @@ class PrivacyLedger:
         # accountants show (at most the first).
         self.sampled = [0] * len(partition_sizes)
         self.trained = [0] * len(partition_sizes)
+        self._interrupted = False  # see `charge_interrupted_round`
         self.releases = create_accountant(cfg.privacy.accountant)
         # client_dp: noise std over clipping norm (calibrated once if target_epsilon is set).
         self.client_dp_noise_multiplier = (
@@ -78,7 +79,9 @@ class PrivacyLedger:
     def within_budget(self, server_round: int, partitions: Iterable[int]) -> list[int]:
         """The `partitions` that may train in `server_round` without passing max_epsilon.
 
-        Raises PrivacyBudgetExceeded when fewer than `federation.min_train_clients` may.
+        Raises PrivacyBudgetExceeded when none may, or when the clients left out for their
+        budget leave a round too few to aggregate (`federation.min_train_clients`): every
+        later round would spend epsilon and then be skipped.
         """
         partitions = list(partitions)
         if self.max_epsilon is None:
@@ -89,7 +92,11 @@ class PrivacyLedger:
         else:
             projected = self.projected_epsilon()
             allowed = partitions if projected <= self.max_epsilon else []
-        if len(allowed) < min(self.cfg.federation.min_train_clients, len(partitions) or 1):
+        f = self.cfg.federation
+        sample, full = (max(int(len(p) * f.fraction_train), 1) for p in (allowed, partitions))
+        if not allowed or (
+            len(allowed) < len(partitions) and sample < min(f.min_train_clients, full)
+        ):
             raise PrivacyBudgetExceeded(
                 f"round {server_round} not started: it would bring a client to epsilon "
                 f"{projected:.3f} > privacy.max_epsilon={self.max_epsilon} (delta "
@@ -99,8 +106,21 @@ class PrivacyLedger:
 
     def record_sampled(self, partitions: Iterable[int]) -> None:
         """dp_sgd: these partitions are sent training this round (they may spend a round)."""
+        times = 2 if self._interrupted else 1
+        self._interrupted = False
         for partition in partitions:
-            self.sampled[partition] += 1
+            self.sampled[partition] += times
+
+    def charge_interrupted_round(self) -> None:
+        """A resumed run with secret noise: the round the kill interrupted may already have
+        trained (and released) once, and runs again with fresh noise, so it is charged
+        twice: dp_sgd, to the clients its sampling (seeded, so the same) sends training;
+        client_dp, one more release. (With reproducible noise the rerun repeats the very
+        same computation and reveals nothing new.)"""
+        if self.cfg.privacy.mode == "dp_sgd":
+            self._interrupted = True
+        else:
+            self.record_release()
 
     def verified_rounds(self, partition: int, epsilon: object, state: str | None) -> int | str:
         """dp_sgd: the rounds a reply's accountant shows, if it matches the client's plan.

@@ -235,7 +235,9 @@ def _parse(raw: Any, cfg: Config, model: dict[str, torch.Tensor]) -> ResumeState
     """Check every part of resume.pt's contents against the run's config and model."""
     expect(isinstance(raw, dict) and set(raw) == _KEYS, "not the parts resume state has")
     expect(is_int(raw["format"]) and raw["format"] == FORMAT, "an unknown format")
-    expect(is_int(raw["round"]) and raw["round"] >= 0, "round is not a round number")
+    last = raw["round"]
+    rounds = cfg.federation.num_rounds
+    expect(is_int(last) and 0 <= last <= rounds, f"round is not a round number of 0..{rounds}")
     weights = _check_weights(raw["weights"], model)
     state = ResumeState(
         raw["round"],
@@ -284,7 +286,7 @@ def _check_history(history: Any, last: int) -> dict[int, dict[str, float]]:
     """The round records behind summary.md: rounds up to `last` -> metric name -> number."""
     expect(isinstance(history, dict), "history: not a record per round")
     expect(
-        last in history and set(history) <= set(range(last + 1)),
+        last in history and all(is_int(r) and 0 <= r <= last for r in history),
         f"history: not the records of rounds up to {last}",
     )
     for metrics in history.values():

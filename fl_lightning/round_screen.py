@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, Message
 from fl_lightning.checks import partition_of
 from fl_lightning.config import Config
 from fl_lightning.replies import TRAIN, ReplyScreen
-from fl_lightning.update_screen import norm_problems, update_norm
+from fl_lightning.update_screen import norm_problems, update_norms
 from fl_lightning.vocabulary import ACCOUNTANT_RECORD, EPSILON_METRIC
 
 if TYPE_CHECKING:
@@ -44,6 +44,8 @@ class RoundScreen:
         self._round: int | None = None
         self._seen: dict[int, tuple[Message, int | None]] = {}
         self._taken: set[int] = set()
+        # DP-SGD: each client's accountant (JSON) as last verified, kept for --resume.
+        self.accountants: dict[int, str] = {}
 
     def start(self, reference: ArrayRecord, sent: int) -> None:
         """A round begins: its global model, and how many clients were sent training."""
@@ -85,7 +87,10 @@ class RoundScreen:
         if isinstance(rounds, str):
             self.reject(reply, TRAIN, rounds)
             return False
+        # The client trained (its accountant says so) whether or not its update is used:
+        # credited, and its accountant kept for --resume (`accountants`).
         ledger.record_trained(partition, rounds)
+        self.accountants[partition] = str(state)
         return True
 
     def norm_screened(
@@ -100,7 +105,7 @@ class RoundScreen:
         factor = None if self.cfg.privacy.mode == "client_dp" else s.update_norm_factor
         if factor is None and s.max_update_norm is None:
             return replies
-        norms = [update_norm(r.content.array_records["arrays"], reference) for r in replies]
+        norms = update_norms([r.content.array_records["arrays"] for r in replies], reference)
         problems = norm_problems(norms, factor, s.max_update_norm)
         for reply, problem in zip(replies, problems, strict=True):
             if problem is not None:

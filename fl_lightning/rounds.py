@@ -7,9 +7,11 @@ import statistics
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from logging import WARNING
 from typing import TYPE_CHECKING, Any
 
 import torch
+from flwr.common.logger import log
 
 from fl_lightning import resume
 from fl_lightning.config import OptimizerConfig
@@ -200,15 +202,14 @@ class RoundRecorder:
         )
 
     def adoption_problem(self, state_dict: dict[str, torch.Tensor]) -> str | None:
-        """Why a candidate global model must not be adopted (`CentralEvaluator.probe`).
+        """Why a candidate global model must not be adopted (`CentralEvaluator.probe`)."""
+        return self.evaluator.probe(state_dict)
 
-        Tested on the thread that closes rounds, after the closes queued before it: the
-        evaluator's module is never used by two threads at once.
-        """
-        state = {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
-        if self._closer is None:
-            return self.evaluator.probe(state)
-        return self._closer.submit(self.evaluator.probe, state).result()
+    def skip(self, why: str, server_round: int) -> None:
+        """The round's aggregate is not adopted: said, counted as `skipped`."""
+        log(WARNING, "round %d skipped: %s; the global model stays as it was", server_round, why)
+        self.count(skipped=1)
+        self.lap("aggregation")
 
     def wait(self) -> None:
         """Block until every round closing in the background is written; raise its error."""

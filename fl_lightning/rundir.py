@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -98,23 +99,33 @@ class RunDir:
         with open_regular(self.metrics) as stream:
             return stream.read()
 
-    def release(self) -> None:
+    def release(self, keep: tuple[str, ...] = ()) -> Path | None:
         """Undo the claim of a run that recorded no round: its files, its lock, its folder.
 
         A run that fails before its first round (a census nobody answered, an error while
-        starting) leaves nothing behind, so the same `output.dir` can be used again.
-        Everything in the folder is the run's own: it was new or empty when claimed.
+        starting) leaves nothing in `path`, so the same `output.dir` can be used again.
+        Everything in the folder is the run's own: it was new or empty when claimed. The
+        entries named in `keep` (deploy-local's logs) are moved to a new temporary folder,
+        which is returned. A run whose records cannot be read is left as it is.
         """
-        if self.last_round() >= 0:
-            return
+        try:
+            if self.last_round() >= 0:
+                return None
+        except OSError:
+            return None
+        kept = [self.path / name for name in keep if (self.path / name).exists()]
+        aside = Path(tempfile.mkdtemp(prefix="fl-lightning-unfinished-")) if kept else None
         for entry in self.path.iterdir():
-            if entry.is_dir() and not entry.is_symlink():
+            if aside is not None and entry in kept:
+                shutil.move(entry, aside / entry.name)
+            elif entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
                 entry.unlink(missing_ok=True)
         if self.created:
             with contextlib.suppress(OSError):
                 self.path.rmdir()
+        return aside
 
 
 def round_of(line: str | bytes) -> int | None:

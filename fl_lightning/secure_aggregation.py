@@ -29,7 +29,9 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 from flwr.common import (
+    EvaluateIns,
     EvaluateRes,
+    FitIns,
     FitRes,
     NDArrays,
     Parameters,
@@ -40,6 +42,7 @@ from flwr.common import (
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
+from flwr.server.criterion import Criterion
 from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
@@ -220,16 +223,30 @@ class SecureFedAvg(FedAvg):
         allowed = set(bound if ledger is None else ledger.within_budget(server_round, bound))
         self.recorder.start()
         self._global = parameters_to_ndarrays(parameters)
-        sampled = [
-            (proxy, instruction)
-            for proxy, instruction in super().configure_fit(
-                server_round, parameters, client_manager
-            )
-            if self.nodes.get(_node_id(proxy)) in allowed
-        ]
+        proxies = self._sample(client_manager, allowed, self.fraction_fit)
         if ledger is not None and self.cfg.privacy.mode == "dp_sgd":
-            ledger.record_sampled(self.nodes[_node_id(proxy)] for proxy, _ in sampled)
-        return sampled
+            ledger.record_sampled(self.nodes[_node_id(proxy)] for proxy in proxies)
+        fit = FitIns(parameters, self._fit_config(server_round))
+        return [(proxy, fit) for proxy in proxies]
+
+    def configure_evaluate(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list:
+        """Sample the census's clients for federated evaluation."""
+        if self.fraction_evaluate == 0.0:
+            return []
+        proxies = self._sample(client_manager, set(self.nodes.values()), self.fraction_evaluate)
+        evaluate = EvaluateIns(parameters, {})
+        return [(proxy, evaluate) for proxy in proxies]
+
+    def _sample(
+        self, client_manager: ClientManager, partitions: set[int], fraction: float
+    ) -> list[ClientProxy]:
+        """A share `fraction` of the nodes the census bound to `partitions` (as the Message
+        API's strategies sample, `fl_lightning.sampling`): nobody else is sent a message."""
+        eligible = {node for node, partition in self.nodes.items() if partition in partitions}
+        size = max(int(len(eligible) * fraction), 1)
+        return client_manager.sample(size, len(eligible), _AmongNodes(eligible))
 
     def aggregate_fit(
         self,
@@ -248,10 +265,11 @@ class SecureFedAvg(FedAvg):
             _credit_epsilons(self.recorder.ledger, results, self.nodes)
         aggregated, metrics = super().aggregate_fit(server_round, results, failures)
         if aggregated is None:
+            self.recorder.skip("no client's update reached the secure sum", server_round)
             return None, metrics
         delta = parameters_to_ndarrays(aggregated)
         if not all(np.isfinite(d).all() for d in delta):
-            self.skip("the secure sum is not finite", server_round)
+            self.recorder.skip("the secure sum is not finite", server_round)
             return None, metrics
         updated = [(g + d).astype(g.dtype) for g, d in zip(self._global, delta, strict=True)]
         clipped = sum(_count(r.metrics.get(CLIPPED_KEY)) for _, r in results)
@@ -259,16 +277,10 @@ class SecureFedAvg(FedAvg):
         if self.cfg.privacy.mode != "client_dp":  # there: after the noise (the wrapper)
             problem = self.recorder.adoption_problem(self.state_dict(updated))
             if problem is not None:
-                self.skip(f"the new model is not adopted: {problem}", server_round)
+                self.recorder.skip(f"the new model is not adopted: {problem}", server_round)
                 return None, metrics
         self.recorder.lap("aggregation")
         return ndarrays_to_parameters(updated), metrics
-
-    def skip(self, why: str, server_round: int) -> None:
-        """Leave the global model as it is this round, saying why; counted as `skipped`."""
-        log.warning("round %d skipped: %s; the global model stays as it was", server_round, why)
-        self.recorder.count(skipped=1)
-        self.recorder.lap("aggregation")
 
     def state_dict(self, arrays: NDArrays) -> dict[str, torch.Tensor]:
         """The model's state dict with `arrays` as its floating-point entries."""
@@ -331,8 +343,10 @@ class _AccountedClientSideClipping(DifferentialPrivacyClientSideFixedClipping):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Aggregate, add noise calibrated to the updates summed, account for the release."""
-        if failures or not results:
-            return None, {}  # as Flower's wrapper: a round with failures releases nothing
+        if failures or not results:  # as Flower's wrapper: a round with failures releases nothing
+            self.strategy.recorder.lap("client_training")
+            self.strategy.recorder.skip("a client failed in secure aggregation", server_round)
+            return None, {}
         parameters, metrics = self.strategy.aggregate_fit(server_round, results, failures)
         if parameters is None:
             return None, metrics
@@ -347,7 +361,7 @@ class _AccountedClientSideClipping(DifferentialPrivacyClientSideFixedClipping):
         self.ledger.record_release()
         problem = self.strategy.recorder.adoption_problem(self.strategy.state_dict(arrays))
         if problem is not None:  # a test of the release: post-processing
-            self.strategy.skip(f"the new model is not adopted: {problem}", server_round)
+            self.strategy.recorder.skip(f"the new model is not adopted: {problem}", server_round)
             return None, metrics
         return ndarrays_to_parameters(arrays), metrics
 
@@ -375,6 +389,17 @@ def _credit_epsilons(
             log.warning("the privacy report of client %s is ignored: %s", partition, rounds)
         else:
             ledger.record_trained(partition, rounds)
+
+
+class _AmongNodes(Criterion):
+    """Legacy sampling's criterion: only these node ids."""
+
+    def __init__(self, nodes: set[int]) -> None:
+        self.nodes = nodes
+
+    def select(self, client: ClientProxy) -> bool:
+        """Whether `client` is one of the nodes."""
+        return _node_id(client) in self.nodes
 
 
 def _node_id(proxy: ClientProxy) -> int:

@@ -78,6 +78,8 @@ def run_federation(
             tracker.note(f"privacy: {REPRODUCIBLE_WARNING}")
         if resume is not None and resume.ledger is not None:
             recorder.ledger.load_state(resume.ledger)
+            if not cfg.privacy.reproducible_noise:
+                recorder.ledger.charge_interrupted_round()
     if resume is not None and resume.rng is not None:
         from fl_lightning.resume import restore_rng
 
@@ -166,23 +168,24 @@ def _run_rounds(
 
 
 def _known(cfg: Config) -> Known:
-    """What the server knows of the clients' data without opening it: a built-in dataset's
-    class names, its training samples (the most all clients can hold together) and, where
-    the partition scheme fixes them, each client's sizes.
+    """What the server knows of the clients' data: a built-in dataset's class names and
+    each partition's sizes, from the split every client makes of the same public copy.
 
-    The built-in datasets are decoded on the server anyway (their test split); a
-    `data.class_path` DataModule's training data is never opened here: nothing known.
+    The built-in datasets are decoded on the server anyway (their test split; the CLI has
+    made the split already to check it); a `data.class_path` DataModule's training data is
+    never opened here: nothing known. A site's own data (node config `data-root`) is not
+    the server's copy: clients say so in the census, and their sizes are not checked.
     """
     from fl_lightning.census import Known
 
     if cfg.data.class_path is not None:
         return Known()
     from fl_lightning.data import load_splits
-    from fl_lightning.partition import split_sizes
+    from fl_lightning.partition import client_splits
 
-    splits = load_splits(cfg.data)
-    total = min(len(splits.train), cfg.data.max_train_samples or len(splits.train))
-    return Known(splits.classes, total, split_sizes(cfg.data, cfg.federation.num_clients, total))
+    splits = client_splits(cfg.data, cfg.federation.num_clients, cfg.seed)
+    sizes = tuple((len(train), len(val)) for train, val in splits)
+    return Known(load_splits(cfg.data).classes, sizes)
 
 
 def _census(grid: Grid, cfg: Config, tracker: RunTracker, known: Known) -> Census:
@@ -194,7 +197,7 @@ def _census(grid: Grid, cfg: Config, tracker: RunTracker, known: Known) -> Censu
         census = take_census(grid, cfg, known)
     except NothingTrained as err:
         tracker.note(str(err))
-        tracker.close()  # the run directory keeps what was written
+        tracker.close()
         raise
     for conflict in census.conflicts:
         tracker.note(f"census conflict: {conflict}")

@@ -42,8 +42,6 @@ from fl_lightning.round_screen import RoundScreen
 from fl_lightning.rounds import RoundRecorder, round_lr_factor
 from fl_lightning.sampling import seeded_sampling
 from fl_lightning.vocabulary import (
-    ACCOUNTANT_RECORD,
-    EPSILON_METRIC,
     LR_FACTOR,
     RESERVED_METRICS,
     UNIFORM_WEIGHT,
@@ -116,10 +114,18 @@ class LightningFedAvg(FedAvg):
         # Rounds already completed by the run this one resumes: Flower counts from 1 again.
         self.round_offset = 0
         self._evaluations_sent = 0  # messages sent this round
-        # DP-SGD: each client's accountant (JSON) as last reported, kept for --resume.
-        self.accountants: dict[int, str] = {}
         self.resent_accountants = False
         self._out_of_budget: set[int] = set()  # partitions said to be past max_epsilon
+
+    @property
+    def accountants(self) -> dict[int, str]:
+        """DP-SGD: each client's accountant (JSON) as last verified (`RoundScreen`), kept for
+        --resume and sent back to its client after one."""
+        return self.updates.accountants
+
+    @accountants.setter
+    def accountants(self, value: dict[int, str]) -> None:
+        self.updates.accountants = value
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -208,7 +214,6 @@ class LightningFedAvg(FedAvg):
         (and the server optimizer's state) is sound; keep the train metrics for the log."""
         replies = self.screen_train(server_round, replies)
         server_round += self.round_offset
-        self.accountants.update(_accountant_states(replies))
         needed = self.cfg.federation.min_train_clients
         if len(replies) < needed:
             return self._skip(
@@ -248,6 +253,7 @@ class LightningFedAvg(FedAvg):
         """Take back the adoption of this round's aggregate (client_dp: its noised release
         failed `adoption_problem`)."""
         self.rounds_adopted -= 1
+        self.recorder.sourced.pop("train", None)  # a round not adopted logs no training
         return self._skip(problem, server_round + self.round_offset)
 
     def _log_clients(self, replies: list[Message]) -> None:
@@ -256,10 +262,8 @@ class LightningFedAvg(FedAvg):
             self.recorder.add_clients(_per_client(replies))
 
     def _skip(self, why: str, server_round: int) -> tuple[None, None]:
-        """Leave the global model as it is this round, saying why; counted as `skipped`."""
-        log(WARNING, "round %d skipped: %s; the global model stays as it was", server_round, why)
-        self.recorder.count(skipped=1)
-        self.recorder.lap("aggregation")
+        """Leave the global model as it is this round (`RoundRecorder.skip`)."""
+        self.recorder.skip(why, server_round)
         return None, None
 
     def _recompute_batchnorm(
@@ -388,24 +392,6 @@ def build_strategy(
         params["weighted_by_key"] = UNIFORM_WEIGHT
     cls = STRATEGY_CLASSES[s.name]
     return cls(cfg=cfg, recorder=recorder, census=census, **params, **sampling)
-
-
-def _accountant_states(replies: list[Message]) -> dict[int, str]:
-    """DP-SGD: partition id -> the accountant state each reply carries (if any)."""
-    states = {}
-    for reply in replies:
-        record = reply.content.config_records.get(ACCOUNTANT_RECORD)
-        if record is not None:
-            states[_screened_partition(reply)] = str(record["state"])
-    return states
-
-
-def _client_epsilons(replies: list[Message]) -> dict[int, float]:
-    """DP-SGD: partition id -> the cumulative epsilon each (screened) reply reports."""
-    return {
-        _screened_partition(reply): float(reply.content.metric_records["metrics"][EPSILON_METRIC])  # type: ignore[arg-type]
-        for reply in replies
-    }
 
 
 def module_metrics(metrics: MetricRecord) -> dict[str, float]:

@@ -3,18 +3,20 @@
 A client's update is its weights minus the global model's, its size the L2 norm over every
 floating-point array (float64, so float32 weights never overflow it). Finite weights can
 still wreck a round: one client sending 1e30 makes FedAvg's mean 1e29 and overflows
-FedAdam's second moment. Honest updates of one round have norms of one order of
-magnitude; so a reply whose norm is more than `strategy.update_norm_factor` times the
-median of the round's norms is rejected before aggregation, as is one over
-`strategy.max_update_norm` (for users who know their scale).
+FedAdam's second moment. Honest updates of one round differ by far less than a hundredfold,
+even between clients of very unequal sizes; so a reply whose norm is more than
+`strategy.update_norm_factor` (100) times the median of the round's norms is rejected
+before aggregation, as is one over `strategy.max_update_norm` (for users who know their
+scale).
 
 What it catches and what it cannot:
 - The median is robust to fewer than half the replies: with 3 or more replies a minority
   of attackers cannot raise the bar. With 2 replies the median is their mean: one of two
   clients sending 1e30 is not caught here (the server's test of each new model before it
   is adopted still refuses a model that no longer computes finite metrics).
-- A boosted update just under the bar (say 9x the median with the default 10) passes:
-  combine with a robust strategy (krum, fedmedian, fedtrimmedavg) against that.
+- A boosted update under the bar (50x the median with the default 100) passes: the
+  screen stops absurd updates, not subtle poisoning; combine it with a robust strategy
+  (krum, fedmedian, fedtrimmedavg), or a `max_update_norm` of your scale, against that.
 - It is not applied where the server cannot or must not look at single updates: under
   SecAgg+ (it sees only the sum) and under client-level DP, whose clipping already bounds
   each update and whose noise calibration would not hold if one client's update decided
@@ -31,16 +33,21 @@ import numpy as np
 from flwr.app import ArrayRecord
 
 
-def update_norm(arrays: ArrayRecord, reference: ArrayRecord) -> float:
-    """L2 norm of `arrays - reference` over every floating-point array, in float64."""
-    total = 0.0
-    for key, array in arrays.items():
-        values = array.numpy()
-        if not np.issubdtype(values.dtype, np.floating):
-            continue  # integer buffers (BatchNorm's counters) are not learned
-        delta = values.astype(np.float64) - reference[key].numpy().astype(np.float64)
-        total += float(np.dot(delta.ravel(), delta.ravel()))
-    return math.sqrt(total)
+def update_norms(updates: Sequence[ArrayRecord], reference: ArrayRecord) -> list[float]:
+    """Each record's L2 distance from `reference` over the floating-point arrays, in float64."""
+    base = {
+        key: array.numpy().astype(np.float64).ravel()
+        for key, array in reference.items()
+        if np.issubdtype(np.dtype(array.dtype), np.floating)
+    }  # integer buffers (BatchNorm's counters) are not learned
+    norms = []
+    for arrays in updates:
+        total = 0.0
+        for key, values in base.items():
+            delta = arrays[key].numpy().astype(np.float64).ravel() - values
+            total += float(np.dot(delta, delta))
+        norms.append(math.sqrt(total))
+    return norms
 
 
 def norm_problems(

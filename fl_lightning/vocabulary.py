@@ -23,6 +23,14 @@ IDENTITY_RECORD = "client"
 CENSUS_RECORD = "census"
 ACCOUNTANT_RECORD = "dp-sgd-accountant"
 
+# The census record's keys: a client's training and validation sizes, whether its data is
+# its own (a site's `data-root`: nothing the server can check it against), and, only
+# without privacy, its training-label counts.
+TRAIN_SIZE = "train-size"
+VAL_SIZE = "val-size"
+OWN_DATA = "own-data"
+LABEL_COUNTS = "label-counts"
+
 # Metrics a reply carries besides the module's own. NUM_EXAMPLES weighs FedAvg;
 # UNIFORM_WEIGHT (always 1) weighs client_dp's unweighted mean of clipped updates;
 # EPSILON_METRIC is a DP-SGD client's cumulative epsilon.

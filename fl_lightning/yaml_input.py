@@ -40,7 +40,7 @@ def parse_yaml(text: str, what: str) -> Any:
             f"{what}: {err.key} is written twice (lines {err.first} and {err.second}); "
             "keep one (a second section or key would silently replace the first)"
         ) from None
-    except _TooLarge as err:
+    except _Refused as err:
         raise ConfigError(f"{what}: {err}") from None
 
 
@@ -61,11 +61,12 @@ class _DuplicateKey(Exception):
         self.key, self.first, self.second = key, first, second
 
 
-class _TooLarge(Exception):
-    """A document that would expand past MAX_VALUES, or a number past MAX_DIGITS."""
+class _Refused(Exception):
+    """A document that would expand past MAX_VALUES, a number past MAX_DIGITS, or a value
+    YAML readers disagree on (`_Ambiguous`)."""
 
 
-class _Ambiguous(_TooLarge):
+class _Ambiguous(_Refused):
     """A plain scalar YAML 1.1 and YAML 1.2 read differently (`010`, `1:30`, `yes`)."""
 
 
@@ -98,7 +99,7 @@ _CORE_SCHEMA = [
 def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
     text = str(loader.construct_scalar(node))
     if len(text) > MAX_DIGITS:
-        raise _TooLarge(f"a number of {len(text)} digits is too long to be a config value")
+        raise _Refused(f"a number of {len(text)} digits is too long to be a config value")
     if not _DECIMAL.fullmatch(text):
         value = int(text[2:], 8 if text[1] == "o" else 16) if text[1:2] in "ox" else int(text)
         yaml11 = yaml.safe_load(text)
@@ -205,12 +206,12 @@ def _check_expanded_size(root: yaml.Node) -> None:
         if key in sizes:
             continue
         if key in open_nodes:
-            raise _TooLarge("an alias refers to a section that contains it (a loop)")
+            raise _Refused("an alias refers to a section that contains it (a loop)")
         open_nodes.add(key)
         stack.append((node, True))
         stack.extend((child, False) for child in _children(node))
     if sizes[id(root)] > MAX_VALUES:
-        raise _TooLarge(
+        raise _Refused(
             f"expands to more than {MAX_VALUES} values (YAML aliases repeat whole sections); "
             "a config is far smaller: write it without nested aliases"
         )

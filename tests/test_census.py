@@ -1,6 +1,5 @@
 """The census: what clients say they hold, screened, bound to their nodes."""
 
-import dataclasses
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -11,8 +10,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fl_lightning.census import CENSUS_MESSAGE_TYPE, Known, census_problem, take_census, tally
 from fl_lightning.config import load_config
 from fl_lightning.errors import ConfigError, NothingTrained
-from fl_lightning.partition import client_splits, split_sizes
-from tests.test_config import MNIST, REPO
+from tests.test_config import MNIST
 
 CLASSES = 10
 KNOWN = Known(tuple(str(c) for c in range(CLASSES)))
@@ -25,9 +23,11 @@ def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(TaskIdentity, name, 1)
 
 
-def answer(node: int, partition: object, train: object = 60, val: object = 6, **extra) -> Message:
+def answer(
+    node: int, partition: object, train: object = 60, val: object = 6, own: object = False, **extra
+) -> Message:
     """Node `node`'s census reply (label counts: all of `train` in class 0, unless given)."""
-    record = ConfigRecord({"train-size": train, "val-size": val})  # type: ignore[dict-item]
+    record = ConfigRecord({"train-size": train, "val-size": val, "own-data": own})  # type: ignore[dict-item]
     record["label-counts"] = extra.get("labels", [train] + [0] * (CLASSES - 1))
     for key in extra.get("drop", ()):
         del record[key]
@@ -83,71 +83,21 @@ def test_node_ids_hold_any_flower_node_id() -> None:
             load_config(MNIST, [f"federation.node_ids={bad}"])
 
 
-def test_an_iid_partition_claims_exactly_its_size() -> None:
-    # 300 samples in 5 IID partitions of 60, 10% held out: 54 + 6 each. The server knows
-    # that from the total alone (no data opened); any other claim is refused.
+def test_a_claim_must_be_the_size_the_split_gives_its_partition() -> None:
+    # Every client cuts the same public copy of a built-in dataset: the server knows each
+    # partition's sizes, so a client claiming others (to buy weight, or a DP-SGD plan of
+    # its choosing) is refused.
     cfg = load_config(MNIST)
-    known = Known(KNOWN.classes, 300, split_sizes(cfg.data, 5, 300))
-    assert known.sizes == ((54, 6),) * 5
+    known = Known(KNOWN.classes, ((54, 6),) * 5)
     liar = answer(2, 1, train=1, val=0, labels=[1] + [0] * (CLASSES - 1))
-    census = tally([answer(1, 0, train=54), liar], cfg, known)
+    inflated = answer(3, 2, train=540, labels=[540] + [0] * (CLASSES - 1))
+    census = tally([answer(1, 0, train=54), liar, inflated], cfg, known)
     assert census.nodes == {1: 0}
     assert "partition 1 of this dataset holds 54 and 6" in census.notices.clients_line()
-
-
-def test_split_sizes_are_the_sizes_the_clients_get(data_root: Path) -> None:
-    for scheme in ("iid", "shards"):
-        cfg = load_config(
-            MNIST,
-            [f"data.root={data_root}", "data.max_train_samples=1003", f"data.partition={scheme}",
-             "federation.num_clients=7"],
-        )  # fmt: skip
-        splits = client_splits(cfg.data, 7, cfg.seed)
-        assert split_sizes(cfg.data, 7, 1003) == tuple((len(t), len(v)) for t, v in splits)
-    assert split_sizes(dataclasses.replace(cfg.data, partition="dirichlet"), 7, 1003) is None
-
-
-def test_claims_adding_up_to_more_than_the_dataset_are_a_conflict() -> None:
-    # Each claim fits the 300 samples, their sum does not: the largest claim is left out
-    # (reported as a conflict, blamed on nobody), the rest fit.
-    cfg = load_config(MNIST)
-    known = Known(KNOWN.classes, 300)
-    claims = [answer(1, 0, train=100), answer(2, 1, train=100), answer(3, 2, train=150)]
-    census = tally(claims, cfg, known)
-    assert census.nodes == {1: 0, 2: 1}
-    assert "the largest claims (nodes 3, partitions 2) take no part" in census.conflicts[0]
-    assert census.notices.clients_line() == ""
-
-
-@pytest.mark.parametrize(
-    "bad",
-    [
-        {"partition": "0"},
-        {"partition": 5},
-        {"partition": -1},
-        {"train": 0, "labels": [0] * CLASSES},
-        {"train": 60.0, "labels": [60] + [0] * (CLASSES - 1)},
-        {"val": -1},
-        {"labels": [59] + [0] * (CLASSES - 1)},  # does not sum to train-size
-        {"labels": [61, -1] + [0] * (CLASSES - 2)},
-        {"labels": [60]},  # not one count per class
-        {"drop": ["label-counts"]},
-        {"drop": ["val-size"]},
-    ],
-    ids=str,
-)
-def test_implausible_answers_are_rejected(bad: dict) -> None:
-    cfg = load_config(MNIST)
-    reply = answer(1, **{"partition": 0, **bad})
-    assert census_problem(reply, cfg, KNOWN) is not None
-    assert tally([reply], cfg, KNOWN).nodes == {}
-
-
-def test_under_privacy_clients_send_sizes_only() -> None:
-    cfg = load_config(REPO / "configs" / "mnist_dp_sgd.yaml")
-    assert census_problem(answer(1, 0, drop=["label-counts"]), cfg, KNOWN) is None
-    # A label histogram where none belongs is refused, not kept.
-    assert census_problem(answer(1, 0), cfg, KNOWN) is not None
+    # A site's own data (node config data-root) is not the server's copy: not checked.
+    site = answer(4, 3, train=7, val=1, own=True, labels=[7] + [0] * (CLASSES - 1))
+    assert census_problem(site, cfg, known) is None
+    assert census_problem(answer(4, 3, own=1), cfg, known) is not None  # not a boolean
 
 
 def test_failed_and_malformed_answers_are_said_and_skipped() -> None:
@@ -191,13 +141,6 @@ def test_a_census_nobody_answers_ends_the_run_with_one_line() -> None:
         take_census(CensusGrid(fail=True), load_config(MNIST), KNOWN)  # type: ignore[arg-type]
 
 
-def test_a_claim_of_more_samples_than_the_dataset_holds_is_not_believed() -> None:
-    cfg = load_config(MNIST)
-    census = tally([answer(1, 0, train=90, val=10), answer(2, 1, train=95, val=10)], cfg,
-                   Known(KNOWN.classes, total=100))  # fmt: skip
-    assert census.nodes == {1: 0}  # node 2's 105 samples do not exist
-
-
 def test_a_census_short_of_nodes_says_what_it_waits_for(caplog: pytest.LogCaptureFixture) -> None:
     class TwoNodes:
         def get_node_ids(self) -> list[int]:
@@ -211,3 +154,18 @@ def test_a_census_short_of_nodes_says_what_it_waits_for(caplog: pytest.LogCaptur
     said = [r.getMessage() for r in caplog.records if "census:" in r.getMessage()]
     assert len(said) == 1 and "2 of 3 SuperNodes connected" in said[0]
     assert "num-supernodes=3" in said[0]
+
+
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet", "shards"])
+def test_the_server_knows_the_sizes_honest_clients_claim(scheme: str, data_root: Path) -> None:
+    from fl_lightning.server_app import _known
+    from fl_lightning.training import census
+
+    overrides = [
+        f"data.root={data_root}",
+        "data.max_train_samples=1003",
+        f"data.partition={scheme}",
+    ]
+    cfg = load_config(MNIST, [*overrides, "federation.num_clients=7"])
+    claimed = tuple(census(cfg, p, 7, with_labels=False)[:2] for p in range(7))
+    assert _known(cfg).sizes == claimed

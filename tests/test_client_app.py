@@ -80,10 +80,11 @@ def test_census_handler_counts_the_clients_own_labels(tiny_mnist: Config, data_r
     reply = app(message(tiny_mnist, CENSUS_MESSAGE_TYPE), context_for(data_root, 1))
     assert not reply.has_error(), reply.error
     record = reply.content.config_records["census"]
-    assert (record["train-size"], record["val-size"]) == (135, 15)
+    assert (record["train-size"], record["val-size"], record["own-data"]) == (135, 15, False)
     expected = label_counts(tiny_mnist.data, 2, tiny_mnist.seed)[1].tolist()
     assert record["label-counts"] == expected
-    assert census_problem(reply, tiny_mnist, Known(tuple("0123456789"))) is None
+    known = Known(tuple("0123456789"), ((135, 15), (135, 15)))  # as the server computes it
+    assert census_problem(reply, tiny_mnist, known) is None
 
 
 def test_census_handler_sends_sizes_only_under_privacy(data_root: Path) -> None:
@@ -92,7 +93,8 @@ def test_census_handler_sends_sizes_only_under_privacy(data_root: Path) -> None:
     cfg = config_from_run_config(context.run_config)
     reply = app(message(cfg, CENSUS_MESSAGE_TYPE), context)
     assert not reply.has_error(), reply.error
-    assert set(reply.content.config_records["census"].keys()) == {"train-size", "val-size"}
+    record = reply.content.config_records["census"]
+    assert set(record.keys()) == {"train-size", "val-size", "own-data"}
 
 
 def test_client_dp_clients_clip_their_update_with_flowers_mod(

@@ -114,3 +114,37 @@ def test_a_client_past_its_budget_stops_alone() -> None:
     ledger.record_sampled([0, 1])
     with pytest.raises(PrivacyBudgetExceeded, match="round 2 not started"):
         ledger.within_budget(2, [0, 1, 2])  # now nobody has room for another round
+
+
+def test_a_budget_that_leaves_too_few_for_a_round_ends_the_run() -> None:
+    # 10 clients, half sampled, at least 5 usable updates a round. Once one client is out of
+    # budget, Flower samples int(9 * 0.5) = 4: every later round would spend epsilon on 4
+    # clients and be skipped. The run ends instead.
+    cfg = load_config(
+        DP_SGD,
+        ["privacy.target_epsilon=null", "privacy.noise_multiplier=1.0",
+         "federation.num_clients=10", "federation.fraction_train=0.5",
+         "federation.min_train_clients=5"],
+    )  # fmt: skip
+    ledger = PrivacyLedger(cfg, [9720] * 9 + [1])
+    delta = cfg.privacy.delta
+    ledger.max_epsilon = (ledger.plans[0].epsilon(1, delta) + ledger.plans[9].epsilon(1, delta)) / 2
+    with pytest.raises(PrivacyBudgetExceeded, match="round 1 not started"):
+        ledger.within_budget(1, range(10))
+    ledger.max_epsilon = ledger.plans[9].epsilon(1, delta) * 2  # room for everybody
+    assert ledger.within_budget(1, range(10)) == list(range(10))
+
+
+def test_a_resumed_run_with_secret_noise_charges_the_interrupted_round_twice() -> None:
+    # The killed run may have trained (and released) the interrupted round already; the
+    # resumed run does it again with fresh noise.
+    cfg = load_config(DP_SGD)
+    ledger = PrivacyLedger(cfg, [9720] * 3)
+    ledger.charge_interrupted_round()
+    ledger.record_sampled([0, 2])
+    ledger.record_sampled([0, 1, 2])
+    assert ledger.sampled == [3, 1, 3]
+    releases = ["privacy.mode=client_dp", "privacy.noise_multiplier=1.0"]
+    client_dp = PrivacyLedger(load_config(MNIST, releases), [5] * 3)
+    client_dp.charge_interrupted_round()
+    assert len(client_dp.releases.history) == 1

@@ -190,3 +190,12 @@ def test_a_run_that_records_no_round_gives_its_directory_back(tmp_path: Path) ->
     ran.metrics.write_text('{"round": 0}\n')
     ran.release()  # a run with a round keeps everything
     assert sorted(p.name for p in ran.path.iterdir()) == [LOCK, "metrics.jsonl"]
+
+
+def test_a_deployment_that_records_no_round_keeps_its_logs_aside(tmp_path: Path) -> None:
+    run = claim(tmp_path / "run")
+    (run.path / "deployment").mkdir()
+    (run.path / "deployment" / "superlink.log").write_text("why it failed\n")
+    aside = run.release(keep=("deployment",))
+    assert aside is not None and not run.path.exists()
+    assert (aside / "deployment" / "superlink.log").read_text() == "why it failed\n"

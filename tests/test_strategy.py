@@ -398,3 +398,30 @@ def test_a_client_past_its_privacy_budget_is_not_sampled_and_the_round_goes_on()
     messages = list(strategy.configure_train(1, global_arrays(), ConfigRecord(), FakeGrid()))  # type: ignore[arg-type]
     assert sorted(node_partition(m) for m in messages) == [0, 1, 2, 3]
     assert ledger.sampled == [1, 1, 1, 1, 0]
+
+
+def test_a_dp_sgd_client_whose_update_is_rejected_keeps_its_accountant() -> None:
+    # It trained (its accountant says so): after a --resume it must get that accountant back,
+    # or every later reply would show more rounds than the server credited.
+    cfg = load_config(REPO / "configs" / "mnist_dp_sgd.yaml")
+    rounds = recorder()
+    rounds.ledger = ledger = PrivacyLedger(cfg, [100] * 5)
+    strategy = build_strategy(cfg, rounds, census())
+    plan = ledger.plans[0]
+    state = json.dumps(
+        {"history": [[plan.noise_multiplier, plan.sample_rate, plan.steps_per_round]],
+         "mechanism": cfg.privacy.accountant}
+    )  # fmt: skip
+    messages = list(strategy.configure_train(1, global_arrays(), ConfigRecord(), FakeGrid()))  # type: ignore[arg-type]
+    replies = []
+    for message in messages:
+        reply = reply_to(message, 0.1, 20, 100)
+        reply.content.metric_records["metrics"][EPSILON_METRIC] = plan.epsilon(1, 1e-5)
+        reply.content[ACCOUNTANT_RECORD] = ConfigRecord({"state": state})
+        if node_partition(message) == 4:
+            weights(1e30)(reply.content)  # its update is rejected by the norm screen
+        replies.append(reply)
+    strategy.aggregate_train(1, replies)
+    assert rounds.metrics["rejected"] == 1
+    assert sorted(strategy.accountants) == [0, 1, 2, 3, 4]
+    assert ledger.trained == [1] * 5

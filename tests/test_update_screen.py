@@ -3,7 +3,7 @@
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from fl_lightning.update_screen import norm_problems, update_norm
+from fl_lightning.update_screen import norm_problems, update_norms
 
 
 def test_the_norm_of_an_update_never_overflows() -> None:
@@ -14,8 +14,10 @@ def test_the_norm_of_an_update_never_overflows() -> None:
         {"w": Array(np.full((3, 4), 3e38, np.float32)), "n": Array(np.array(10**12, np.int64))}
     )
     # float32's largest value squared overflows float32; in float64 it does not.
-    assert update_norm(huge, reference) == np.sqrt(12) * np.float64(np.float32(3e38))
-    assert update_norm(reference, reference) == 0.0  # integer counters are not updates
+    assert update_norms([huge, reference], reference) == [
+        np.sqrt(12) * np.float64(np.float32(3e38)),
+        0.0,  # integer counters are not updates
+    ]
 
 
 def test_an_update_far_above_the_rounds_median_is_a_problem() -> None:
