@@ -109,9 +109,9 @@ LONG = "x" * 300  # a folder name: file systems allow 255 bytes
 def _resume_from_a_fifo(scratch: Path, data: Path) -> tuple[Path, list[str]]:
     """A killed run's folder whose checkpoints/resume.pt is a FIFO (a plain open waits)."""
     sys.path.insert(0, str(REPO))
-    from fl_lightning.config import load_config
-    from fl_lightning.data import load_splits
-    from fl_lightning.yaml_input import dump_yaml
+    from fl_lightning.config.load import load_config
+    from fl_lightning.config.yaml_input import dump_yaml
+    from fl_lightning.data.datasets import load_splits
 
     cfg = load_config(CONFIG, [f"data.root={data}", f"data.cache_dir={scratch / 'cache'}"])
     load_splits(cfg.data)  # the run's decoded data, as the killed run left it

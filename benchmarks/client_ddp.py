@@ -35,9 +35,9 @@ def main() -> None:
 
     import torch
 
-    from fl_lightning import training
-    from fl_lightning.config import load_config
-    from fl_lightning.models import build_model
+    from fl_lightning.client import training
+    from fl_lightning.config.load import load_config
+    from fl_lightning.models.build import build_model
 
     base = [
         f"data.root={args.data.resolve()}",

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 IMPORTS = {
     "clientapp_module": "import fl_lightning.client_app",
-    "clientapp_module_and_training": "import fl_lightning.client_app, fl_lightning.training",
+    "clientapp_module_and_training": "import fl_lightning.client_app, fl_lightning.client.training",
 }
 
 

@@ -301,11 +301,11 @@ class ServerWatch:
         self.spreads: list[float] = []
 
     def __enter__(self) -> ServerWatch:
-        from fl_lightning import census, checks, replies, round_screen
+        from fl_lightning.server import census, checks, reply_screen, round_screen
 
         self._saved: list[tuple[Any, str, Any]] = [
             (census, "error_summary", census.error_summary),
-            (replies, "error_summary", replies.error_summary),
+            (reply_screen, "error_summary", reply_screen.error_summary),
             (checks.Notices, "say", checks.Notices.say),
             (round_screen, "norm_problems", round_screen.norm_problems),
         ]
@@ -343,11 +343,11 @@ def simulate(name: str, setup: list[str], data: Path, workdir: Path) -> tuple[Pa
     from flwr.simulation import run_simulation
 
     from fl_lightning.client_app import make_client_app
-    from fl_lightning.config import load_config
+    from fl_lightning.config.load import load_config
     from fl_lightning.errors import FlLightningError
-    from fl_lightning.rundir import create_run_dir
+    from fl_lightning.run.simulation import backend_config
+    from fl_lightning.server.rundir import create_run_dir
     from fl_lightning.server_app import make_server_app
-    from fl_lightning.simulation import backend_config
 
     base = load_config(REPO / "configs" / "mnist.yaml", setup)
     _, overrides, mods = scenario(name, base.federation.num_rounds)
@@ -370,7 +370,7 @@ def simulate(name: str, setup: list[str], data: Path, workdir: Path) -> tuple[Pa
 
 def run_scenario(name: str, setup: list[str], data: Path, workdir: Path) -> dict:
     """One federated run with the scenario's faults; what it counted and reached."""
-    from fl_lightning.simulation import _drop_client_tracebacks
+    from fl_lightning.run.simulation import _drop_client_tracebacks
 
     rejections = Rejections()
     flwr_logger = logging.getLogger("flwr")

@@ -85,10 +85,10 @@ def plain_loop(config: str, overrides: list[str]) -> dict[str, float]:
     from torch.nn import functional as F
     from torch.utils.data import DataLoader
 
-    from fl_lightning.config import load_config
-    from fl_lightning.data import IndexedImages, collate_batch, load_splits
-    from fl_lightning.models import build_model
-    from fl_lightning.partition import client_splits
+    from fl_lightning.config.load import load_config
+    from fl_lightning.data.datasets import IndexedImages, collate_batch, load_splits
+    from fl_lightning.data.partition import client_splits
+    from fl_lightning.models.build import build_model
 
     cfg = load_config(REPO / config, overrides)
     torch.manual_seed(cfg.seed)
@@ -177,7 +177,8 @@ def run_federated(config: str, overrides: list[str], workdir: Path) -> dict[str,
     for phase in PHASES:
         figures[phase] = sum(r.get(f"time/{phase}", 0.0) for r in records)
     # Every round but the last is evaluated in the background while the next one trains
-    # (fl_lightning.rounds): those seconds overlap the others, so they are counted apart.
+    # (fl_lightning.server.round_close): those seconds overlap the others, so they are
+    # counted apart.
     last = max(r["round"] for r in records)
     background = [r.get("time/centralized_evaluation", 0.0) for r in records if r["round"] < last]
     figures["centralized_evaluation"] -= sum(background)

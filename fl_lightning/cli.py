@@ -11,13 +11,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
+from fl_lightning.vocabulary import NUM_PARTITIONS, PARTITION_ID
+
 if TYPE_CHECKING:
-    from fl_lightning.config import Config
-    from fl_lightning.rundir import RunDir
+    from fl_lightning.config.schema import Config
+    from fl_lightning.server.rundir import RunDir
 
 
 def _gpu_list(text: str) -> list[int]:
-    from fl_lightning.node_config import parse_devices
+    from fl_lightning.config.node_config import parse_devices
 
     try:
         return parse_devices(text)
@@ -97,13 +99,13 @@ def _prepare(
 
     `check` (e.g. the simulation's resources) runs first, before any data is read.
     """
-    from fl_lightning.config import load_config
+    from fl_lightning.config.load import load_config
 
     cfg = load_config(path, overrides)
     if check is not None:
         check(cfg)
     if claim_output:
-        from fl_lightning.rundir import check_claimable, run_dir_path
+        from fl_lightning.server.rundir import check_claimable, run_dir_path
 
         # A directory the run could not claim is said before any data is decoded.
         check_claimable(run_dir_path(cfg), "output.dir" if cfg.output.dir else "output.root")
@@ -111,11 +113,11 @@ def _prepare(
         _check_model(cfg)  # a user's constructor needs no data: refused before any is read
     # Fail on missing data or impossible partitions here, with one line, not inside Ray.
     if cfg.data.class_path is None:
-        from fl_lightning.partition import client_splits
+        from fl_lightning.data.partition import client_splits
 
         client_splits(cfg.data, cfg.federation.num_clients, cfg.seed)
     else:
-        from fl_lightning.client_data import central_test_loader
+        from fl_lightning.data.loaders import central_test_loader
 
         central_test_loader(cfg)  # the server's test data: there, and not empty
     if cfg.model.class_path is None:
@@ -125,7 +127,7 @@ def _prepare(
 
 def _check_model(cfg: Config) -> None:
     """Build the module as the server will: its constructor, Opacus, BatchNorm all checked."""
-    from fl_lightning.models import build_model
+    from fl_lightning.models.build import build_model
 
     build_model(cfg)  # a user's constructor; under DP, can Opacus train it? BatchNorm?
 
@@ -153,11 +155,23 @@ def _report(cfg: Config, run: RunDir) -> int:
     return 0
 
 
+def _enter(config: str) -> None:
+    """This process's entry into a run: Lightning quiet, and the user's project importable
+    (the working directory and the config's folder), here and in the processes it starts."""
+    from fl_lightning.models.trainer import quiet_lightning
+
+    quiet_lightning()
+    for folder in (os.getcwd(), str(Path(config).resolve().parent)):
+        if folder not in sys.path:
+            sys.path.append(folder)
+
+
 def run_command(args: argparse.Namespace) -> int:
     """Load and validate the config, check the data, then simulate."""
+    _enter(args.config)
     from fl_lightning.errors import ConfigError
-    from fl_lightning.rundir import create_run_dir
-    from fl_lightning.simulation import backend_config, run_simulation
+    from fl_lightning.run.simulation import backend_config, run_simulation
+    from fl_lightning.server.rundir import create_run_dir
 
     # Ray's settings are checked before any data is read or any directory is made.
     cfg = _prepare(args.config, args.overrides, args.resume is None, check=backend_config)
@@ -167,7 +181,7 @@ def run_command(args: argparse.Namespace) -> int:
         with _released_unless_a_round_ends(run):
             run_simulation(cfg, run, verbose=args.verbose)
         return _report(cfg, run)
-    from fl_lightning import resume
+    from fl_lightning.server import resume
 
     if cfg.secure_aggregation.enabled:
         raise ConfigError(
@@ -184,12 +198,20 @@ def deploy_command(args: argparse.Namespace) -> int:
     """Validate as `run` does, then run on a local TLS SuperLink and `--nodes` SuperNodes."""
     import secrets
 
-    from fl_lightning.rundir import claim, run_dir_path
+    _enter(args.config)
+    from fl_lightning.errors import ConfigError
+    from fl_lightning.server.rundir import claim, run_dir_path
 
     overrides = list(args.overrides)
     if args.nodes is not None:
         overrides.append(f"federation.num_clients={args.nodes}")
     cfg = _prepare(args.config, overrides)
+    if cfg.output.client_report:
+        raise ConfigError(
+            "output.client_report: trains each client's data alone where the run starts, and "
+            "a deployment's clients hold their data on their own machines; set it to false "
+            "(fl-lightning run writes it)"
+        )
     node_configs = _checked_node_configs(cfg, args.node_config, args.gpus)
     path = run_dir_path(cfg).resolve()
     # Claimed here, before any process starts (the deployment's logs are kept in it); the
@@ -213,8 +235,8 @@ def _deploy(
     token: str,
 ) -> None:
     """`deploy_local` the resolved `config` into `run`, its ServerApp holding the claim."""
-    from fl_lightning.deployment import deploy_local
-    from fl_lightning.rundir import CLAIM_TOKEN_ENV
+    from fl_lightning.run.deployment import deploy_local
+    from fl_lightning.server.rundir import CLAIM_TOKEN_ENV
 
     deploy_local(
         config,
@@ -257,8 +279,8 @@ def _checked_node_configs(cfg: Config, texts: list[str], gpus: list[int]) -> lis
     checked before any process starts."""
     from flwr.common.config import parse_config_args
 
+    from fl_lightning.config.node_config import apply_node_config
     from fl_lightning.errors import ConfigError
-    from fl_lightning.node_config import apply_node_config
 
     nodes = cfg.federation.num_clients
     if len(texts) > nodes:
@@ -276,14 +298,14 @@ def _checked_node_configs(cfg: Config, texts: list[str], gpus: list[int]) -> lis
                 """'data-root="/sites/a"'"""
             ) from None
         # deploy-local numbers the nodes itself, and --gpus places them.
-        owned = sorted({"partition-id", "num-partitions", "gpus"} & set(settings))
+        owned = sorted({PARTITION_ID, NUM_PARTITIONS, "gpus"} & set(settings))
         if owned:
             raise ConfigError(
                 f"--node-config {text!r}: {', '.join(owned)} is set by deploy-local "
                 "(--nodes, --gpus); remove it"
             )
         placed = {"gpus": str(gpus[k % len(gpus)])} if gpus else {}  # as deploy_local does
-        apply_node_config(cfg, {**settings, **placed, "partition-id": k, "num-partitions": nodes})
+        apply_node_config(cfg, {**settings, **placed, PARTITION_ID: k, NUM_PARTITIONS: nodes})
         if "data-root" in settings:
             sites += 1
             if not Path(str(settings["data-root"])).is_dir():
@@ -300,7 +322,7 @@ def _checked_node_configs(cfg: Config, texts: list[str], gpus: list[int]) -> lis
 
 def init_command(args: argparse.Namespace) -> int:
     """Write a new project into `args.folder` and say how to run it."""
-    from fl_lightning.scaffold import init_project
+    from fl_lightning.run.scaffold import init_project
 
     folder = Path(args.folder)
     data_root = Path(args.data_root) if args.data_root is not None else None

@@ -1,6 +1,9 @@
-"""Errors the CLI reports as one line (what is wrong, what to do) instead of a traceback."""
+"""Errors the CLI reports as one line (what is wrong, what to do) instead of a traceback,
+and the helpers one-line messages are made with: `check`, `show` and `closest`."""
 
+import reprlib
 import signal
+from collections.abc import Iterable
 
 
 class FlLightningError(Exception):
@@ -57,3 +60,45 @@ class ClientError(FlLightningError):
 
 class ScaffoldError(FlLightningError):
     """`fl-lightning init` cannot write the project where it was asked to."""
+
+
+def check(ok: bool, key: str, message: str) -> None:
+    """Raise ConfigError(`key: message`) unless `ok`: the form of every config rule."""
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+class _Short(reprlib.Repr):
+    """reprlib's short repr, also for an integer of any size (repr refuses 4300+ digits)."""
+
+    def repr_int(self, x: int, level: int) -> str:
+        if abs(x) > 10**30:
+            return f"an integer of about 2**{x.bit_length()}"
+        return super().repr_int(x, level)
+
+
+_SHORT = _Short()
+_SHORT.maxstring = _SHORT.maxother = 60
+_SHORT.maxlist = _SHORT.maxdict = _SHORT.maxset = 6
+_SHORT.maxlevel = 3
+
+
+def show(value: object) -> str:
+    """`value` as a short one-line repr, cheap whatever its size (a user's or a client's)."""
+    if isinstance(value, bytes):
+        value = value[: 2 * _SHORT.maxstring].decode("latin-1")  # reprlib's repr is of str
+    if isinstance(value, str) and len(value) > 4 * _SHORT.maxstring:
+        value = value[: 2 * _SHORT.maxstring] + value[-2 * _SHORT.maxstring :]
+    return _SHORT.repr(value)
+
+
+def closest(name: object, candidates: Iterable[str]) -> str | None:
+    """The candidate closest to `name`, if one is close (for "did you mean ...?" hints).
+
+    `name` may come from a hostile or broken file: it is cut to 64 characters first, as
+    difflib's work grows with the square of its length.
+    """
+    import difflib
+
+    close = difflib.get_close_matches(str(name)[:64], list(candidates), n=1)
+    return close[0] if close else None

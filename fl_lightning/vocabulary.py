@@ -6,13 +6,8 @@ and never each other, so either side can change without the other's code in its 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from fl_lightning.config import Config
-
 # Query actions (message type "query.<action>"): the census at the start of a run
-# (fl_lightning.census), and strategy.batchnorm=recompute's statistics.
+# (fl_lightning.server.census), and strategy.batchnorm=recompute's statistics.
 CENSUS_ACTION = "census"
 BATCHNORM_ACTION = "batchnorm_statistics"
 
@@ -47,16 +42,23 @@ SERVER_ROUND = "server-round"
 LR_FACTOR = "lr-factor"  # multiplies the module's learning rates (optimizer.round_decay)
 PROXIMAL_MU = "proximal-mu"  # FedProx
 
+# Node config keys Flower's Simulation Engine sets (and a SuperNode's --node-config names):
+# which partition a node trains on, out of how many. The identity record repeats the first.
+PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"
 
-def sends_label_counts(cfg: Config) -> bool:
-    """Whether clients tell the census their label counts: only with no privacy mechanism on.
 
-    Under differential privacy or secure aggregation a client's label mix is exactly what
-    the mechanism keeps from the server, so clients send only their partition sizes; so
-    do clients of a `data.class_path` DataModule, whose labels fl-lightning does not know.
-    """
-    return (
-        cfg.privacy.mode == "none"
-        and not cfg.secure_aggregation.enabled
-        and cfg.data.class_path is None
-    )
+def accountant_key(partition: int) -> str:
+    """The config-record key under which a resumed run resends a client its accountant."""
+    return f"accountant-{partition}"
+
+
+# SecAgg+ (Flower's legacy API): the fit config's bound on a client's weight, and the fit
+# metric counting coordinates SecAgg+ would clip (should stay 0: raise clipping_range).
+MAX_WEIGHT = "max-weight"
+CLIPPED_METRIC = "secure_aggregation/clipped"
+
+
+def legacy_loss(metrics: dict[str, float]) -> float:
+    """The loss Flower's legacy API wants with an evaluation: the first logged `*loss*`."""
+    return next((float(v) for k, v in metrics.items() if "loss" in k), 0.0)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fl_lightning.config import Config, load_config
+from fl_lightning.config.load import load_config
+from fl_lightning.config.schema import Config
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_ROOT = Path(os.environ.get("FL_LIGHTNING_DATA", REPO.parent / "shared" / "data")).resolve()

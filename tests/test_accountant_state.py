@@ -9,11 +9,11 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 from opacus.accountants import RDPAccountant
 
-from fl_lightning.accountant_state import MAX_ACCOUNTANT_CHARS, accountant_state_problem
-from fl_lightning.config import load_config
-from fl_lightning.replies import TRAIN
-from fl_lightning.strategy import LightningFedAvg
-from fl_lightning.strategy_state import Malformed, decode_strategy_state
+from fl_lightning.config.load import load_config
+from fl_lightning.privacy.accountant_state import MAX_ACCOUNTANT_CHARS, accountant_state_problem
+from fl_lightning.server.reply_screen import TRAIN
+from fl_lightning.server.strategy import LightningFedAvg
+from fl_lightning.server.strategy_state import Malformed, decode_strategy_state
 from fl_lightning.vocabulary import ACCOUNTANT_RECORD
 from tests.conftest import REPO
 from tests.test_strategy import task_identity

@@ -1,6 +1,6 @@
 import torch
 
-from fl_lightning.augment import random_crop_flip
+from fl_lightning.data.augment import random_crop_flip
 
 
 def dot_images(n: int, size: int = 32) -> torch.Tensor:

@@ -7,9 +7,15 @@ import pytest
 from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fl_lightning.census import CENSUS_MESSAGE_TYPE, Known, census_problem, take_census, tally
-from fl_lightning.config import load_config
+from fl_lightning.config.load import load_config
 from fl_lightning.errors import ConfigError, NothingTrained
+from fl_lightning.server.census import (
+    CENSUS_MESSAGE_TYPE,
+    Known,
+    census_problem,
+    take_census,
+    tally,
+)
 from tests.test_config import MNIST
 
 CLASSES = 10
@@ -146,7 +152,7 @@ def test_a_census_short_of_nodes_says_what_it_waits_for(caplog: pytest.LogCaptur
         def get_node_ids(self) -> list[int]:
             return [1, 2]
 
-    from fl_lightning.census import _connected
+    from fl_lightning.server.census import _connected
 
     with caplog.at_level("WARNING", logger="flwr"):
         nodes = _connected(TwoNodes(), wanted=3, timeout=0.6, patience=0.2)  # type: ignore[arg-type]
@@ -158,8 +164,8 @@ def test_a_census_short_of_nodes_says_what_it_waits_for(caplog: pytest.LogCaptur
 
 @pytest.mark.parametrize("scheme", ["iid", "dirichlet", "shards"])
 def test_the_server_knows_the_sizes_honest_clients_claim(scheme: str, data_root: Path) -> None:
-    from fl_lightning.server_app import _known
-    from fl_lightning.training import census
+    from fl_lightning.client.training import census
+    from fl_lightning.server.federation import _known
 
     overrides = [
         f"data.root={data_root}",

@@ -8,7 +8,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from flwr.cli.supernode.register import try_load_public_key
 
-from fl_lightning.certificates import make_node_key, make_server_credentials
+from fl_lightning.run.certificates import make_node_key, make_server_credentials
 
 
 def test_server_certificate_is_signed_by_the_ca_for_the_host(tmp_path: Path) -> None:

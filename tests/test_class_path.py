@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from fl_lightning.class_path import ClassSpec, check_init_args, import_class, instantiate
-from fl_lightning.config import load_config
+from fl_lightning.config.class_path import ClassSpec, check_init_args, import_class, instantiate
+from fl_lightning.config.load import load_config
 from fl_lightning.errors import ConfigError
 from tests.conftest import REPO
 from tests.user_project import config_text, write_project
@@ -193,7 +193,7 @@ def test_a_datamodule_without_test_data_stops_the_cli_before_any_process(project
 def test_a_class_path_config_as_a_run_writes_it_loads_back_equal(project: Path) -> None:
     import yaml
 
-    from fl_lightning.config import config_from_dict
+    from fl_lightning.config.load import config_from_dict
 
     config = project / "config.yaml"
     config.write_text(config_text("SiteDigits"))

@@ -9,13 +9,13 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fl_lightning.batchnorm import BATCHNORM_MESSAGE_TYPE
-from fl_lightning.census import CENSUS_MESSAGE_TYPE, Census, Known, census_problem
 from fl_lightning.client_app import app
-from fl_lightning.config import Config
-from fl_lightning.models import build_model
-from fl_lightning.node_config import config_from_run_config
-from fl_lightning.replies import EVALUATE, TRAIN, ReplyScreen
+from fl_lightning.config.node_config import config_from_run_config
+from fl_lightning.config.schema import Config
+from fl_lightning.models.build import build_model
+from fl_lightning.server.batchnorm import BATCHNORM_MESSAGE_TYPE
+from fl_lightning.server.census import CENSUS_MESSAGE_TYPE, Census, Known, census_problem
+from fl_lightning.server.reply_screen import EVALUATE, TRAIN, ReplyScreen
 from fl_lightning.vocabulary import UNIFORM_WEIGHT
 
 
@@ -75,7 +75,7 @@ def test_evaluate_handler_replies_with_val_metrics(tiny_mnist: Config, data_root
 
 
 def test_census_handler_counts_the_clients_own_labels(tiny_mnist: Config, data_root: Path) -> None:
-    from fl_lightning.partition import label_counts
+    from fl_lightning.data.partition import label_counts
 
     reply = app(message(tiny_mnist, CENSUS_MESSAGE_TYPE), context_for(data_root, 1))
     assert not reply.has_error(), reply.error

@@ -9,8 +9,9 @@ import lightning as L
 import pytest
 import torch
 
-from fl_lightning.client_data import central_test_loader, client_data, has_validation
-from fl_lightning.config import Config, load_config
+from fl_lightning.config.load import load_config
+from fl_lightning.config.schema import Config
+from fl_lightning.data.loaders import central_test_loader, client_data, has_validation
 from tests.conftest import REPO
 
 

@@ -14,15 +14,16 @@ import torch
 from flwr.simulation import run_simulation
 from torch.utils.data import DataLoader
 
-from fl_lightning import training
+from fl_lightning.client import training
+from fl_lightning.client.ddp import MARKER
 from fl_lightning.client_app import make_client_app
-from fl_lightning.client_ddp import MARKER
-from fl_lightning.config import Config, load_config
-from fl_lightning.deployment import marked_processes
-from fl_lightning.models import build_model
-from fl_lightning.rundir import create_run_dir
+from fl_lightning.config.load import load_config
+from fl_lightning.config.schema import Config
+from fl_lightning.models.build import build_model
+from fl_lightning.run.processes import marked_processes
+from fl_lightning.run.simulation import backend_config
+from fl_lightning.server.rundir import create_run_dir
 from fl_lightning.server_app import make_server_app
-from fl_lightning.simulation import backend_config
 from tests.conftest import DATA_ROOT
 from tests.test_end_to_end import read_metrics
 from tests.user_project import config_text, write_project

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message
 
-from fl_lightning.client_dp import clip_update, wrap_strategy
-from fl_lightning.config import load_config
-from fl_lightning.privacy_ledger import PrivacyLedger
-from fl_lightning.strategy import build_strategy
+from fl_lightning.config.load import load_config
+from fl_lightning.privacy.ledger import PrivacyLedger
+from fl_lightning.server.dp_fedavg import clip_update, wrap_strategy
+from fl_lightning.server.strategy import build_strategy
 from tests.test_config import MNIST
 from tests.test_strategy import FakeGrid, census, node_partition, recorder, train_content
 

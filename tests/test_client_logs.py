@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from fl_lightning import training
-from fl_lightning.client_logs import client_log_dir
-from fl_lightning.config import Config
+from fl_lightning.client import training
+from fl_lightning.client.logs import client_log_dir
+from fl_lightning.config.schema import Config
 from fl_lightning.errors import ClientError
 from tests.test_training import initial_state
 

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from fl_lightning.config import load_config
+from fl_lightning.config.load import load_config
 from fl_lightning.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,7 +192,7 @@ def test_lightning_flag_lists_are_lightnings_own() -> None:
     from lightning.fabric.utilities.seed import max_seed_value
     from lightning.pytorch.strategies import StrategyRegistry
 
-    from fl_lightning.config import MAX_SEED
+    from fl_lightning.config.validate import MAX_SEED
 
     assert max_seed_value == MAX_SEED
     assert "ddp" in StrategyRegistry.available_strategies()

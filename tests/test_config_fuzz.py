@@ -11,9 +11,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fl_lightning.config import Config, config_from_dict, load_config
+from fl_lightning.config.load import config_from_dict, load_config
+from fl_lightning.config.schema import Config
+from fl_lightning.config.yaml_input import apply_override
 from fl_lightning.errors import FlLightningError
-from fl_lightning.yaml_input import apply_override
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST_TEXT = (REPO / "configs" / "mnist.yaml").read_text()

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fl_lightning.config import DataConfig
-from fl_lightning.data import Corruption, IndexedImages, _load_splits, load_splits
+from fl_lightning.config.schema import DataConfig
+from fl_lightning.data.datasets import Corruption, IndexedImages, _load_splits, load_splits
 from fl_lightning.errors import DataError
 
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from fl_lightning.config import Config
-from fl_lightning.datamodule import FederatedDataModule
+from fl_lightning.config.schema import Config
+from fl_lightning.data.datamodule import FederatedDataModule
 from fl_lightning.errors import ConfigError
 
 
@@ -28,7 +28,7 @@ def test_shuffle_order_follows_the_shuffle_seed(tiny_mnist: Config) -> None:
 def test_noisy_clients_read_noisy_data(tiny_mnist: Config) -> None:
     import dataclasses
 
-    from fl_lightning.config import NoiseConfig
+    from fl_lightning.config.schema import NoiseConfig
 
     data = dataclasses.replace(tiny_mnist.data, noise=NoiseConfig(clients=(1,), std=0.5))
     clean = FederatedDataModule(data, tiny_mnist.seed, 0, 2)

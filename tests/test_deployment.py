@@ -12,16 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from fl_lightning.certificates import make_node_key, make_server_credentials
 from fl_lightning.cli import main
-from fl_lightning.client_ddp import MARKER
-from fl_lightning.config import load_config
-from fl_lightning.deployment import (
-    RUN_MARKER,
-    LocalDeployment,
-    die_with_parent,
-    marked_processes,
-)
+from fl_lightning.client.ddp import MARKER
+from fl_lightning.config.load import load_config
+from fl_lightning.run.certificates import make_node_key, make_server_credentials
+from fl_lightning.run.deployment import LocalDeployment
+from fl_lightning.run.processes import RUN_MARKER, die_with_parent, marked_processes
 from tests.test_client_ddp import RankWatch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -185,7 +181,7 @@ def test_processes_it_starts_die_with_it_even_if_it_is_killed(tmp_path: Path) ->
             sys.executable,
             "-c",
             "import subprocess, sys, time\n"
-            "from fl_lightning.deployment import die_with_parent\n"
+            "from fl_lightning.run.processes import die_with_parent\n"
             "child = subprocess.Popen(['sleep', '300'], start_new_session=True,"
             " preexec_fn=die_with_parent())\n"
             "print(child.pid, flush=True)\n"

@@ -7,12 +7,13 @@ import pytest
 import torch
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 
-from fl_lightning import training
-from fl_lightning.config import Config, load_config
-from fl_lightning.dp_randomness import numpy_generator, torch_generator
-from fl_lightning.models import build_model
-from fl_lightning.privacy_ledger import PrivacyLedger
-from fl_lightning.secure_aggregation import _AccountedClientSideClipping
+from fl_lightning.client import training
+from fl_lightning.config.load import load_config
+from fl_lightning.config.schema import Config
+from fl_lightning.models.build import build_model
+from fl_lightning.privacy.ledger import PrivacyLedger
+from fl_lightning.privacy.randomness import numpy_generator, torch_generator
+from fl_lightning.server.secure import AccountedClientSideClipping
 from tests.test_config import MNIST, REPO
 from tests.test_strategy import recorder
 
@@ -62,12 +63,13 @@ def test_generators_are_seeded_only_when_asked() -> None:
 class _Zeros:
     """A legacy inner strategy whose aggregate is all zeros: the wrapper's output is its noise."""
 
-    def __init__(self) -> None:
-        self._global = [np.zeros(400_000, np.float32)]
-        self.recorder = recorder()  # its test of the released model passes
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.current = [np.zeros(400_000, np.float32)]
+        self.recorder = recorder()
 
-    def state_dict(self, arrays: list) -> dict:
-        return {"w": torch.from_numpy(arrays[0])}
+    def adopted(self, arrays: list, server_round: int) -> bool:
+        return True  # its test of the released model passes
 
     def aggregate_fit(self, server_round: int, results: list, failures: list) -> tuple:
         return ndarrays_to_parameters([np.zeros(400_000, np.float32)]), {}
@@ -81,13 +83,7 @@ def test_secure_client_dp_noise_is_what_the_ledger_assumes_when_clients_drop_out
          "privacy.clipping=client"],
     )  # fmt: skip
     ledger = PrivacyLedger(cfg, [100] * 5)
-    wrapper = _AccountedClientSideClipping(
-        _Zeros(),  # type: ignore[arg-type]
-        noise_multiplier=ledger.client_dp_noise_multiplier,
-        clipping_norm=0.5,
-        num_sampled_clients=5,
-    )
-    wrapper.ledger, wrapper.cfg = ledger, cfg
+    wrapper = AccountedClientSideClipping(_Zeros(cfg), ledger)  # type: ignore[arg-type]
     results = [(SimpleNamespace(), SimpleNamespace())] * 3
     parameters, _ = wrapper.aggregate_fit(1, results, [])  # type: ignore[arg-type]
     assert parameters is not None

@@ -9,12 +9,13 @@ import torch
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from torch import nn
 
-from fl_lightning import training
-from fl_lightning.config import Config, load_config
-from fl_lightning.dp_sgd import make_private_compatible, plan
+from fl_lightning.client import training
+from fl_lightning.config.load import load_config
+from fl_lightning.config.schema import Config
 from fl_lightning.errors import ConfigError
-from fl_lightning.models import build_model
-from fl_lightning.module import ImageClassifier
+from fl_lightning.models.build import build_model
+from fl_lightning.models.module import ImageClassifier
+from fl_lightning.privacy.dp_sgd import make_private_compatible, plan
 from tests.test_config import MNIST, REPO
 
 ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))

@@ -10,7 +10,7 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from fl_lightning.models import MNISTNet
+from fl_lightning.models.networks import MNISTNet
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,11 +10,11 @@ from flwr.clientapp.typing import Mod
 from flwr.simulation import run_simulation
 
 from fl_lightning.client_app import make_client_app
-from fl_lightning.config import load_config
+from fl_lightning.config.load import load_config
 from fl_lightning.errors import NothingTrained
-from fl_lightning.rundir import RunDir, create_run_dir
+from fl_lightning.run.simulation import backend_config
+from fl_lightning.server.rundir import RunDir, create_run_dir
 from fl_lightning.server_app import make_server_app
-from fl_lightning.simulation import backend_config
 from tests import faults
 from tests.test_end_to_end import read_metrics
 

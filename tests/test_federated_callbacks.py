@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from fl_lightning.federated_callbacks import FedProx, RoundLearningRate
+from fl_lightning.client.callbacks import FedProx, RoundLearningRate
 
 
 class Regression(L.LightningModule):

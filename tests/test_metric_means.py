@@ -4,7 +4,7 @@ import pytest
 from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-from fl_lightning.metric_means import plausible, robust_weighted_mean
+from fl_lightning.server.metric_means import plausible, robust_weighted_mean
 
 
 def records(losses: list[float], examples: list[int]) -> list[RecordDict]:

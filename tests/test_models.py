@@ -4,9 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from fl_lightning.config import load_config
+from fl_lightning.config.load import load_config
 from fl_lightning.errors import ConfigError
-from fl_lightning.models import MLP, CIFAR10Net, MNISTNet, build_model, builtin_spec
+from fl_lightning.models.build import build_model, builtin_spec
+from fl_lightning.models.networks import MLP, CIFAR10Net, MNISTNet
 from tests.conftest import REPO
 from tests.test_config import MNIST
 

@@ -2,10 +2,10 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from fl_lightning.config import Config
-from fl_lightning.datamodule import FederatedDataModule
-from fl_lightning.models import MLP
-from fl_lightning.training import make_trainer
+from fl_lightning.config.schema import Config
+from fl_lightning.data.datamodule import FederatedDataModule
+from fl_lightning.models.networks import MLP
+from fl_lightning.models.trainer import make_trainer
 
 
 def batch() -> tuple[torch.Tensor, torch.Tensor]:

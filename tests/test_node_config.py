@@ -2,9 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from fl_lightning.config import load_config
+from fl_lightning.config.load import load_config
+from fl_lightning.config.node_config import apply_node_config, config_from_run_config
 from fl_lightning.errors import ConfigError
-from fl_lightning.node_config import apply_node_config, config_from_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST = REPO / "configs" / "mnist.yaml"

@@ -1,15 +1,15 @@
 import pytest
 import torch
 
-from fl_lightning.config import Config
-from fl_lightning.errors import ConfigError
-from fl_lightning.partition import (
+from fl_lightning.config.schema import Config
+from fl_lightning.data.partition import (
     iid_partitions,
     label_counts,
     label_partitions,
     subsample,
     train_val_split,
 )
+from fl_lightning.errors import ConfigError
 
 
 def test_iid_partitions_are_disjoint_covering_and_equal() -> None:

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-from fl_lightning.config import load_config
-from fl_lightning.dp_sgd import plan
-from fl_lightning.partition import client_splits
+from fl_lightning.config.load import load_config
+from fl_lightning.data.partition import client_splits
+from fl_lightning.privacy.dp_sgd import plan
 from tests.test_config import MNIST, REPO
 from tests.test_end_to_end import read_metrics
 

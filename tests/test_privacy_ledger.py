@@ -6,9 +6,9 @@ import math
 import pytest
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-from fl_lightning.config import load_config
+from fl_lightning.config.load import load_config
 from fl_lightning.errors import PrivacyBudgetExceeded
-from fl_lightning.privacy_ledger import PrivacyLedger
+from fl_lightning.privacy.ledger import PrivacyLedger
 from tests.test_config import MNIST, REPO
 
 ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))

@@ -24,10 +24,11 @@ from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fl_lightning.checks import partition_of
-from fl_lightning.config import Config, load_config
-from fl_lightning.replies import BATCHNORM, EVALUATE, TRAIN, ReplyScreen, arrays_problem
-from fl_lightning.strategy import LightningFedAvg, build_strategy
+from fl_lightning.config.load import load_config
+from fl_lightning.config.schema import Config
+from fl_lightning.server.checks import partition_of
+from fl_lightning.server.reply_screen import BATCHNORM, EVALUATE, TRAIN, ReplyScreen, arrays_problem
+from fl_lightning.server.strategy import LightningFedAvg, build_strategy
 from fl_lightning.vocabulary import ACCOUNTANT_RECORD, UNIFORM_WEIGHT
 from tests import attacks
 from tests.test_accountant_state import MALFORMED as MALFORMED_ACCOUNTANTS
@@ -376,14 +377,14 @@ def test_screen_train_is_idempotent_within_a_round() -> None:
     list(strategy.configure_train(1, global_arrays(), ConfigRecord(), FakeGrid()))  # type: ignore[arg-type]
     failed = Message(Error(0, "RuntimeError: boom"), reply_to=sent(4))
     raw = [train_reply(1), attacked(train_reply(4), attacks.unknown_stype), failed, train_reply(0)]
-    first = strategy.screen_train(1, raw)
-    again = strategy.screen_train(1, first)
+    first = strategy.updates.train(1, raw)
+    again = strategy.updates.train(1, first)
     assert [r.content.config_records["client"]["partition-id"] for r in first] == [0, 1]
     assert [id(r) for r in again] == [id(r) for r in first]
     # 5 sent, 4 replied: one missing, one failed, one rejected, each counted once.
     assert (strategy.recorder.metrics["failures"], strategy.recorder.metrics["rejected"]) == (2, 1)
     # A second reply of a partition already used this round is still refused.
-    assert strategy.screen_train(1, [*first, train_reply(1, shift=1.0)]) == first
+    assert strategy.updates.train(1, [*first, train_reply(1, shift=1.0)]) == first
     assert strategy.recorder.metrics["rejected"] == 2
 
 
@@ -537,7 +538,7 @@ FUZZ_CONFIG = load_config(MNIST)
 )
 @given(st.lists(st.one_of(mutated_replies(), random_replies()), min_size=1, max_size=2))
 def test_no_record_makes_the_screen_raise(random_replies: list[Message]) -> None:
-    from fl_lightning.census import Known, tally
+    from fl_lightning.server.census import Known, tally
 
     cfg = FUZZ_CONFIG
     screen = screen_for(cfg)
@@ -641,8 +642,9 @@ def test_a_run_that_trained_nothing_ends_with_one_line(data_root: Path, tmp_path
 def test_the_cli_says_it_in_one_line_with_exit_code_2(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tiny_overrides: list[str]
 ) -> None:
-    from fl_lightning import cli, simulation
+    from fl_lightning import cli
     from fl_lightning.errors import NothingTrained
+    from fl_lightning.run import simulation
 
     def nothing(*args: object, **kwargs: object) -> None:
         raise NothingTrained("no round of the run adopted an update, so nothing was trained")

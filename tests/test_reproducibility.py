@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import torch
 
-from fl_lightning.config import load_config
-from fl_lightning.rundir import create_run_dir
+from fl_lightning.config.load import load_config
+from fl_lightning.server.rundir import create_run_dir
 from tests.test_end_to_end import REPO, read_metrics
 from tests.test_faults import simulate
 

@@ -18,14 +18,15 @@ from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvgM, FedYogi
 from flwr.serverapp.strategy.fedopt import FedOpt
 
-from fl_lightning import resume
 from fl_lightning.cli import main
-from fl_lightning.config import Config, StrategyConfig, load_config
-from fl_lightning.data import load_splits
+from fl_lightning.config.load import load_config
+from fl_lightning.config.schema import Config, StrategyConfig
+from fl_lightning.data.datasets import load_splits
 from fl_lightning.errors import ConfigError
-from fl_lightning.models import build_model
-from fl_lightning.rundir import RunDir, create_run_dir
-from fl_lightning.strategy_state import strategy_state
+from fl_lightning.models.build import build_model
+from fl_lightning.server import resume, resume_state
+from fl_lightning.server.rundir import RunDir, create_run_dir
+from fl_lightning.server.strategy_state import load_strategy_state, strategy_state
 from tests.conftest import REPO
 
 STRATEGIES = typing.get_args(typing.get_type_hints(StrategyConfig)["name"])
@@ -96,35 +97,33 @@ def assert_same_state(restored: object, original: object) -> None:
 
 def build(cfg: Config) -> Any:
     """The run's strategy, as the ServerApp builds it (the recorder is not used here)."""
-    from fl_lightning.strategy import build_strategy
+    from fl_lightning.server.strategy import build_strategy
 
     try:
-        from fl_lightning.census import Census
+        from fl_lightning.server.census import Census
 
         return build_strategy(cfg, None, Census(cfg.federation.num_clients))  # type: ignore[arg-type]
     except ImportError:  # a tree without the census
         return build_strategy(cfg, None)  # type: ignore[arg-type,call-arg]
 
 
-def write_state(
-    run: RunDir, cfg: Config, strategy: object, weights: dict[str, torch.Tensor]
-) -> None:
+def write_state(run: RunDir, cfg: Config, strategy: Any, weights: dict[str, torch.Tensor]) -> None:
     ledger = None
     if cfg.privacy.mode != "none":  # the ledger's own state after a round
-        from fl_lightning.privacy_ledger import PrivacyLedger
+        from fl_lightning.privacy.ledger import PrivacyLedger
 
         kept = PrivacyLedger(cfg, [150] * cfg.federation.num_clients)
         kept.record_release()
         ledger = kept.state()
-    resume.save(
+    resume_state.save(
         run,
-        resume.ResumeState(
+        resume_state.ResumeState(
             1,
             weights,
-            strategy_state(strategy),
+            strategy.state_dict(),
             {0: {"test/accuracy": 0.1}, 1: {"test/accuracy": 0.5, "failures": 0}},
             ledger,
-            resume.capture_rng(),
+            resume_state.capture_rng(),
         ),
     )
 
@@ -152,7 +151,7 @@ def test_each_strategy_state_survives_the_file(name: str, tiny_overrides: list[s
     write_state(run, cfg, original, weights)
     _, state = resume.load(cfg, run.path)
     restored = build(cfg)
-    resume.load_strategy_state(restored, state, cfg)
+    restored.load_state_dict(state.strategy, state.weights)
     assert_same_state(restored, original)
 
 
@@ -172,7 +171,7 @@ def test_zero_dim_and_integer_arrays_keep_their_types(
     torch.save(strategy_state(original), path)
     kept = torch.load(path, weights_only=True)
     restored = cls()
-    resume.load_strategy_state(restored, resume.ResumeState(1, weights, kept, {}), tiny_mnist)
+    load_strategy_state(restored, kept, weights, tiny_mnist.federation.num_clients)
     assert_same_state(restored, original)
 
 
@@ -181,12 +180,12 @@ def test_rng_states_survive_the_file(tmp_path: Path) -> None:
     np.random.seed(2)
     torch.manual_seed(3)
     np.random.standard_normal()  # NumPy now holds a cached Gaussian too
-    torch.save(resume.capture_rng(), tmp_path / "rng.pt")
+    torch.save(resume_state.capture_rng(), tmp_path / "rng.pt")
     expected = (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist())
     random.seed(9)
     np.random.seed(9)
     torch.manual_seed(9)
-    resume.restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True))
+    resume_state.restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert (
         random.random(),
         np.random.standard_normal(3).tolist(),
@@ -243,7 +242,7 @@ def test_a_crafted_or_damaged_file_is_refused_in_one_line_and_never_run(
 ) -> None:
     _, run = saved
     marker = tmp_path / "payload-ran"
-    damage(resume.resume_path(run), marker)
+    damage(resume_state.resume_path(run), marker)
     before = {p: p.read_bytes() for p in run.path.rglob("*") if p.is_file()}
     capsys.readouterr()
     args = [
@@ -329,7 +328,7 @@ def test_a_file_of_the_wrong_structure_is_refused_and_nothing_is_changed(
     path: str, value: Any, saved: tuple[Config, RunDir]
 ) -> None:
     cfg, run = saved
-    file = resume.resume_path(run)
+    file = resume_state.resume_path(run)
     raw = torch.load(file, weights_only=True)
     mutate(raw, path, value)
     torch.save(raw, file)
@@ -345,9 +344,9 @@ def test_a_run_with_privacy_needs_its_ledger(tiny_overrides: list[str]) -> None:
     strategy, weights = build(cfg), model_weights(cfg)
     write_state(run, cfg, strategy, weights)
     resume.load(cfg, run.path)  # with its ledger
-    raw = torch.load(resume.resume_path(run), weights_only=True)
+    raw = torch.load(resume_state.resume_path(run), weights_only=True)
     raw["ledger"] = None  # without it, epsilon would silently start again from 0
-    torch.save(raw, resume.resume_path(run))
+    torch.save(raw, resume_state.resume_path(run))
     with pytest.raises(ConfigError, match="ledger"):
         resume.load(cfg, run.path)
 
@@ -462,8 +461,8 @@ def test_a_ledger_that_no_run_could_keep_is_refused(
     run = create_run_dir(cfg)
     write_state(run, cfg, build(cfg), model_weights(cfg))
     resume.load(cfg, run.path)
-    raw = torch.load(resume.resume_path(run), weights_only=True)
+    raw = torch.load(resume_state.resume_path(run), weights_only=True)
     raw["ledger"][part] = value
-    torch.save(raw, resume.resume_path(run))
+    torch.save(raw, resume_state.resume_path(run))
     with pytest.raises(ConfigError, match=f"ledger.{part}"):
         resume.load(cfg, run.path)

@@ -10,15 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from fl_lightning import resume
-from fl_lightning.config import Config, load_config
+from fl_lightning.config.load import load_config
+from fl_lightning.config.schema import Config
 from fl_lightning.errors import RoundCloseError
-from fl_lightning.evaluation import CentralEvaluator
-from fl_lightning.replies import ReplyScreen
-from fl_lightning.resume import resume_path
-from fl_lightning.rounds import RoundRecorder
-from fl_lightning.rundir import RunDir, create_run_dir
-from fl_lightning.tracking import RunTracker
+from fl_lightning.server import resume
+from fl_lightning.server.evaluation import CentralEvaluator
+from fl_lightning.server.reply_screen import ReplyScreen
+from fl_lightning.server.resume_state import resume_path
+from fl_lightning.server.round_close import RoundRecorder
+from fl_lightning.server.rundir import RunDir, create_run_dir
+from fl_lightning.server.tracking import RunTracker
 from tests.test_strategy import census
 
 
@@ -229,14 +230,15 @@ def test_a_name_the_server_tests_under_keeps_it_in_every_round(cfg: Config, tmp_
 def test_a_resumed_run_names_each_metric_as_the_run_it_continues(
     cfg: Config, tmp_path: Path
 ) -> None:
-    def rounds(recorder: RoundRecorder, numbers: range) -> None:
+    def rounds(recorder: RoundRecorder, numbers: range, screen: ReplyScreen | None = None) -> None:
         weights = recorder.evaluator.model.state_dict()
         for server_round in numbers:
             recorder.start()
             if server_round == 1:  # round 2 adopts no update: it has no training metrics
                 recorder.add({"loss": 1.0}, source="train")
             recorder.add({"loss": 2.0}, source="distributed")
-            recorder.close(server_round, weights)
+            resumable = ({}, screen.state()) if screen is not None else None
+            recorder.close(server_round, weights, resumable)
         recorder.shutdown()
         recorder.tracker.close()
 
@@ -246,10 +248,10 @@ def test_a_resumed_run_names_each_metric_as_the_run_it_continues(
     cfg = replace(cfg, output=replace(cfg.output, dir=str(tmp_path / "killed")))
     killed = create_run_dir(cfg)
     first = RoundRecorder(full.evaluator, RunTracker(killed, 2, {}, console=False), killed)
-    first.screen = ReplyScreen(cfg, census(cfg.federation.num_clients))
+    screen = ReplyScreen(cfg, census(cfg.federation.num_clients))
     agreed = {"agreed": {"train": ["loss"]}, "votes": {"train": {0: ["loss"], 1: ["loss"]}}}
-    first.screen.load_state(agreed)
-    rounds(first, range(1, 2))
+    screen.load_state(agreed)
+    rounds(first, range(1, 2), screen)
     _, state = resume.load(cfg, killed.path)
     assert state.screened == agreed
     resumed, resumed_run = recorder_for(cfg, tmp_path / "resumed")

@@ -10,7 +10,7 @@ import torch
 from fl_lightning.cli import main
 from fl_lightning.errors import ConfigError
 from fl_lightning.files import write_atomically
-from fl_lightning.rundir import LOCK, RunDir, claim
+from fl_lightning.server.rundir import LOCK, RunDir, claim
 
 
 def _race(target: Path, runs: int = 8) -> list[str]:
@@ -161,7 +161,7 @@ def test_a_torn_last_line_of_metrics_is_skipped_with_a_warning(tmp_path: Path) -
 def test_a_record_without_an_integer_round_is_skipped_by_last_round_and_resume(
     line: str, tmp_path: Path
 ) -> None:
-    from fl_lightning.resume import _cut_metrics
+    from fl_lightning.server.resume import _cut_metrics
 
     run = RunDir(tmp_path)
     run.metrics.write_text(f'{{"round": 0}}\n{{"round": 1}}\n{line}\n')

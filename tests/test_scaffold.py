@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from fl_lightning.cli import main
-from fl_lightning.deployment import flower_executable, free_port, kill_marked
-from fl_lightning.scaffold import write_project
+from fl_lightning.run.processes import flower_executable, free_port, kill_marked
+from fl_lightning.run.scaffold import write_project
 from tests.conftest import REPO
 
 EXAMPLE = REPO / "examples" / "digits"
@@ -93,7 +93,7 @@ def test_init_fills_an_empty_folder_and_writes_an_absolute_data_root(
 
 def test_the_example_is_the_project_init_writes(tmp_path: Path) -> None:
     # After a change to the template, regenerate the example (from the repository root):
-    # rm -r examples/digits && python -c "from pathlib import Path; from fl_lightning.scaffold
+    # rm -r examples/digits && python -c "from pathlib import Path; from fl_lightning.run.scaffold
     # import write_project; write_project(Path('examples/digits'), '../shared/data')"
     write_project(tmp_path / "digits", "../shared/data")
     assert tree(EXAMPLE) == tree(tmp_path / "digits")

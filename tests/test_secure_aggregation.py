@@ -11,11 +11,11 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.simulation import run_simulation
 
 from fl_lightning.client_app import make_client_app
-from fl_lightning.config import load_config
+from fl_lightning.config.load import load_config
 from fl_lightning.errors import ConfigError
-from fl_lightning.rundir import create_run_dir
+from fl_lightning.run.simulation import backend_config
+from fl_lightning.server.rundir import create_run_dir
 from fl_lightning.server_app import make_server_app
-from fl_lightning.simulation import backend_config
 from tests.test_config import REPO
 from tests.test_end_to_end import read_metrics
 
@@ -155,7 +155,7 @@ def _evaluation(num_examples: object, loss: object, **metrics: object) -> tuple:
 
 
 def test_hostile_evaluation_results_are_left_out_of_the_distributed_metrics() -> None:
-    from fl_lightning.secure_aggregation import _usable_evaluations, _weighted_mean
+    from fl_lightning.server.secure import _usable_evaluations, _weighted_mean
 
     honest = _evaluation(10, 0.5, **{"val/loss": 0.5, "val/accuracy": 0.9})
     hostile = [
@@ -178,8 +178,8 @@ def test_dp_sgd_epsilons_are_credited_to_the_census_partition_of_the_node() -> N
     # to the partition its node holds, and only if the client's plan gives it.
     from types import SimpleNamespace
 
-    from fl_lightning.privacy_ledger import PrivacyLedger
-    from fl_lightning.secure_aggregation import _credit_epsilons
+    from fl_lightning.privacy.ledger import PrivacyLedger
+    from fl_lightning.server.secure import _credit_epsilons
 
     cfg = load_config(REPO / "configs" / "mnist_dp_sgd.yaml")
     ledger = PrivacyLedger(cfg, [100] * 5)

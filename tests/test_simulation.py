@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from fl_lightning.config import load_config
+from fl_lightning.config.load import load_config
 from fl_lightning.errors import ConfigError
-from fl_lightning.simulation import backend_config
+from fl_lightning.run.simulation import backend_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,11 +50,11 @@ def test_a_client_on_several_devices_reserves_one_cpu_or_gpu_for_each() -> None:
 WARM_UP = """
 import os, sys
 os.environ.pop("OMP_NUM_THREADS", None)  # as in a fresh Ray worker, before Ray sets it
-from fl_lightning.config import load_config
-from fl_lightning.simulation import _warm_up
+from fl_lightning.config.load import load_config
+from fl_lightning.run.simulation import _warm_up
 _warm_up(load_config("configs/mnist.yaml", sys.argv[1:]))  # the first to import torch
 import torch
-from fl_lightning.partition import client_splits
+from fl_lightning.data.partition import client_splits
 print(torch.get_num_threads(), client_splits.cache_info().currsize)
 """
 

@@ -15,11 +15,12 @@ from flwr.app import (
 )
 from flwr.supercore.task_identity import TaskIdentity
 
-from fl_lightning.census import Census
-from fl_lightning.config import load_config
-from fl_lightning.privacy_ledger import PrivacyLedger
-from fl_lightning.rounds import RoundRecorder, round_lr_factor
-from fl_lightning.strategy import LightningFedAvg, build_strategy, restore_dtypes
+from fl_lightning.config.load import load_config
+from fl_lightning.config.schema import round_lr_factor
+from fl_lightning.privacy.ledger import PrivacyLedger
+from fl_lightning.server.census import Census
+from fl_lightning.server.round_close import RoundRecorder
+from fl_lightning.server.strategy import LightningFedAvg, build_strategy, restore_dtypes
 from fl_lightning.vocabulary import ACCOUNTANT_RECORD, EPSILON_METRIC, UNIFORM_WEIGHT
 from tests.attacks import Attack, weights
 from tests.test_config import MNIST, REPO

@@ -1,8 +1,8 @@
 import json
 from pathlib import Path
 
-from fl_lightning.rundir import RunDir
-from fl_lightning.tracking import RunTracker
+from fl_lightning.server.rundir import RunDir
+from fl_lightning.server.tracking import RunTracker
 
 
 def test_rounds_go_to_jsonl_and_summary(tmp_path: Path) -> None:

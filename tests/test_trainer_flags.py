@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from fl_lightning.config import load_config
+from fl_lightning.config.load import load_config
 from fl_lightning.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,7 +123,7 @@ def test_default_trainer_flags_load_without_importing_lightning() -> None:
 
 
 def test_evaluation_runs_on_the_first_device_the_trainer_names() -> None:
-    from fl_lightning.training import one_device
+    from fl_lightning.models.trainer import one_device
 
     def on(devices: object) -> object:
         gpu = ["trainer.accelerator=gpu", "federation.client_resources.num_gpus=2"]

@@ -3,10 +3,11 @@ from pathlib import Path
 
 import torch
 
-from fl_lightning import training
-from fl_lightning.config import Config, load_config
-from fl_lightning.datamodule import FederatedDataModule
-from fl_lightning.models import build_model
+from fl_lightning.client import training
+from fl_lightning.config.load import load_config
+from fl_lightning.config.schema import Config
+from fl_lightning.data.datamodule import FederatedDataModule
+from fl_lightning.models.build import build_model
 from tests.test_config import MNIST
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from fl_lightning.update_screen import norm_problems, update_norms
+from fl_lightning.server.update_screen import norm_problems, update_norms
 
 
 def test_the_norm_of_an_update_never_overflows() -> None:

@@ -32,7 +32,18 @@ RUNS = {
     "dp_sgd": ("Digits", ["privacy.mode=dp_sgd", "privacy.noise_multiplier=1.0"]),
     "client_dp": ("Digits", ["privacy.mode=client_dp", "privacy.noise_multiplier=0.5"]),
     "secagg": ("Digits", ["secure_aggregation.enabled=true", "secure_aggregation.num_shares=3"]),
+    # Its sites hold validation data of their own (val_dataloader), with val_fraction 0:
+    # SecAgg+ evaluates on it by the same rule as the plain path (`evaluation_fraction`).
+    "secagg_sites": (
+        "SiteDigits",
+        [
+            "secure_aggregation.enabled=true",
+            "secure_aggregation.num_shares=3",
+            "data.val_fraction=0",
+        ],
+    ),
 }
+SECURE = ("secagg", "secagg_sites")
 
 
 def run_cli(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -75,11 +86,11 @@ def test_a_users_project_federates_with_its_own_metric_names(
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     final = records[-1]
     # SecAgg+ clients send no training metrics in the clear.
-    expected = (TRAIN_METRICS if mode != "secagg" else set()) | VAL_METRICS | TEST_METRICS
+    expected = (TRAIN_METRICS if mode not in SECURE else set()) | VAL_METRICS | TEST_METRICS
     assert expected <= set(final), sorted(final)
     assert not {k for k in final if k.startswith(("centralized", "distributed"))}
     assert set(records[0]) >= TEST_METRICS  # the initial model, evaluated centrally
-    if mode != "secagg":
+    if mode not in SECURE:
         assert final["epochs_seen"] == 1.0  # the user's callback ran
 
     events = EventAccumulator(str(run / "tensorboard"))

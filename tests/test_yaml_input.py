@@ -4,9 +4,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fl_lightning.config import load_config
+from fl_lightning.config.load import load_config
+from fl_lightning.config.yaml_input import apply_override, dump_yaml, parse_yaml
 from fl_lightning.errors import ConfigError
-from fl_lightning.yaml_input import apply_override, dump_yaml, parse_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 

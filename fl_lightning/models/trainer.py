@@ -1,0 +1,83 @@
+"""The Lightning Trainer both sides make: quiet, from the `trainer` section, and what it logged.
+
+A client's Trainer trains and validates; the server's tests the global model. Both come
+from `make_trainer`, and both read the module's logged metrics with `logged_metrics`.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
+
+from fl_lightning.config.class_path import instantiate
+from fl_lightning.config.schema import TrainerConfig
+from fl_lightning.config.trainer_flags import first_device_index
+from fl_lightning.errors import ClientError
+from fl_lightning.vocabulary import MAX_METRICS, RESERVED_METRICS
+
+
+def quiet_lightning() -> None:
+    """Silence Lightning's per-Trainer chatter (device banners, num_workers hints).
+
+    Process-wide: called once where a process enters fl-lightning (the CLI, the ClientApp
+    and ServerApp, a DDP rank), never by the library code they call.
+    """
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+    # num_workers=0 is deliberate (in-memory tensors), so the "bottleneck" hint is noise.
+    warnings.filterwarnings("ignore", category=PossibleUserWarning)
+    # Raised inside Lightning 2.6 by torch >= 2.10's pytree API; nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
+def user_callbacks(cfg: TrainerConfig) -> list[Callback]:
+    """The `trainer.callbacks` the config names, built fresh for one Trainer."""
+    return [
+        instantiate(spec, f"trainer.callbacks[{i}]", Callback)
+        for i, spec in enumerate(cfg.callbacks)
+    ]
+
+
+def make_trainer(cfg: TrainerConfig, **overrides: Any) -> L.Trainer:
+    """A Trainer from the `trainer` section; no logger (unless overridden) nor checkpoints."""
+    kwargs = cfg.kwargs()
+    kwargs.update(logger=False, enable_checkpointing=False)
+    kwargs.update(overrides)
+    return L.Trainer(**kwargs)
+
+
+def one_device(cfg: TrainerConfig) -> int | list[int]:
+    """`devices` for evaluation: the first of the configured ones (DDP would shard the data)."""
+    index = first_device_index(cfg)
+    return [index] if index is not None else 1
+
+
+def logged_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The module's logged scalars as floats: what a reply carries under the same names.
+
+    A value logged both per step and per epoch appears as `name`, `name_step` and
+    `name_epoch`; only `name` (the epoch's) is kept.
+    """
+    result: dict[str, float] = {}
+    for key, value in metrics.items():
+        if key.endswith(("_step", "_epoch")) and key.rsplit("_", 1)[0] in metrics:
+            continue
+        if isinstance(value, torch.Tensor) and value.numel() != 1:
+            continue  # not a scalar: nothing to average
+        if key in RESERVED_METRICS:
+            raise ClientError(
+                f"the module logs {key!r}, a name fl-lightning's replies reserve; rename it"
+            )
+        result[str(key)] = float(value)
+    if len(result) > MAX_METRICS:
+        raise ClientError(
+            f"the module logs {len(result)} metrics; a reply carries at most {MAX_METRICS}"
+        )
+    return result

@@ -1,0 +1,2 @@
+"""Differential privacy, whichever side uses it: DP-SGD (Opacus), the accountant state a
+client keeps, the server's ledger of epsilons, and where DP randomness comes from."""

@@ -1,0 +1,61 @@
+"""Per-client report: a model trained on the client's data alone vs the federated model.
+
+The clean-vs-noisy clients experiment: "before FL" trains the initial model on one
+client's partition alone, for the same number of local epochs the federation ran
+(num_rounds x trainer.max_epochs); "after FL" is the final global model. Both are tested
+on the client's kind of test data: the clean test split, or the test split with
+`data.noise` applied for a noisy client. It trains on every client's data, so it runs in
+the simulation's driver, after the federation, never in the ServerApp.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fl_lightning.client import training
+from fl_lightning.config.schema import Config
+from fl_lightning.server.evaluation import CentralEvaluator
+from fl_lightning.server.rundir import RunDir
+from fl_lightning.server.tracking import add_client_report
+
+
+def write_client_report(cfg: Config, run: RunDir) -> None:
+    """`output.client_report` of a finished run: its rows added to the run directory."""
+    evaluator = CentralEvaluator(cfg)  # the server's initial model, drawn again
+    initial = {k: v.detach().clone() for k, v in evaluator.model.state_dict().items()}
+    checkpoint = torch.load(run.checkpoint("last"), map_location="cpu", weights_only=True)
+    add_client_report(run, client_report(cfg, evaluator, initial, checkpoint["state_dict"]))
+
+
+def client_report(
+    cfg: Config,
+    evaluator: CentralEvaluator,
+    initial_state: dict[str, torch.Tensor],
+    final_state: dict[str, torch.Tensor],
+) -> list[dict[str, Any]]:
+    """One row per client: `client`, `noisy`, `before_fl_accuracy`, `after_fl_accuracy`."""
+    num_clients = cfg.federation.num_clients
+    budget = cfg.federation.num_rounds * cfg.trainer.max_epochs
+    after = {
+        noisy: evaluator.evaluate(final_state, noisy=noisy)["test/accuracy"]
+        for noisy in (False, True)
+    }
+    rows = []
+    for client in range(num_clients):
+        noisy = client in cfg.data.noise.clients
+        alone = training.fit(
+            cfg, initial_state, client, num_clients, server_round=0, max_epochs=budget
+        )
+        assert alone.state_dict is not None
+        before = evaluator.evaluate(alone.state_dict, noisy=noisy)["test/accuracy"]
+        rows.append(
+            {
+                "client": client,
+                "noisy": noisy,
+                "before_fl_accuracy": before,
+                "after_fl_accuracy": after[noisy],
+            }
+        )
+    return rows

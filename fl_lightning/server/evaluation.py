@@ -1,0 +1,95 @@
+"""The server's view of the global model: centralized evaluation on the test data, checkpoints."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from fl_lightning.config.schema import Config
+from fl_lightning.files import write_atomically
+from fl_lightning.models.build import build_model
+from fl_lightning.models.trainer import logged_metrics, make_trainer, one_device
+from fl_lightning.seeding import derive, seeded
+from fl_lightning.server.checks import one_line
+
+
+class CentralEvaluator:
+    """Holds the server-side LightningModule, Trainer and test data, built once for the run.
+
+    The test data is the built-in dataset's test split or the DataModule's
+    `test_dataloader` (`fl_lightning.data.loaders.central_test_loader`); the server never opens
+    a client's training data.
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        with seeded(derive(cfg.seed, "initial-model")):  # the run's initial global model
+            self.model: L.LightningModule = build_model(cfg)
+        # Evaluation needs one device; DDP would shard (and pad) the test set.
+        self.trainer = make_trainer(cfg.trainer, devices=one_device(cfg.trainer), strategy="auto")
+        self.loader, self.noisy_loader = _test_loaders(cfg)
+        self._probe: tuple[L.LightningModule, L.Trainer] | None = None  # see `probe`
+
+    def evaluate(
+        self, state_dict: dict[str, torch.Tensor], noisy: bool = False
+    ) -> dict[str, float]:
+        """Load `state_dict` and return what the module's `test_step` logs (`test/accuracy`...).
+
+        `noisy=True` evaluates on the test split with `data.noise` applied instead.
+        """
+        self.model.load_state_dict(state_dict)
+        loader = self.noisy_loader if noisy else self.loader
+        (metrics,) = self.trainer.test(self.model, dataloaders=loader, verbose=False)
+        return logged_metrics(metrics)
+
+    def probe(self, state_dict: dict[str, torch.Tensor]) -> str | None:
+        """Why the server should not adopt `state_dict`: its test metrics on the first test
+        batch are not finite (or its test step fails); None if they are.
+
+        One batch costs milliseconds, not the full test split's seconds, so every round's
+        new model is tested before the next round trains on it.
+        """
+        if self._probe is None:
+            # Its own module and Trainer: the round-closing thread may be evaluating the
+            # previous round with the evaluator's own, at idle priority, as this one runs.
+            trainer = make_trainer(
+                self.cfg.trainer, devices=one_device(self.cfg.trainer), strategy="auto",
+                limit_test_batches=1,
+            )  # fmt: skip
+            self._probe = (build_model(self.cfg), trainer)
+        model, trainer = self._probe
+        model.load_state_dict(state_dict)
+        try:
+            (metrics,) = trainer.test(model, dataloaders=self.loader, verbose=False)
+        except Exception as err:  # the user's test_step on weights it cannot handle
+            return f"the server's test of it failed ({type(err).__name__}: {one_line(str(err))})"
+        bad = sorted(k for k, v in logged_metrics(metrics).items() if not math.isfinite(v))
+        if bad:
+            return (
+                f"its test metrics {', '.join(bad)} on the server's first test batch are not finite"
+            )
+        return None
+
+    def save_checkpoint(self, path: Path) -> None:
+        """Write a Lightning checkpoint of the last evaluated weights, atomically and durably."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(
+            path, lambda partial: self.trainer.save_checkpoint(partial, weights_only=True)
+        )
+
+
+def _test_loaders(cfg: Config) -> tuple[DataLoader, DataLoader]:
+    """The clean test loader and the one with `data.noise` (built-in datasets only)."""
+    if cfg.data.class_path is not None:
+        from fl_lightning.data.loaders import central_test_loader
+
+        loader = central_test_loader(cfg)
+        return loader, loader
+    from fl_lightning.data.datamodule import FederatedDataModule
+
+    datamodule = FederatedDataModule(cfg.data, cfg.seed)
+    return datamodule.test_dataloader(), datamodule.noisy_test_dataloader()
