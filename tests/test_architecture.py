@@ -65,6 +65,13 @@ def faces(name: str) -> bool:
     return MODULES[name].name == "__init__.py"
 
 
+def test_every_folder_of_modules_is_a_package() -> None:
+    # Without its __init__.py a folder still imports (a namespace package) in a checkout,
+    # but a built wheel leaves it out: a clean clone once lacked fl_lightning/data's.
+    folders = {path.parent for path in MODULES.values()}
+    assert not [f for f in folders if not (f / "__init__.py").is_file()]
+
+
 def test_every_module_is_found() -> None:
     assert "fl_lightning.server.census" in MODULES and "fl_lightning.cli" in MODULES
 
