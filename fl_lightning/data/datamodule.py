@@ -9,11 +9,17 @@ import torch
 from torch.utils.data import DataLoader
 
 from fl_lightning import seeding
-from fl_lightning.seeding import derive
 from fl_lightning.config.schema import DataConfig
-from fl_lightning.data.datasets import Corruption, DatasetSplits, IndexedImages, collate_batch, load_splits
-from fl_lightning.errors import ConfigError
+from fl_lightning.data.datasets import (
+    Corruption,
+    DatasetSplits,
+    IndexedImages,
+    collate_batch,
+    load_splits,
+)
 from fl_lightning.data.partition import client_splits, subsample
+from fl_lightning.errors import ConfigError
+from fl_lightning.seeding import derive
 
 
 class FederatedDataModule(L.LightningDataModule):
@@ -128,6 +134,4 @@ class ImageDataModule(FederatedDataModule):
         from fl_lightning.config.load import data_config
 
         config = data_config(data, "data.init_args.")
-        super().__init__(
-            config, seed, partition_id, num_partitions, shuffle_seed=shuffle_seed
-        )
+        super().__init__(config, seed, partition_id, num_partitions, shuffle_seed=shuffle_seed)

@@ -16,8 +16,8 @@ import torch
 from torch.utils.data import Dataset
 
 from fl_lightning import seeding
-from fl_lightning.data.augment import random_crop_flip
 from fl_lightning.config.schema import DataConfig
+from fl_lightning.data.augment import random_crop_flip
 from fl_lightning.errors import DataError
 from fl_lightning.files import write_atomically
 
