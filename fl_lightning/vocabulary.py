@@ -32,7 +32,13 @@ LABEL_COUNTS = "label-counts"
 NUM_EXAMPLES = "num-examples"
 UNIFORM_WEIGHT = "uniform-weight"
 EPSILON_METRIC = "privacy/epsilon"
-RESERVED_METRICS = (NUM_EXAMPLES, UNIFORM_WEIGHT, EPSILON_METRIC)
+# A train reply may say where its time went: seconds from the message to `Trainer.fit`
+# (data, model, Trainer) and in `fit`; the round logs their means as `time/client_setup`
+# and `time/client_fit`.
+SETUP_SECONDS = "setup-seconds"
+FIT_SECONDS = "fit-seconds"
+CLIENT_SECONDS = (SETUP_SECONDS, FIT_SECONDS)
+RESERVED_METRICS = (NUM_EXAMPLES, UNIFORM_WEIGHT, EPSILON_METRIC, *CLIENT_SECONDS)
 # A reply carries at most this many of the module's metrics, each name this long at most.
 MAX_METRICS = 64
 MAX_METRIC_NAME = 128

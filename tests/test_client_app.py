@@ -16,7 +16,7 @@ from fl_lightning.models.build import build_model
 from fl_lightning.server.batchnorm import BATCHNORM_MESSAGE_TYPE
 from fl_lightning.server.census import CENSUS_MESSAGE_TYPE, Census, Known, census_problem
 from fl_lightning.server.reply_screen import EVALUATE, TRAIN, ReplyScreen
-from fl_lightning.vocabulary import UNIFORM_WEIGHT
+from fl_lightning.vocabulary import FIT_SECONDS, SETUP_SECONDS, UNIFORM_WEIGHT
 
 
 @pytest.fixture(autouse=True)
@@ -58,6 +58,7 @@ def test_train_handler_replies_with_weights_and_metrics(
     # configs/mnist.yaml trains 2 local epochs on 135 samples (150 minus 10% validation)
     assert metrics["num-examples"] == 135
     assert {"train/loss", "train/accuracy"} <= set(metrics.keys())
+    assert 0 < metrics[SETUP_SECONDS] < 60 and 0 < metrics[FIT_SECONDS] < 60
     # What a real client sends passes the server's screen, exactly (keys, types, identity).
     census = Census(2, nodes={1: 0}, train_sizes={0: 135}, val_sizes={0: 15})
     sent = message(tiny_mnist, MessageType.TRAIN).content.array_records["arrays"]

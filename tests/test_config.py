@@ -81,6 +81,9 @@ def test_relative_data_root_is_resolved() -> None:
         ("data.dataset=imagefolder", "data.image_size: is required"),
         ("federation.client_resources.num_gpus=1", "trainer.accelerator: is 'cpu' while"),
         ("optimizer.ema_decay=1.0", "optimizer.ema_decay: must be in (0, 1) or null, got 1.0"),
+        ("evaluation.every_n_rounds=0", "evaluation.every_n_rounds: must be >= 1, got 0"),
+        ("evaluation.max_samples=0", "evaluation.max_samples: must be >= 1 or null, got 0"),
+        ("evaluation.every_n_round=2", "(did you mean 'evaluation.every_n_rounds'?)"),
     ],
 )
 def test_bad_keys_and_values_name_the_key(override: str, message: str) -> None:

@@ -29,7 +29,12 @@ from fl_lightning.config.schema import Config
 from fl_lightning.server.checks import partition_of
 from fl_lightning.server.reply_screen import BATCHNORM, EVALUATE, TRAIN, ReplyScreen, arrays_problem
 from fl_lightning.server.strategy import LightningFedAvg, build_strategy
-from fl_lightning.vocabulary import ACCOUNTANT_RECORD, UNIFORM_WEIGHT
+from fl_lightning.vocabulary import (
+    ACCOUNTANT_RECORD,
+    FIT_SECONDS,
+    SETUP_SECONDS,
+    UNIFORM_WEIGHT,
+)
 from tests import attacks
 from tests.test_accountant_state import MALFORMED as MALFORMED_ACCOUNTANTS
 from tests.test_accountant_state import honest_accountant
@@ -115,6 +120,9 @@ TRAIN_ATTACKS: dict[str, attacks.Attack] = {
     "NaN metric": attacks.metric("train/loss", NAN),
     "accuracy above 1": attacks.metric("train/accuracy", 3.0),
     "extra record": attacks.extra_record,
+    "setup seconds negative": attacks.metric(SETUP_SECONDS, -1.0),
+    "fit seconds beyond the round's timeout": attacks.metric(FIT_SECONDS, 1e9),
+    "fit seconds NaN": attacks.metric(FIT_SECONDS, NAN),
 }
 
 
@@ -298,6 +306,7 @@ EVALUATE_ATTACKS: dict[str, attacks.Attack] = {
     "NaN metric": attacks.metric("val/loss", NAN),
     "another client's partition id": attacks.partition_id(1),
     "arrays where none belong": lambda c: c.__setitem__("arrays", global_arrays()),
+    "train timings in an evaluation": attacks.metric(FIT_SECONDS, 1.0),
 }
 
 

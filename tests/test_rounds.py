@@ -265,3 +265,38 @@ def test_a_resumed_run_names_each_metric_as_the_run_it_continues(
     assert {k for k in record if not k.startswith("time/")} == {
         k for k in expected if not k.startswith("time/")
     }
+
+
+def test_the_server_tests_every_nth_round_and_the_last(cfg: Config, tmp_path: Path) -> None:
+    cfg = replace(
+        cfg,
+        federation=replace(cfg.federation, num_rounds=5),
+        evaluation=replace(cfg.evaluation, every_n_rounds=2),
+    )
+    recorder, run = recorder_for(cfg, tmp_path)
+    weights = [
+        {k: torch.randn_like(v) for k, v in recorder.evaluator.model.state_dict().items()}
+        for _ in range(6)
+    ]
+    for server_round in range(6):
+        recorder.start()
+        recorder.add({"val/loss": 1.0}, source="distributed")
+        recorder.close_in_background(server_round, weights[server_round])
+    recorder.shutdown()
+    recorder.tracker.close()
+    logged = records(run)
+    assert [r["round"] for r in logged] == list(range(6))
+    assert [r for r in range(6) if "test/accuracy" in logged[r]] == [0, 2, 4, 5]
+    assert all("val/loss" in r for r in logged[1:])
+    # A round left untested still checkpoints its own model.
+    saved = torch.load(run.checkpoint("round_3"), weights_only=True)["state_dict"]
+    assert all(saved[k].equal(v) for k, v in weights[3].items())
+
+
+def test_the_server_tests_a_seeded_subset_of_max_samples(cfg: Config) -> None:
+    capped = replace(cfg, evaluation=replace(cfg.evaluation, max_samples=50))
+    first, again = CentralEvaluator(capped), CentralEvaluator(capped)
+    assert len(first.loader.dataset) == len(first.noisy_loader.dataset) == 50
+    assert first.loader.dataset.indices == again.loader.dataset.indices  # type: ignore[attr-defined]
+    assert first.loader.dataset.indices != list(range(50))  # type: ignore[attr-defined]
+    assert len(CentralEvaluator(cfg).loader.dataset) == 200  # data.max_test_samples alone

@@ -21,7 +21,13 @@ from fl_lightning.privacy.ledger import PrivacyLedger
 from fl_lightning.server.census import Census
 from fl_lightning.server.round_close import RoundRecorder
 from fl_lightning.server.strategy import LightningFedAvg, build_strategy, restore_dtypes
-from fl_lightning.vocabulary import ACCOUNTANT_RECORD, EPSILON_METRIC, UNIFORM_WEIGHT
+from fl_lightning.vocabulary import (
+    ACCOUNTANT_RECORD,
+    EPSILON_METRIC,
+    FIT_SECONDS,
+    SETUP_SECONDS,
+    UNIFORM_WEIGHT,
+)
 from tests.attacks import Attack, weights
 from tests.test_config import MNIST, REPO
 
@@ -144,6 +150,21 @@ def test_every_strategy_aggregates_and_keeps_the_metric_names(name: str) -> None
         assert loss == pytest.approx(0.3)  # example-weighted mean of 0.1..0.5
     if name in ("fedavg", "fedprox", "fedmedian", "fedtrimmedavg"):
         np.testing.assert_allclose(weights, 0.3, rtol=1e-6)  # mean == median == trimmed mean here
+
+
+def test_the_round_logs_where_its_clients_spent_their_time() -> None:
+    strategy = build_strategy(load_config(MNIST), recorder(), census(), min_available_nodes=5)
+    messages = list(strategy.configure_train(1, global_arrays(), ConfigRecord(), FakeGrid()))  # type: ignore[arg-type]
+    replies = [reply_to(m, 0.1, 20, 100) for m in messages]
+    for i, reply in enumerate(replies[:4]):  # the fifth says nothing: allowed
+        reply.content.metric_records["metrics"][SETUP_SECONDS] = 0.1 * (i + 1)
+        reply.content.metric_records["metrics"][FIT_SECONDS] = 2.0
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None and metrics is not None
+    logged = strategy.recorder.metrics
+    assert logged["time/client_setup"] == pytest.approx(0.25)
+    assert logged["time/client_fit"] == pytest.approx(2.0)
+    assert not {SETUP_SECONDS, FIT_SECONDS} & set(strategy.recorder.sourced["train"])
 
 
 def test_round_lr_factor_warms_up_across_rounds() -> None:

@@ -110,6 +110,7 @@ def _reply(msg: Message, context: Context, result: training.ClientResult) -> Mes
     """The reply to `msg`: the result's weights (if any), its metrics, and who replied."""
     metrics: dict[str, MetricRecordValues] = {
         **result.metrics,
+        **result.seconds,
         NUM_EXAMPLES: result.num_examples,
         UNIFORM_WEIGHT: 1,
     }

@@ -8,7 +8,8 @@ own steps, optimizers and `self.log` calls; federated pieces come in as callback
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
@@ -30,7 +31,7 @@ from fl_lightning.models.trainer import (
     user_callbacks,
 )
 from fl_lightning.seeding import derive, seeded
-from fl_lightning.vocabulary import EPSILON_METRIC
+from fl_lightning.vocabulary import EPSILON_METRIC, FIT_SECONDS, SETUP_SECONDS
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class ClientResult:
     metrics: dict[str, float]
     num_examples: int
     accountant_state: str | None = None  # DP-SGD: the client's accountant after this round
+    seconds: dict[str, float] = field(default_factory=dict)  # train: SETUP_SECONDS, FIT_SECONDS
 
 
 def client_seed(seed: int, server_round: int, partition_id: int) -> int:
@@ -71,6 +73,7 @@ def fit(
     `proximal_mu` is FedProx's penalty, `max_epochs` overrides trainer.max_epochs. Under
     DP-SGD, `accountant_state` is the client's accountant from its previous round.
     """
+    started = time.perf_counter()
     seed = client_seed(cfg.seed, server_round, partition_id)
     with seeded(seed):  # dropout, augmentation; the process's RNGs are restored after
         data = client_data(cfg, partition_id, num_partitions, seed)
@@ -98,16 +101,20 @@ def fit(
             unused = cfg.trainer.strategy.lower().endswith("_find_unused_parameters_true")
             with client_ddp(ranks, find_unused_parameters=unused) as strategy:
                 trainer = make_trainer(cfg.trainer, strategy=strategy, **kwargs)
+                ready = time.perf_counter()  # the ranks' start counts as fit
                 trainer.fit(model, datamodule=RankData(cfg, partition_id, num_partitions, seed))
         else:  # `ddp` on one device (a site's override) would only add a process group
             trainer = make_trainer(cfg.trainer, strategy="auto", **kwargs)
+            ready = time.perf_counter()
             trainer.fit(model, train_dataloaders=loader)
+        fitted = time.perf_counter()
         metrics = logged_metrics(trainer.callback_metrics)
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        seconds = {SETUP_SECONDS: ready - started, FIT_SECONDS: fitted - ready}
         if dp is None:
-            return ClientResult(state, metrics, num_examples=data.num_train)
+            return ClientResult(state, metrics, data.num_train, seconds=seconds)
         metrics[EPSILON_METRIC] = dp.epsilon()
-        return ClientResult(state, metrics, data.num_train, accountant_state=dp.state())
+        return ClientResult(state, metrics, data.num_train, dp.state(), seconds)
 
 
 def _federated_callbacks(cfg: Config, lr_factor: float, proximal_mu: float) -> list[Callback]:

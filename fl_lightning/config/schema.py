@@ -276,6 +276,16 @@ class SecureAggregationConfig:
 
 
 @dataclass(frozen=True)
+class EvaluationConfig:
+    """The server's centralized evaluation of the global model on its test data."""
+
+    # Every k-th round (round 0, the initial model, included), and always the last one.
+    every_n_rounds: int = 1
+    # A seeded subset of this many test samples (null: the whole test split).
+    max_samples: int | None = None
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     """Where the run writes: `dir` exactly, else `<root>/<experiment>/<timestamp>/`."""
 
@@ -303,6 +313,7 @@ class Config:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -359,6 +370,13 @@ def sends_label_counts(cfg: Config) -> bool:
         and not cfg.secure_aggregation.enabled
         and cfg.data.class_path is None
     )
+
+
+def centrally_evaluated(cfg: Config, server_round: int) -> bool:
+    """Whether the server tests the global model of `server_round` (0: the initial model):
+    every `evaluation.every_n_rounds`-th round and the run's last."""
+    every = cfg.evaluation.every_n_rounds
+    return server_round % every == 0 or server_round >= cfg.federation.num_rounds
 
 
 def round_lr_factor(o: OptimizerConfig, server_round: int) -> float:

@@ -11,6 +11,7 @@ from fl_lightning.config.privacy_rules import validate_privacy, validate_secure_
 from fl_lightning.config.schema import (
     PARTITION_ARGS,
     Config,
+    EvaluationConfig,
     FederationConfig,
     OutputConfig,
     TrainerConfig,
@@ -50,6 +51,7 @@ def validate(cfg: Config) -> None:
     _validate_classes(cfg)
     _validate_data(cfg)
     _validate_output(cfg.output)
+    _validate_evaluation(cfg.evaluation)
     check(
         0 <= cfg.model.label_smoothing < 1,
         "model.label_smoothing",
@@ -115,6 +117,13 @@ def _validate_federation(f: FederationConfig, t: TrainerConfig) -> None:
         "trainer.accelerator",
         "is 'cpu' while federation.client_resources.num_gpus > 0; set trainer.accelerator=gpu",
     )
+
+
+def _validate_evaluation(e: EvaluationConfig) -> None:
+    every = e.every_n_rounds
+    check(every >= 1, "evaluation.every_n_rounds", f"must be >= 1, got {every}")
+    cap = e.max_samples
+    check(cap is None or cap >= 1, "evaluation.max_samples", f"must be >= 1 or null, got {cap}")
 
 
 def _validate_output(o: OutputConfig) -> None:

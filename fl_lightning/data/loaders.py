@@ -154,6 +154,17 @@ def central_test_loader(cfg: Config) -> DataLoader:
     return loader
 
 
+def test_subset(loader: DataLoader, max_samples: int | None, seed: int) -> DataLoader:
+    """`loader` over a seeded subset of `max_samples` of its samples (`evaluation.max_samples`),
+    in their order; `loader` itself when it holds no more."""
+    size = _size(loader, "test")
+    if max_samples is None or size <= max_samples:
+        return loader
+    chosen = torch.randperm(size, generator=seeding.generator(seed, "evaluation-subset"))
+    indices = chosen[:max_samples].sort().values.tolist()
+    return _rebatched(loader, Subset(loader.dataset, indices), None, "test")
+
+
 def _builtin(cfg: Config, partition_id: int, num_partitions: int, seed: int) -> ClientData:
     from fl_lightning.data.datamodule import FederatedDataModule
 
@@ -218,14 +229,16 @@ def _labels(dataset: Dataset, size: int) -> torch.Tensor:
         ) from None
 
 
-def _rebatched(loader: DataLoader, subset: Subset, seed: int | None) -> DataLoader:
+def _rebatched(
+    loader: DataLoader, subset: Subset, seed: int | None, what: str = "train"
+) -> DataLoader:
     """A loader over `subset` batched like `loader` (shuffled with `seed` if given)."""
     generator = seeding.generator(seed, "shuffle") if seed is not None else None
     batch_size = loader.batch_size or getattr(loader.batch_sampler, "batch_size", None)
     if batch_size is None:
         raise ClientError(
-            "data.class_path: the train_dataloader has no batch_size (a custom "
-            "batch_sampler?); fl-lightning re-batches each client's share with it: pass "
+            f"data.class_path: the {what}_dataloader has no batch_size (a custom "
+            "batch_sampler?); fl-lightning re-batches a share of its samples with it: pass "
             "batch_size, or load one client's share yourself (take partition_id)"
         )
     return DataLoader(

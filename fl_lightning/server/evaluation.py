@@ -34,6 +34,10 @@ class CentralEvaluator:
         self.loader, self.noisy_loader = _test_loaders(cfg)
         self._probe: tuple[L.LightningModule, L.Trainer] | None = None  # see `probe`
 
+    def load(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Make `state_dict` the model the next checkpoint holds, without testing it."""
+        self.model.load_state_dict(state_dict)
+
     def evaluate(
         self, state_dict: dict[str, torch.Tensor], noisy: bool = False
     ) -> dict[str, float]:
@@ -41,7 +45,7 @@ class CentralEvaluator:
 
         `noisy=True` evaluates on the test split with `data.noise` applied instead.
         """
-        self.model.load_state_dict(state_dict)
+        self.load(state_dict)
         loader = self.noisy_loader if noisy else self.loader
         (metrics,) = self.trainer.test(self.model, dataloaders=loader, verbose=False)
         return logged_metrics(metrics)
@@ -83,13 +87,16 @@ class CentralEvaluator:
 
 
 def _test_loaders(cfg: Config) -> tuple[DataLoader, DataLoader]:
-    """The clean test loader and the one with `data.noise` (built-in datasets only)."""
+    """The clean test loader and the one with `data.noise` (built-in datasets only), each
+    cut to the same `evaluation.max_samples` samples."""
+    from fl_lightning.data.loaders import central_test_loader, test_subset
+
     if cfg.data.class_path is not None:
-        from fl_lightning.data.loaders import central_test_loader
+        clean = noisy = central_test_loader(cfg)
+    else:
+        from fl_lightning.data.datamodule import FederatedDataModule
 
-        loader = central_test_loader(cfg)
-        return loader, loader
-    from fl_lightning.data.datamodule import FederatedDataModule
-
-    datamodule = FederatedDataModule(cfg.data, cfg.seed)
-    return datamodule.test_dataloader(), datamodule.noisy_test_dataloader()
+        datamodule = FederatedDataModule(cfg.data, cfg.seed)
+        clean, noisy = datamodule.test_dataloader(), datamodule.noisy_test_dataloader()
+    cap = cfg.evaluation.max_samples
+    return test_subset(clean, cap, cfg.seed), test_subset(noisy, cap, cfg.seed)

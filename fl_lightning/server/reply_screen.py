@@ -35,6 +35,7 @@ from fl_lightning.privacy.accountant_state import accountant_state_problem
 from fl_lightning.server.checks import error_summary, is_int, is_number, partition_of, show
 from fl_lightning.vocabulary import (
     ACCOUNTANT_RECORD,
+    CLIENT_SECONDS,
     EPSILON_METRIC,
     IDENTITY_RECORD,
     MAX_METRIC_NAME,
@@ -201,9 +202,10 @@ def metrics_problem(
     """
     keys = set(metrics.keys())
     reserved = reserved_metrics(stage, cfg)
-    if not reserved <= keys or keys & set(RESERVED_METRICS) - reserved:
+    allowed = reserved | (set(CLIENT_SECONDS) if stage == TRAIN else set())
+    if not reserved <= keys or keys & set(RESERVED_METRICS) - allowed:
         missing = sorted(reserved - keys)
-        unexpected = sorted(keys & set(RESERVED_METRICS) - reserved)
+        unexpected = sorted(keys & set(RESERVED_METRICS) - allowed)
         return f"its metrics are not its stage's (missing {missing}, unexpected {unexpected})"
     found = module_metric_names(metrics)
     if stage == BATCHNORM:
@@ -225,6 +227,9 @@ def metrics_problem(
             return f"metric {key} is {show(value)}, outside [0, 1]"
         if key == EPSILON_METRIC and value < 0:
             return f"metric {key} is {show(value)}, negative"
+        timeout = cfg.federation.round_timeout  # no honest client works longer than a round
+        if key in CLIENT_SECONDS and not 0 <= value <= timeout:
+            return f"metric {key} is {show(value)}, outside [0, {timeout:g}] seconds"
     examples = metrics[NUM_EXAMPLES]
     if not is_int(examples) or not 0 < examples <= cap:
         return (

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from fl_lightning.config.schema import centrally_evaluated
 from fl_lightning.errors import RoundCloseError
 from fl_lightning.server import resume_state
 from fl_lightning.server.evaluation import CentralEvaluator
@@ -196,7 +197,11 @@ class RoundRecorder(RoundMetrics):
         record = closing.metrics
         started = time.perf_counter()
         closing.step = "the centralized evaluation"
-        metrics = self.evaluator.evaluate(closing.state_dict)
+        if centrally_evaluated(self.evaluator.cfg, closing.server_round):
+            metrics = self.evaluator.evaluate(closing.state_dict)
+        else:  # `evaluation.every_n_rounds`: no centralized point for this round
+            self.evaluator.load(closing.state_dict)
+            metrics = {}
         evaluated = time.perf_counter()
         closing.step = "writing its checkpoints"
         self.evaluator.save_checkpoint(self.run.checkpoint(f"round_{closing.server_round}"))

@@ -194,7 +194,8 @@ class SecureFedAvg(FedAvg):
             self.recorder.start()
         if server_round == 0 or self.fraction_evaluate == 0:
             metrics = self.recorder.close(server_round, state)
-            return legacy_loss(metrics), dict(metrics)
+            # A round `evaluation.every_n_rounds` leaves out has no centralized point.
+            return (legacy_loss(metrics), dict(metrics)) if metrics else None
         self._pending = state
         return None
 

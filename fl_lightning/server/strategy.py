@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Iterable
 from typing import Any
 
@@ -40,8 +41,10 @@ from fl_lightning.server.strategy_state import (
     unsound_optimizer_state,
 )
 from fl_lightning.vocabulary import (
+    FIT_SECONDS,
     LR_FACTOR,
     RESERVED_METRICS,
+    SETUP_SECONDS,
     UNIFORM_WEIGHT,
 )
 
@@ -153,6 +156,7 @@ class LightningFedAvg(FedAvg):
         if len(replies) < needed:
             why = f"{len(replies)} usable updates, federation.min_train_clients is {needed}"
             return _skip(self.recorder, why, server_round)
+        seconds = take_client_seconds(replies)
         snapshot = optimizer_snapshot(self)
         arrays, metrics = super().aggregate_train(server_round, replies)
         problem = "Flower aggregated nothing" if arrays is None else None
@@ -171,6 +175,7 @@ class LightningFedAvg(FedAvg):
         if metrics is not None:
             self.recorder.add(module_metrics(metrics), source="train")
         _log_clients(self.recorder, self.cfg, replies)
+        self.recorder.add(seconds)
         self.rounds_adopted += 1
         self.recorder.lap("aggregation")
         return arrays, metrics
@@ -294,6 +299,22 @@ def _log_clients(recorder: RoundRecorder, cfg: Config, replies: list[Message]) -
     """Each client's own metrics (not under differential privacy: they are not covered)."""
     if cfg.privacy.mode == "none":
         recorder.add_clients(_per_client(replies))
+
+
+def take_client_seconds(replies: list[Message]) -> dict[str, float]:
+    """Where a round's clients spent their time, mean over the screened train replies that
+    say: `time/client_setup` (data, model, Trainer) and `time/client_fit` (`Trainer.fit`).
+
+    The keys are taken out of the replies: Flower aggregates only records whose metric
+    keys agree, and a client may leave them out.
+    """
+    means = {}
+    for name, key in (("setup", SETUP_SECONDS), ("fit", FIT_SECONDS)):
+        records = [reply.content.metric_records["metrics"] for reply in replies]
+        values = [float(r.pop(key)) for r in records if key in r]  # type: ignore[arg-type]
+        if values:
+            means[f"time/client_{name}"] = statistics.fmean(values)
+    return means
 
 
 def _skip(recorder: RoundRecorder, why: str, server_round: int) -> tuple[None, None]:
