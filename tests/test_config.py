@@ -84,6 +84,10 @@ def test_relative_data_root_is_resolved() -> None:
         ("evaluation.every_n_rounds=0", "evaluation.every_n_rounds: must be >= 1, got 0"),
         ("evaluation.max_samples=0", "evaluation.max_samples: must be >= 1 or null, got 0"),
         ("evaluation.every_n_round=2", "(did you mean 'evaluation.every_n_rounds'?)"),
+        (
+            "privacy.max_physical_batch_size=64",
+            "privacy.max_physical_batch_size: splits DP-SGD's batches; privacy.mode is none",
+        ),
     ],
 )
 def test_bad_keys_and_values_name_the_key(override: str, message: str) -> None:

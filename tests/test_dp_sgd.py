@@ -110,6 +110,30 @@ def test_dp_training_with_reproducible_noise_is_deterministic_and_noisy(
     assert not torch.equal(a.state_dict["net.0.weight"], other_round.state_dict["net.0.weight"])
 
 
+def test_physical_batches_take_the_same_private_steps(tiny_overrides: list[str]) -> None:
+    """Chunks of at most 16 samples of each Poisson batch: the same steps, the same noise,
+    the same weights (up to float summation order), the same epsilon."""
+    base = [
+        *tiny_overrides,
+        "data.batch_size=64",
+        "privacy.reproducible_noise=true",
+        "optimizer.scheduler=none",  # Lightning steps a per-step schedule on every chunk
+    ]
+    dp_sgd = REPO / "configs" / "mnist_dp_sgd.yaml"
+    whole = load_config(dp_sgd, base)
+    chunked = load_config(dp_sgd, [*base, "privacy.max_physical_batch_size=16"])
+    torch.manual_seed(0)
+    state = build_model(whole, 10).state_dict()
+    a = training.fit(whole, state, partition_id=1, num_partitions=2, server_round=1)
+    b = training.fit(chunked, state, partition_id=1, num_partitions=2, server_round=1)
+    assert a.state_dict is not None and b.state_dict is not None
+    assert a.accountant_state == b.accountant_state  # the same steps, each accounted once
+    assert a.metrics["privacy/epsilon"] == b.metrics["privacy/epsilon"]
+    for key in state:
+        torch.testing.assert_close(a.state_dict[key], b.state_dict[key], rtol=1e-4, atol=1e-6)
+    assert not torch.equal(a.state_dict["net.0.weight"], state["net.0.weight"])
+
+
 def test_batchnorm_becomes_groupnorm_on_server_and_clients(tmp_path: Path) -> None:
     cfg = load_config(
         MNIST,

@@ -25,6 +25,11 @@ def check_private_devices(cfg: Config) -> None:
 def validate_privacy(cfg: Config) -> None:
     """The privacy section's rules, and what each mode asks of the rest of the config."""
     p, s = cfg.privacy, cfg.strategy
+    check(
+        p.max_physical_batch_size is None or p.mode == "dp_sgd",
+        "privacy.max_physical_batch_size",
+        f"splits DP-SGD's batches; privacy.mode is {p.mode}: leave it null",
+    )
     if p.mode == "none":
         return
     check(0 < p.delta < 1, "privacy.delta", f"must be in (0, 1), got {p.delta}")
@@ -64,6 +69,8 @@ def validate_privacy(cfg: Config) -> None:
 def _validate_dp_sgd(cfg: Config) -> None:
     p, t, s = cfg.privacy, cfg.trainer, cfg.strategy
     check(p.max_grad_norm > 0, "privacy.max_grad_norm", f"must be > 0, got {p.max_grad_norm}")
+    size = p.max_physical_batch_size
+    check(size is None or size >= 1, "privacy.max_physical_batch_size", f"must be >= 1, got {size}")
     check(
         t.gradient_clip_val is None,
         "trainer.gradient_clip_val",

@@ -243,6 +243,10 @@ class PrivacyConfig:
     target_epsilon: float | None = None
     delta: float = 1e-5
     max_grad_norm: float = 1.0  # dp_sgd: per-sample gradient clipping norm
+    # dp_sgd: each Poisson-sampled batch goes through the module in chunks of at most this
+    # many samples, and the optimizer steps once per batch (Opacus's BatchMemoryManager):
+    # the same private step, with per-sample gradients held for one chunk at a time.
+    max_physical_batch_size: int | None = None
     # A round that would push a client's cumulative epsilon past this is not started.
     max_epsilon: float | None = None
     clipping: Literal["server", "client"] = "server"  # client_dp: who clips the updates

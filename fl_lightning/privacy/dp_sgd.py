@@ -12,10 +12,12 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from opacus import PrivacyEngine
@@ -23,9 +25,11 @@ from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.data_loader import DPDataLoader
 from opacus.grad_sample import GradSampleModule
+from opacus.optimizers import DPOptimizer
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from fl_lightning.config.schema import Config
 from fl_lightning.errors import ClientError, ConfigError
@@ -45,6 +49,9 @@ def quiet_opacus() -> None:
     # Small partitions (high sample rates) reach the largest RDP order: a looser, still
     # valid bound.
     warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+    # privacy.max_physical_batch_size: Lightning steps a per-step scheduler after every
+    # chunk, and the first chunks of the first batch come before the first real step.
+    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
 
 
 def make_private_compatible(model: M, name: str) -> M:
@@ -138,25 +145,40 @@ class ClientDPSGD:
             self.engine.accountant.history = [tuple(step) for step in history]
         self.privacy = cfg.privacy
         self.seed = seed
+        self.poisson: DPDataLoader | None = None  # `loader`'s logical batches
 
-    def loader(self, loader: DataLoader) -> DPDataLoader:
-        """Poisson sampling over `loader`'s dataset (batch membership secret by default)."""
+    def loader(self, loader: DataLoader) -> DataLoader:
+        """Poisson sampling over `loader`'s dataset (batch membership secret by default),
+        each batch cut into chunks of `privacy.max_physical_batch_size` if set."""
         generator = dp_randomness.torch_generator(self.privacy, self.seed)
-        return DPDataLoader.from_data_loader(loader, generator=generator)
+        self.poisson = poisson = DPDataLoader.from_data_loader(loader, generator=generator)
+        size = self.privacy.max_physical_batch_size
+        if size is None:
+            return poisson
+        chunks = PhysicalBatches(poisson.batch_sampler, size)
+        return DataLoader(
+            poisson.dataset,
+            batch_sampler=chunks,
+            collate_fn=poisson.collate_fn,
+            num_workers=poisson.num_workers,
+            generator=poisson.generator,
+        )
 
     def make_private(
-        self, module: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader
+        self, module: nn.Module, optimizer: torch.optim.Optimizer
     ) -> torch.optim.Optimizer:
         """Per-sample clipping and noise for `optimizer`; each step is added to the accountant.
 
         Hooks are attached to `module` in place (`wrap_model=False`), so the Trainer keeps
-        driving the LightningModule itself.
+        driving the LightningModule itself. Call `loader` first: Opacus reads the sample
+        rate and expected batch size off its Poisson batches.
         """
+        assert self.poisson is not None, "loader() first"
         noise = dp_randomness.torch_generator(self.privacy, derive(self.seed, "dp-sgd-noise"))
         _, private_optimizer, _ = self.engine.make_private(
             module=module,
             optimizer=optimizer,
-            data_loader=loader,
+            data_loader=self.poisson,
             noise_multiplier=self.plan.noise_multiplier,
             max_grad_norm=self.max_grad_norm,
             poisson_sampling=False,  # `loader` already is a DPDataLoader
@@ -187,7 +209,7 @@ class PrivateOptimizer(Callback):
     change the same param groups). `loader` is the Poisson-sampled training loader.
     """
 
-    def __init__(self, dp: ClientDPSGD, loader: DPDataLoader) -> None:
+    def __init__(self, dp: ClientDPSGD, loader: DataLoader) -> None:
         self.dp = dp
         self.loader = loader
 
@@ -198,5 +220,41 @@ class PrivateOptimizer(Callback):
                 f"privacy.mode=dp_sgd: {type(pl_module).__name__}.configure_optimizers returns "
                 f"{len(trainer.optimizers)} optimizers, and DP-SGD makes exactly one private"
             )
-        private = self.dp.make_private(pl_module, trainer.optimizers[0], self.loader)
+        private = self.dp.make_private(pl_module, trainer.optimizers[0])
         trainer.strategy.optimizers = [private]
+        if isinstance(self.loader.batch_sampler, PhysicalBatches):
+            self.loader.batch_sampler.optimizer = private  # chunks: step once per batch
+
+
+class PhysicalBatches(Sampler[list[int]]):
+    """Each Poisson batch in a fixed number of chunks; the private optimizer steps once per
+    batch (Opacus's `BatchSplittingSampler`, with a length Lightning can count on).
+
+    Opacus's splitter cuts a batch of n samples into ceil(n / max_size) chunks, so an
+    epoch's number of chunks is random and Lightning, which ends the epoch after `len`
+    batches, would drop the last ones, and with them private steps the accountant planned.
+    Here every batch is cut into the same `per_batch` chunks (fewer if it holds fewer
+    samples), sized for a batch 6 standard deviations above the expected size, so `len`
+    bounds the epoch and Lightning runs it to its end. `optimizer` is set when fit starts.
+    """
+
+    def __init__(self, batches: UniformWithReplacementSampler, max_size: int) -> None:
+        self.batches = batches
+        rate = batches.sample_rate
+        expected = rate * batches.num_samples
+        largest = expected + 6 * math.sqrt(expected * (1 - rate))
+        self.per_batch = max(1, math.ceil(largest / max_size))
+        self.optimizer: DPOptimizer | None = None
+
+    def __iter__(self) -> Iterator[list[int]]:
+        assert self.optimizer is not None, "PrivateOptimizer sets it when fit starts"
+        for batch in self.batches:
+            parts = np.array_split(
+                np.asarray(batch, dtype=np.int64), min(self.per_batch, max(len(batch), 1))
+            )
+            for index, part in enumerate(parts):
+                self.optimizer.signal_skip_step(do_skip=index < len(parts) - 1)
+                yield part.tolist()
+
+    def __len__(self) -> int:
+        return len(self.batches) * self.per_batch
