@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from fl_lightning.config.schema import Config
 from fl_lightning.errors import ClientError, ConfigError
-from fl_lightning.privacy import randomness as dp_randomness
+from fl_lightning.privacy import randomness
 from fl_lightning.seeding import derive
 
 M = TypeVar("M", bound=nn.Module)
@@ -38,7 +38,7 @@ M = TypeVar("M", bound=nn.Module)
 def quiet_opacus() -> None:
     """Silence Opacus warnings that are expected here and that users cannot act on."""
     # Opacus's secure mode needs torchcsprng (no build for current torch); our generators
-    # are seeded from OS entropy instead (dp_randomness), as the README's Privacy says.
+    # are seeded from OS entropy instead (`privacy.randomness`), as the README's Privacy says.
     warnings.filterwarnings("ignore", message="Secure RNG turned off")
     # Opacus's hooks on the first layer, whose input needs no gradient: expected.
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -141,7 +141,9 @@ class ClientDPSGD:
 
     def loader(self, loader: DataLoader) -> DPDataLoader:
         """Poisson sampling over `loader`'s dataset (batch membership secret by default)."""
-        generator = dp_randomness.torch_generator(self.privacy, self.seed)
+        # Its own stream: `seed` itself seeds the round's global RNGs (dropout, augmentation).
+        sampling = derive(self.seed, "dp-sgd-sampling")
+        generator = randomness.torch_generator(self.privacy, sampling)
         return DPDataLoader.from_data_loader(loader, generator=generator)
 
     def make_private(
@@ -152,7 +154,7 @@ class ClientDPSGD:
         Hooks are attached to `module` in place (`wrap_model=False`), so the Trainer keeps
         driving the LightningModule itself.
         """
-        noise = dp_randomness.torch_generator(self.privacy, derive(self.seed, "dp-sgd-noise"))
+        noise = randomness.torch_generator(self.privacy, derive(self.seed, "dp-sgd-noise"))
         _, private_optimizer, _ = self.engine.make_private(
             module=module,
             optimizer=optimizer,
