@@ -1,7 +1,7 @@
 """Malicious-client replies, for tests only: each attack rewrites an honest reply's records.
 
 An attack is a function of a reply's RecordDict (changed in place). Tests apply them to
-crafted replies (tests/test_replies.py) or, through `attacking`, to the replies of real
+crafted replies (tests/test_reply_screen.py) or, through `attacking`, to the replies of real
 simulated clients (a Flower mod reached through `client_mods`, like tests/faults.py).
 """
 

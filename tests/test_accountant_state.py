@@ -74,7 +74,7 @@ def test_a_malformed_state_is_refused_with_a_reason(text: str) -> None:
     "text", [honest_accountant(), *MALFORMED.values()], ids=["honest", *MALFORMED.keys()]
 )
 def test_the_reply_screen_and_resume_agree(text: str) -> None:
-    from tests.test_replies import attacked, screen_for, train_reply
+    from tests.test_reply_screen import attacked, screen_for, train_reply
     from tests.test_strategy import global_arrays
 
     screen = screen_for(load_config(REPO / "configs" / "mnist_dp_sgd.yaml"))

@@ -2,7 +2,8 @@
 
 import time
 
-from fl_lightning.server.checks import MAX_LINE, Notices, error_summary, one_line, show
+from fl_lightning.errors import show
+from fl_lightning.server.checks import MAX_LINE, Notices, error_summary, one_line
 
 
 def test_failed_replies_are_summarised_by_the_clients_own_exception_line() -> None:

@@ -94,7 +94,7 @@ def test_the_prv_accountant_calibrates_less_noise_for_the_same_epsilon(dp_mnist:
 def test_dp_training_with_reproducible_noise_is_deterministic_and_noisy(
     tiny_overrides: list[str],
 ) -> None:
-    # Secret noise (the default) is tested in test_dp_randomness.py.
+    # Secret noise (the default) is tested in test_randomness.py.
     dp_mnist = load_config(
         REPO / "configs" / "mnist_dp_sgd.yaml",
         [*tiny_overrides, "data.batch_size=64", "privacy.reproducible_noise=true"],

@@ -21,6 +21,14 @@ def test_flower_run_config_names_the_yaml_and_overrides() -> None:
         config_from_run_config({})
 
 
+def test_a_relative_config_path_is_found_in_this_checkout_from_any_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # a SuperLink started elsewhere: not the working directory
+    cfg = config_from_run_config({"config-path": "configs/mnist.yaml", "overrides": ""})
+    assert cfg.model.name == "mnist_net"
+
+
 def test_node_config_checks_the_partition_and_puts_the_trainer_on_its_gpus() -> None:
     cfg = load_config("configs/mnist.yaml", ["federation.num_clients=2"])
     assert apply_node_config(cfg, {"partition-id": 1, "num-partitions": 2}) == cfg

@@ -196,3 +196,61 @@ def test_dp_sgd_epsilons_are_credited_to_the_census_partition_of_the_node() -> N
     ]
     _credit_epsilons(ledger, results, {7: 3, 8: 4})  # type: ignore[arg-type]
     assert ledger.trained == [0, 0, 0, 1, 0]
+
+
+def test_secagg_samples_the_partitions_the_message_api_samples(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Node ids are random per run: the draw must depend on (seed, round) and partitions only.
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name in ("_run_id", "_node_id", "_task_id"):  # Flower stamps messages with these
+        monkeypatch.setattr(TaskIdentity, name, 1)
+    from types import SimpleNamespace
+
+    from flwr.app import ConfigRecord
+    from flwr.common import ndarrays_to_parameters
+
+    from fl_lightning.server.secure import SecureFedAvg
+    from fl_lightning.server.strategy import build_strategy
+    from tests.test_strategy import FakeGrid, census, global_arrays, recorder
+
+    cfg = load_config(REPO / "configs" / "mnist.yaml", ["federation.fraction_train=0.4"])
+    fraction = cfg.federation.fraction_train  # as both paths' strategies are built
+
+    class Clients:
+        def __init__(self, nodes: dict[int, int]) -> None:
+            self.proxies = {str(n): SimpleNamespace(node_id=n) for n in nodes}
+
+        def wait_for(self, num_clients: int, timeout: int) -> bool:
+            return True
+
+        def all(self) -> dict:
+            return self.proxies
+
+    def secagg(nodes: dict[int, int], server_round: int) -> list[int]:
+        strategy = SecureFedAvg(
+            cfg, recorder(), {"w": torch.zeros(2)}, 1.0, nodes, fraction_fit=fraction
+        )
+        sent = strategy.configure_fit(
+            server_round,
+            ndarrays_to_parameters([]),
+            Clients(nodes),  # type: ignore[arg-type]
+        )
+        return sorted(nodes[proxy.node_id] for proxy, _ in sent)
+
+    def message_api(server_round: int) -> list[int]:
+        strategy = build_strategy(
+            cfg, recorder(), census(), fraction_train=fraction, min_available_nodes=5
+        )
+        grid = FakeGrid()  # nodes 1..5 hold partitions 0..4
+        sent = strategy.configure_train(server_round, global_arrays(), ConfigRecord(), grid)  # type: ignore[arg-type]
+        return sorted(m.metadata.dst_node_id - 1 for m in sent)
+
+    one_run = {100 + p: p for p in range(5)}
+    another = {9000 - 7 * p: p for p in range(5)}
+    for server_round in (1, 2, 3):
+        drawn = secagg(one_run, server_round)
+        assert len(drawn) == 2
+        assert drawn == secagg(another, server_round) == message_api(server_round)
+    assert len({tuple(secagg(one_run, r)) for r in range(1, 9)}) > 1  # rounds draw anew

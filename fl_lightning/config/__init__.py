@@ -1,8 +1,8 @@
 """The run configuration: `schema` (typed sections), `load` (YAML and overrides, validated
-once), `coerce` (key and type checks), `validate` (the rules), `trainer_flags`,
-`class_path`, `yaml_input` and `node_config` (a SuperNode's settings).
+once), `coerce` (key and type checks), `validate` and `privacy_rules` (the rules),
+`trainer_flags`, `class_path`, `yaml_input` and `node_config` (a SuperNode's settings).
 
-`from fl_lightning.config import Config, load_config` is the entry most code needs.
+`from fl_lightning.config import Config, load_config` is the short import for scripts.
 """
 
 from fl_lightning.config.load import config_from_dict, load_config

@@ -45,6 +45,10 @@ def _load_named_config(path: str, overrides: str) -> Config:
     return load_config(_find_config(path), items)
 
 
+# The checkout this package runs from (fl_lightning/config/node_config.py -> its root).
+CHECKOUT = Path(__file__).resolve().parents[2]
+
+
 def _find_config(path: str) -> Path:
     """`path`; a relative one from the Flower app, the working directory, or this checkout."""
     candidate = Path(path)
@@ -52,7 +56,7 @@ def _find_config(path: str) -> Path:
         return candidate
     # The app's own copy comes first: the working directory is that of the SuperLink that
     # started the run, which may be another project's folder with its own config.yaml.
-    folders = [*_flower_app_dirs(), Path.cwd(), Path(__file__).resolve().parent.parent]
+    folders = [*_flower_app_dirs(), Path.cwd(), CHECKOUT]
     for folder in folders:
         if (folder / candidate).is_file():
             return folder / candidate

@@ -359,7 +359,12 @@ MEAN_STRATEGIES = ("fedavg", "fedprox")
 
 def sampled_clients(f: FederationConfig) -> int:
     """Clients Flower samples for training each round (fraction_train of num_clients, >= 1)."""
-    return max(int(f.num_clients * f.fraction_train), 1)
+    return sample_size(f.num_clients, f.fraction_train)
+
+
+def sample_size(available: int, fraction: float) -> int:
+    """How many of `available` clients a round samples at `fraction`: Flower's rule, >= 1."""
+    return max(int(available * fraction), 1)
 
 
 def sends_label_counts(cfg: Config) -> bool:

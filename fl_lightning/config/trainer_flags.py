@@ -107,8 +107,6 @@ CLIENT_STRATEGIES = (
 
 
 def _differs_from_default(t: TrainerConfig, names: tuple[str, ...]) -> bool:
-    # TrainerConfig(), built from t's own class: config.py imports this module, so this
-    # module does not import config's classes back.
     default = TrainerConfig()
     return any(getattr(t, name) != getattr(default, name) for name in names)
 

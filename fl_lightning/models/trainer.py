@@ -6,6 +6,7 @@ from `make_trainer`, and both read the module's logged metrics with `logged_metr
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections.abc import Mapping
@@ -23,11 +24,13 @@ from fl_lightning.errors import ClientError
 from fl_lightning.vocabulary import MAX_METRICS, RESERVED_METRICS
 
 
+@functools.cache
 def quiet_lightning() -> None:
     """Silence Lightning's per-Trainer chatter (device banners, num_workers hints).
 
-    Process-wide: called once where a process enters fl-lightning (the CLI, the ClientApp
-    and ServerApp, a DDP rank), never by the library code they call.
+    Process-wide, and once per process (cached): called where a process enters
+    fl-lightning (the CLI, the ClientApp and ServerApp, a DDP rank), never by the library
+    code they call.
     """
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from fl_lightning.config.schema import Config
 from fl_lightning.errors import ClientError, ConfigError
-from fl_lightning.privacy import randomness as dp_randomness
+from fl_lightning.privacy import randomness
 from fl_lightning.seeding import derive
 
 M = TypeVar("M", bound=nn.Module)
@@ -42,7 +42,7 @@ M = TypeVar("M", bound=nn.Module)
 def quiet_opacus() -> None:
     """Silence Opacus warnings that are expected here and that users cannot act on."""
     # Opacus's secure mode needs torchcsprng (no build for current torch); our generators
-    # are seeded from OS entropy instead (dp_randomness), as the README's Privacy says.
+    # are seeded from OS entropy instead (`privacy.randomness`), as the README's Privacy says.
     warnings.filterwarnings("ignore", message="Secure RNG turned off")
     # Opacus's hooks on the first layer, whose input needs no gradient: expected.
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -150,7 +150,9 @@ class ClientDPSGD:
     def loader(self, loader: DataLoader) -> DataLoader:
         """Poisson sampling over `loader`'s dataset (batch membership secret by default),
         each batch cut into chunks of `privacy.max_physical_batch_size` if set."""
-        generator = dp_randomness.torch_generator(self.privacy, self.seed)
+        # Its own stream: `seed` itself seeds the round's global RNGs (dropout, augmentation).
+        sampling = derive(self.seed, "dp-sgd-sampling")
+        generator = randomness.torch_generator(self.privacy, sampling)
         self.poisson = poisson = DPDataLoader.from_data_loader(loader, generator=generator)
         size = self.privacy.max_physical_batch_size
         if size is None:
@@ -174,7 +176,7 @@ class ClientDPSGD:
         rate and expected batch size off its Poisson batches.
         """
         assert self.poisson is not None, "loader() first"
-        noise = dp_randomness.torch_generator(self.privacy, derive(self.seed, "dp-sgd-noise"))
+        noise = randomness.torch_generator(self.privacy, derive(self.seed, "dp-sgd-noise"))
         _, private_optimizer, _ = self.engine.make_private(
             module=module,
             optimizer=optimizer,

@@ -17,7 +17,7 @@ from typing import Any
 
 from opacus.accountants import create_accountant
 
-from fl_lightning.config.schema import Config
+from fl_lightning.config.schema import Config, sample_size
 from fl_lightning.errors import PrivacyBudgetExceeded, show
 from fl_lightning.privacy.dp_sgd import DPSGDPlan, plan
 
@@ -92,7 +92,7 @@ class PrivacyLedger:
             projected = self.projected_epsilon()
             allowed = partitions if projected <= self.max_epsilon else []
         f = self.cfg.federation
-        sample, full = (max(int(len(p) * f.fraction_train), 1) for p in (allowed, partitions))
+        sample, full = (sample_size(len(p), f.fraction_train) for p in (allowed, partitions))
         if not allowed or (
             len(allowed) < len(partitions) and sample < min(f.min_train_clients, full)
         ):

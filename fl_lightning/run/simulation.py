@@ -9,7 +9,7 @@ import os
 import sys
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from flwr.clientapp.typing import Mod
@@ -122,6 +122,25 @@ def start_ray(cfg: Config) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def _quiet_flower() -> Iterator[None]:
+    """Flower's per-step INFO logs and Ray's tips off for the run, put back after it."""
+    # Flower logs every sampling and aggregation step; our tracker prints one line per round.
+    flwr_logger = logging.getLogger("flwr")
+    level = flwr_logger.level
+    flwr_logger.setLevel(logging.WARNING)
+    flwr_logger.addFilter(_drop_run_simulation_deprecation)
+    flwr_logger.addFilter(_drop_client_tracebacks)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Tip: In future versions of Ray")
+        try:
+            yield
+        finally:
+            flwr_logger.removeFilter(_drop_client_tracebacks)
+            flwr_logger.removeFilter(_drop_run_simulation_deprecation)
+            flwr_logger.setLevel(level)
+
+
 def _drop_run_simulation_deprecation(record: logging.LogRecord) -> bool:
     # `flwr run` would start a SuperLink process; the in-process engine is what a
     # one-machine simulation wants, so its deprecation notice is not the user's concern.
@@ -159,27 +178,23 @@ def run_simulation(
     from fl_lightning.client_app import make_client_app
     from fl_lightning.server_app import make_server_app
 
-    if not verbose:
-        # Flower logs every sampling and aggregation step; our tracker prints one line per round.
-        flwr_logger = logging.getLogger("flwr")
-        flwr_logger.setLevel(logging.WARNING)
-        flwr_logger.addFilter(_drop_run_simulation_deprecation)
-        flwr_logger.addFilter(_drop_client_tracebacks)
-        warnings.filterwarnings("ignore", message="Tip: In future versions of Ray")
-    started = start_ray(cfg)
-    try:
-        flwr_run_simulation(
-            server_app=make_server_app(cfg, run, resume=resume),
-            client_app=make_client_app(_in_run_dir(cfg, run), mods=client_mods),
-            num_supernodes=cfg.federation.num_clients,
-            backend_config=backend_config(cfg),
-            verbose_logging=verbose,
-        )
-    finally:
-        if started:
-            import ray
+    with contextlib.ExitStack() as quiet:
+        if not verbose:
+            quiet.enter_context(_quiet_flower())
+        started = start_ray(cfg)
+        try:
+            flwr_run_simulation(
+                server_app=make_server_app(cfg, run, resume=resume),
+                client_app=make_client_app(_in_run_dir(cfg, run), mods=client_mods),
+                num_supernodes=cfg.federation.num_clients,
+                backend_config=backend_config(cfg),
+                verbose_logging=verbose,
+            )
+        finally:
+            if started:
+                import ray
 
-            ray.shutdown()
+                ray.shutdown()
     if cfg.output.client_report and run.last_round() >= cfg.federation.num_rounds:
         from fl_lightning.run.client_report import write_client_report
 

@@ -21,8 +21,8 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fl_lightning.config.schema import Config, sends_label_counts
-from fl_lightning.errors import NothingTrained
-from fl_lightning.server.checks import Notices, error_summary, is_int, partition_of, show
+from fl_lightning.errors import NothingTrained, show
+from fl_lightning.server.checks import Notices, error_summary, is_int, partition_of
 from fl_lightning.vocabulary import (
     CENSUS_ACTION,
     CENSUS_RECORD,

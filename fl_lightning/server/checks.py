@@ -16,10 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from flwr.common.logger import log
 
-from fl_lightning.errors import show
-from fl_lightning.vocabulary import IDENTITY_RECORD, PARTITION_ID
-
-__all__ = ["show"]  # a client value in a reason is shown as any value is
+from fl_lightning.vocabulary import IDENTITY_RECORD, MAX_METRIC_NAME, PARTITION_ID
 
 if TYPE_CHECKING:
     from flwr.app import Message
@@ -49,6 +46,12 @@ def is_number(value: object) -> bool:
     if is_int(value):
         return True  # exact, and float() of a huge int would overflow
     return isinstance(value, float | np.floating) and math.isfinite(value)
+
+
+def is_metric_name(name: object, longest: int = MAX_METRIC_NAME) -> bool:
+    """A metric name as a reply may carry it: a non-empty, printable string of at most
+    `longest` characters."""
+    return isinstance(name, str) and 0 < len(name) <= longest and name.isprintable()
 
 
 def one_line(text: str, limit: int = MAX_LINE) -> str:

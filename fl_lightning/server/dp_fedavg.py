@@ -16,7 +16,7 @@ from flwr.serverapp.strategy import (
 )
 
 from fl_lightning.config.schema import Config, sampled_clients
-from fl_lightning.privacy import randomness as dp_randomness
+from fl_lightning.privacy import randomness
 from fl_lightning.privacy.ledger import PrivacyLedger
 from fl_lightning.privacy.release import noised_release
 from fl_lightning.server.strategy import LightningFedAvg
@@ -33,7 +33,8 @@ class _LedgerMixin:
       stays zero (Flower's clipping divides by its norm).
     - The release (`fl_lightning.privacy.release`) is the sum of the m usable clipped
       updates over the n clients sampled, plus noise calibrated to that sum.
-    - The noise is drawn from a secret generator (`dp_randomness`), not NumPy's global one.
+    - The noise is drawn from a secret generator (`privacy.randomness`), not NumPy's
+      global one.
     """
 
     num_sampled_clients: int
@@ -77,7 +78,7 @@ class _LedgerMixin:
             self.num_sampled_clients,
             self.noise_multiplier,
             self.clipping_norm,
-            dp_randomness.numpy_generator(self.privacy, self.seed, server_round),
+            randomness.numpy_generator(self.privacy, self.seed, server_round),
         )
         self.ledger.record_release()
         released = ArrayRecord({k: Array(v) for k, v in zip(keys, values, strict=True)})

@@ -31,14 +31,20 @@ from flwr.app import Array, ArrayRecord, Message
 from flwr.common.constant import SType
 
 from fl_lightning.config.schema import Config
+from fl_lightning.errors import show
 from fl_lightning.privacy.accountant_state import accountant_state_problem
-from fl_lightning.server.checks import error_summary, is_int, is_number, partition_of, show
+from fl_lightning.server.checks import (
+    error_summary,
+    is_int,
+    is_metric_name,
+    is_number,
+    partition_of,
+)
 from fl_lightning.vocabulary import (
     ACCOUNTANT_RECORD,
     CLIENT_SECONDS,
     EPSILON_METRIC,
     IDENTITY_RECORD,
-    MAX_METRIC_NAME,
     MAX_METRICS,
     NUM_EXAMPLES,
     PARTITION_ID,
@@ -213,7 +219,7 @@ def metrics_problem(
     if len(found) > MAX_METRICS:
         return f"it carries {len(found)} metrics, more than {MAX_METRICS}"
     for name in found:
-        if len(name) > MAX_METRIC_NAME or not name.isprintable():
+        if not is_metric_name(name):
             return f"metric name {show(name[:40])}... is not a short printable name"
     if names is not None and found != names:
         missing = sorted(names - found)

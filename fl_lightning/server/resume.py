@@ -24,6 +24,7 @@ from fl_lightning.config.yaml_input import dump_yaml, parse_yaml
 from fl_lightning.errors import ConfigError
 from fl_lightning.files import NotAFile, open_regular, write_atomically
 from fl_lightning.privacy.accountant_state import is_rdp_step
+from fl_lightning.server.checks import is_metric_name
 from fl_lightning.server.reply_screen import BATCHNORM, EVALUATE, TRAIN
 from fl_lightning.server.resume_state import FORMAT, ResumeState, decode_rng, resume_path
 from fl_lightning.server.round_metrics import SOURCES
@@ -290,8 +291,8 @@ def _is_names(names: Any) -> bool:
 
 
 def _is_name(name: Any) -> bool:
-    """A metric name as a reply may carry it (or one of ours): short and printable."""
-    return isinstance(name, str) and 0 < len(name) <= MAX_METRIC_NAME + 32 and name.isprintable()
+    """A metric name as a reply may carry it, or as the run logs it (a source's prefix)."""
+    return is_metric_name(name, longest=MAX_METRIC_NAME + 32)
 
 
 def _is_release(entry: Any) -> bool:

@@ -12,6 +12,7 @@ noise to the sum.
 from __future__ import annotations
 
 import logging
+import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
@@ -33,25 +34,24 @@ from flwr.common import (
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
-from flwr.server.criterion import Criterion
 from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
-from fl_lightning.config.schema import Config, round_lr_factor, sampled_clients
+from fl_lightning.config.schema import Config, round_lr_factor, sample_size, sampled_clients
 from fl_lightning.errors import FlLightningError, SecureAggregationError
 from fl_lightning.models.state_dict import floating_keys, with_floating
 from fl_lightning.privacy.randomness import numpy_generator
 from fl_lightning.privacy.release import noised_release
+from fl_lightning.seeding import derive
 from fl_lightning.server.budget import BudgetGate
-from fl_lightning.server.checks import is_int, is_number
+from fl_lightning.server.checks import is_int, is_metric_name, is_number
 from fl_lightning.server.metric_means import plausible
 from fl_lightning.server.round_close import RoundRecorder
 from fl_lightning.vocabulary import (
     CLIPPED_METRIC,
     EPSILON_METRIC,
     LR_FACTOR,
-    MAX_METRIC_NAME,
     MAX_METRICS,
     MAX_WEIGHT,
     RESERVED_METRICS,
@@ -117,7 +117,14 @@ class SecureFedAvg(FedAvg):
         allowed = set(self.budget.allowed(server_round, self.nodes.values()))
         self.recorder.start()
         self.current = parameters_to_ndarrays(parameters)
-        proxies = self._sample(client_manager, allowed, self.fraction_fit)
+        proxies = _sample(
+            client_manager,
+            self.nodes,
+            allowed,
+            self.fraction_fit,
+            self.cfg,
+            (server_round, "train"),
+        )
         self.budget.record_sampled(self.nodes[_node_id(proxy)] for proxy in proxies)
         fit = FitIns(parameters, self._fit_config(server_round))
         return [(proxy, fit) for proxy in proxies]
@@ -128,18 +135,12 @@ class SecureFedAvg(FedAvg):
         """Sample the census's clients for federated evaluation."""
         if self.fraction_evaluate == 0.0:
             return []
-        proxies = self._sample(client_manager, set(self.nodes.values()), self.fraction_evaluate)
+        partitions, key = set(self.nodes.values()), (server_round, "evaluate")
+        proxies = _sample(
+            client_manager, self.nodes, partitions, self.fraction_evaluate, self.cfg, key
+        )
         evaluate = EvaluateIns(parameters, {})
         return [(proxy, evaluate) for proxy in proxies]
-
-    def _sample(
-        self, client_manager: ClientManager, partitions: set[int], fraction: float
-    ) -> list[ClientProxy]:
-        """A share `fraction` of the nodes the census bound to `partitions` (as the Message
-        API's strategies sample, `fl_lightning.server.sampling`): nobody else is sent a message."""
-        eligible = {node for node, partition in self.nodes.items() if partition in partitions}
-        size = max(int(len(eligible) * fraction), 1)
-        return client_manager.sample(size, len(eligible), _AmongNodes(eligible))
 
     def aggregate_fit(
         self,
@@ -293,15 +294,27 @@ def _credit_epsilons(
             ledger.record_trained(partition, rounds)
 
 
-class _AmongNodes(Criterion):
-    """Legacy sampling's criterion: only these node ids."""
-
-    def __init__(self, nodes: set[int]) -> None:
-        self.nodes = nodes
-
-    def select(self, client: ClientProxy) -> bool:
-        """Whether `client` is one of the nodes."""
-        return _node_id(client) in self.nodes
+def _sample(
+    client_manager: ClientManager,
+    nodes: Mapping[int, int],
+    partitions: set[int],
+    fraction: float,
+    cfg: Config,
+    key: tuple[int, str],
+) -> list[ClientProxy]:
+    """A share `fraction` of the nodes the census bound to `partitions`, nobody else, drawn
+    as the Message API's strategies draw (`fl_lightning.server.sampling`): in partition
+    order, seeded by (seed, round, stage), so both paths sample the same partitions."""
+    eligible = {node for node, partition in nodes.items() if partition in partitions}
+    size = sample_size(len(eligible), fraction)
+    client_manager.wait_for(len(eligible), int(cfg.federation.round_timeout))
+    proxies = {_node_id(p): p for p in client_manager.all().values()}
+    ordered = [proxies[n] for n in sorted(eligible, key=nodes.__getitem__) if n in proxies]
+    if len(ordered) < size:
+        return []  # as Flower's sampling: not enough of them connected
+    server_round, stage = key
+    draw = random.Random(derive(cfg.seed, "sampling", stage, server_round))
+    return ordered if size == len(ordered) else draw.sample(ordered, size)
 
 
 def _node_id(proxy: ClientProxy) -> int:
@@ -320,7 +333,7 @@ def _usable_evaluations(results: list[tuple[ClientProxy, EvaluateRes]]) -> list:
         and is_number(res.loss)
         and len(res.metrics) <= MAX_METRICS
         and all(is_number(v) for v in res.metrics.values())
-        and all(len(k) <= MAX_METRIC_NAME and k.isprintable() for k in res.metrics)
+        and all(map(is_metric_name, res.metrics))
     ]
 
 
