@@ -151,11 +151,19 @@ def run_plain(config_overrides: list[str], sampled: int) -> list[float]:
 def run_federated(config_overrides: list[str], workdir: Path) -> dict[str, Any]:
     """(a): `fl-lightning run`; each round's seconds and its `time/*` phases."""
     run_dir = workdir / f"run-{time.monotonic_ns()}"
+    launched = time.time()
     wall = run_timed([*fl_lightning_run(CONFIG, config_overrides), f"output.dir={run_dir}"])
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    rounds = [r for r in map(json.loads, lines) if r["round"] > 0]
+    metrics = run_dir / "metrics.jsonl"
+    rounds = [r for r in map(json.loads, metrics.read_text().splitlines()) if r["round"] > 0]
+    # As benchmarks/overhead.py: rounds 1..N follow each other and the last record is the
+    # file's last write, so round 1 began their seconds before it; its first clients start
+    # fitting once set up. After the last record: summary.md, curves and the teardown.
+    last_record = metrics.stat().st_mtime
+    round_one = last_record - sum(r["seconds"] for r in rounds)
     return {
         "wall_seconds": wall,
+        "first_fit_seconds": round_one - launched + rounds[0].get("time/client_setup", 0.0),
+        "exit_seconds": launched + wall - last_record,
         "round_seconds": [r["seconds"] for r in rounds],
         "phases": {p: [r.get(f"time/{p}", 0.0) for r in rounds] for p in PHASES},
     }
@@ -177,6 +185,8 @@ def measure(
         "plain_seconds_per_round": bare,
         "ratio": fed / bare,
         "federated_wall_seconds": federated["wall_seconds"],
+        "first_fit_seconds": federated["first_fit_seconds"],
+        "exit_seconds": federated["exit_seconds"],
         "breakdown": breakdown(federated["phases"], sampled),
     }
 
@@ -198,8 +208,9 @@ def markdown(results: list[dict], invocation: str) -> str:
         "",
         "| sampled | federated (s/round) | plain (s/round) | ratio | client training (s) "
         "| client set-up (ms) | client fit (ms) | messaging (s) | aggregation (s) "
-        "| centralized evaluation (s) | checkpoints (s) | other (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| centralized evaluation (s) | checkpoints (s) | other (s) | start to first fit (s) "
+        "| last round to exit (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         b = r["breakdown"]
@@ -208,7 +219,8 @@ def markdown(results: list[dict], invocation: str) -> str:
             f"{r['plain_seconds_per_round']:.2f} | {r['ratio']:.2f} | "
             f"{b['client_training']:.2f} | {1000 * b['client_setup']:.0f} | "
             f"{1000 * b['client_fit']:.0f} | {b['dispatch']:.2f} | {b['aggregation']:.2f} | "
-            f"{b['centralized_evaluation']:.2f} | {b['checkpoint']:.2f} | {b['between']:.2f} |"
+            f"{b['centralized_evaluation']:.2f} | {b['checkpoint']:.2f} | {b['between']:.2f} | "
+            f"{r['first_fit_seconds']:.1f} | {r['exit_seconds']:.1f} |"
         )
     lines += [
         "",
