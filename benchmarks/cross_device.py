@@ -45,17 +45,17 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/mnist_seed_recipe.yaml"
 CLIENTS, SAMPLES = 1000, 60
 WORKERS = 2  # the Simulation Engine's workers on this machine: one per core
-# The round record's `time/*` keys: the server's phases, and each client's mean set-up and
-# `fit` seconds (what its train reply says).
-PHASES = (
-    "client_training",
-    "client_setup",
-    "client_fit",
-    "aggregation",
-    "centralized_evaluation",
-    "checkpoint",
-    "between",
-)
+# The round record's keys: the server's phases (`time/*`), and the clients' mean set-up and
+# `fit` seconds (what their train replies say).
+PHASES = {
+    "client_training": "time/client_training",
+    "client_setup": "clients/mean/setup_seconds",
+    "client_fit": "clients/mean/fit_seconds",
+    "aggregation": "time/aggregation",
+    "centralized_evaluation": "time/centralized_evaluation",
+    "checkpoint": "time/checkpoint",
+    "between": "time/between",
+}
 
 
 def overrides(data: Path, sampled: int, rounds: int, every: int, extra: list[str]) -> list[str]:
@@ -162,10 +162,10 @@ def run_federated(config_overrides: list[str], workdir: Path) -> dict[str, Any]:
     round_one = last_record - sum(r["seconds"] for r in rounds)
     return {
         "wall_seconds": wall,
-        "first_fit_seconds": round_one - launched + rounds[0].get("time/client_setup", 0.0),
+        "first_fit_seconds": round_one - launched + rounds[0].get(PHASES["client_setup"], 0.0),
         "exit_seconds": launched + wall - last_record,
         "round_seconds": [r["seconds"] for r in rounds],
-        "phases": {p: [r.get(f"time/{p}", 0.0) for r in rounds] for p in PHASES},
+        "phases": {p: [r.get(key, 0.0) for r in rounds] for p, key in PHASES.items()},
     }
 
 

@@ -33,8 +33,8 @@ NUM_EXAMPLES = "num-examples"
 UNIFORM_WEIGHT = "uniform-weight"
 EPSILON_METRIC = "privacy/epsilon"
 # A train reply may say where its time went: seconds from the message to `Trainer.fit`
-# (data, model, Trainer) and in `fit`; the round logs their means as `time/client_setup`
-# and `time/client_fit`.
+# (data, model, Trainer) and in `fit`; the round logs their means as
+# `clients/mean/setup_seconds` and `clients/mean/fit_seconds`.
 SETUP_SECONDS = "setup-seconds"
 FIT_SECONDS = "fit-seconds"
 CLIENT_SECONDS = (SETUP_SECONDS, FIT_SECONDS)
