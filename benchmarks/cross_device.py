@@ -45,12 +45,12 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/mnist_seed_recipe.yaml"
 CLIENTS, SAMPLES = 1000, 60
 WORKERS = 2  # the Simulation Engine's workers on this machine: one per core
-# The round record's keys: the server's phases (`time/*`), and the clients' mean set-up and
-# `fit` seconds (what their train replies say).
+# The round record's keys: the server's phases (`time/<phase>`), and the clients' mean
+# set-up and `fit` seconds (`time/clients/*`, what their train replies say).
 PHASES = {
     "client_training": "time/client_training",
-    "client_setup": "clients/mean/setup_seconds",
-    "client_fit": "clients/mean/fit_seconds",
+    "client_setup": "time/clients/setup",
+    "client_fit": "time/clients/fit",
     "aggregation": "time/aggregation",
     "centralized_evaluation": "time/centralized_evaluation",
     "checkpoint": "time/checkpoint",

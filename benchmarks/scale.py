@@ -2,8 +2,8 @@
 
     python benchmarks/scale.py --data ../shared/data --record BENCHMARKS.md
 
-Runs configs/mnist.yaml with N clients for N in --clients, 10 of them sampled per round
-for training and 10 for evaluation, every client holding the same 60 samples' worth of
+Runs configs/mnist.yaml with N clients for N in --clients, min(N, --sampled) of them (10
+by default) sampled per round for training and as many for evaluation, every client holding the same 60 samples' worth of
 data (data.max_train_samples = 60 N), so each round does the same work whatever N is:
 what grows with N is only what the product does per client in total. Prints the mean
 seconds per round (after the first round, which starts the client processes; the last
@@ -30,7 +30,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES_PER_CLIENT = 60
-SAMPLED = 10
 
 
 def _children() -> dict[int, list[int]]:
@@ -104,16 +103,18 @@ def run_watched(command: list[str]) -> tuple[float, float]:
     return peak_rss, peak_pss
 
 
-def run(clients: int, rounds: int, data: Path, workdir: Path) -> dict:
-    """One run with `clients` clients; its seconds per round and peak summed RSS."""
+def run(clients: int, sampled: int, rounds: int, data: Path, workdir: Path) -> dict:
+    """One run with `clients` clients, `sampled` (at most) per round; its seconds per round
+    and peak summed RSS."""
     run_dir = workdir / f"clients-{clients}"
+    fraction = min(sampled, clients) / clients
     overrides = [
         f"data.root={data}",
         f"data.max_train_samples={SAMPLES_PER_CLIENT * clients}",
         f"federation.num_clients={clients}",
         f"federation.num_rounds={rounds}",
-        f"federation.fraction_train={SAMPLED / clients}",
-        f"federation.fraction_evaluate={SAMPLED / clients}",
+        f"federation.fraction_train={fraction}",
+        f"federation.fraction_evaluate={fraction}",
         "trainer.max_epochs=1",
     ]
     command = fl_lightning_run("configs/mnist.yaml", overrides)
@@ -124,6 +125,7 @@ def run(clients: int, rounds: int, data: Path, workdir: Path) -> dict:
     seconds = [r["seconds"] for r in records if r["round"] > 0]
     return {
         "clients": clients,
+        "sampled": min(sampled, clients),
         "command": " ".join(["fl-lightning run configs/mnist.yaml", *overrides]),
         "rounds": rounds,
         "wall_seconds": wall,
@@ -143,13 +145,13 @@ def markdown(results: list[dict], invocation: str) -> str:
         f"Measured {date.today().isoformat()} on {platform.machine()} ({os.cpu_count()} cores, "
         f"CPU only) with `python benchmarks/scale.py {invocation}`.",
         "",
-        "| clients | seconds per round | vs first | peak summed RSS (MiB) | vs first "
+        "| clients | sampled | seconds per round | vs first | peak summed RSS (MiB) | vs first "
         "| peak summed PSS (MiB) | vs first |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
-            f"| {r['clients']} | {r['seconds_per_round']:.2f} | "
+            f"| {r['clients']} | {r['sampled']} | {r['seconds_per_round']:.2f} | "
             f"{r['seconds_per_round'] / base['seconds_per_round']:.2f}x | "
             f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x | "
             f"{r['peak_pss_mb']:.0f} | {r['peak_pss_mb'] / base['peak_pss_mb']:.2f}x |"
@@ -164,6 +166,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000])
+    parser.add_argument("--sampled", type=int, default=10, help="clients per round, at most")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--json", type=Path, help="write the figures here as JSON")
@@ -172,10 +175,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fl-scale-") as workdir:
         results = []
         for clients in args.clients:
-            results.append(run(clients, args.rounds, args.data.resolve(), Path(workdir)))
+            results.append(
+                run(clients, args.sampled, args.rounds, args.data.resolve(), Path(workdir))
+            )
             print(json.dumps(results[-1]), file=sys.stderr)
     clients = " ".join(str(c) for c in args.clients)
-    table = markdown(results, f"--clients {clients} --rounds {args.rounds} --data <data>")
+    invocation = f"--clients {clients} --sampled {args.sampled} --rounds {args.rounds}"
+    table = markdown(results, f"{invocation} --data <data>")
     print(table)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

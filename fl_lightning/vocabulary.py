@@ -34,7 +34,7 @@ UNIFORM_WEIGHT = "uniform-weight"
 EPSILON_METRIC = "privacy/epsilon"
 # A train reply may say where its time went: seconds from the message to `Trainer.fit`
 # (data, model, Trainer) and in `fit`; the round logs their means as
-# `clients/mean/setup_seconds` and `clients/mean/fit_seconds`.
+# `time/clients/setup` and `time/clients/fit`.
 SETUP_SECONDS = "setup-seconds"
 FIT_SECONDS = "fit-seconds"
 CLIENT_SECONDS = (SETUP_SECONDS, FIT_SECONDS)

@@ -162,8 +162,8 @@ def test_the_round_logs_where_its_clients_spent_their_time() -> None:
     arrays, metrics = strategy.aggregate_train(1, replies)
     assert arrays is not None and metrics is not None
     logged = strategy.recorder.metrics
-    assert logged["clients/mean/setup_seconds"] == pytest.approx(0.25)
-    assert logged["clients/mean/fit_seconds"] == pytest.approx(2.0)
+    assert logged["time/clients/setup"] == pytest.approx(0.25)
+    assert logged["time/clients/fit"] == pytest.approx(2.0)
     assert not {SETUP_SECONDS, FIT_SECONDS} & set(strategy.recorder.sourced["train"])
 
 

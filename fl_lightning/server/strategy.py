@@ -303,8 +303,8 @@ def _log_clients(recorder: RoundRecorder, cfg: Config, replies: list[Message]) -
 
 def take_client_seconds(replies: list[Message]) -> dict[str, float]:
     """Where a round's clients spent their time, mean over the screened train replies that
-    say: `clients/mean/setup_seconds` (data, model, Trainer) and `clients/mean/fit_seconds`
-    (`Trainer.fit`). Not `time/*`: those are the server's phases, which add up to the round.
+    say: `time/clients/setup` (data, model, Trainer) and `time/clients/fit` (`Trainer.fit`).
+    They overlap the server's phases (`time/<phase>`, which add up to the round).
 
     The keys are taken out of the replies: Flower aggregates only records whose metric
     keys agree, and a client may leave them out.
@@ -314,7 +314,7 @@ def take_client_seconds(replies: list[Message]) -> dict[str, float]:
         records = [reply.content.metric_records["metrics"] for reply in replies]
         values = [float(r.pop(key)) for r in records if key in r]  # type: ignore[arg-type]
         if values:
-            means[f"clients/mean/{name}_seconds"] = statistics.fmean(values)
+            means[f"time/clients/{name}"] = statistics.fmean(values)
     return means
 
 
