@@ -256,8 +256,8 @@ class LocalDeployment:
         # A stop signal landing between fork and exec would leave a child that `stop` can
         # find neither by handle nor by marker (its environment is not yet the new one):
         # the signals wait until the handle is kept.
-        with signals_held() as unblock:
-            self._run = subprocess.Popen(command, env=env, preexec_fn=unblock(die_with_parent()))
+        with signals_held():
+            self._run = subprocess.Popen(command, env=env, preexec_fn=die_with_parent())
         return self._run.wait()
 
     def stop(self, grace: float = 10.0) -> None:

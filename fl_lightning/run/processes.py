@@ -110,26 +110,34 @@ def stopped_by_signals() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def signals_held() -> Iterator[Callable[[Callable[[], None] | None], Callable[[], None]]]:
-    """Hold STOP_SIGNALS while inside; they are delivered on the way out.
+def signals_held() -> Iterator[None]:
+    """Defer STOP_SIGNALS' handlers while inside (main thread); they run on the way out.
 
-    Yields a wrapper for a child's `preexec_fn` that gives the child the signal mask of
-    before (a child inherits the held mask across exec otherwise).
+    Blocking the signals in this thread would not do: a signal sent to the process goes
+    to any thread that does not block it (torch's, gRPC's), and Python then runs the
+    handler in the main thread at its next bytecode, e.g. inside `subprocess.Popen` after
+    the fork, before the caller holds the child's handle. Children start with the default
+    dispositions (exec resets handled signals), so they need nothing undone.
     """
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
 
-    def unblock(preexec: Callable[[], None] | None) -> Callable[[], None]:
-        def child() -> None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, before)
-            if preexec is not None:
-                preexec()
+    def hold(signum: int, frame: FrameType | None) -> None:
+        pending.append(signum)
 
-        return child
-
+    previous = {}
+    for signum in STOP_SIGNALS:
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            previous[signum] = signal.signal(signum, hold)
     try:
-        yield unblock
+        yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        for signum in dict.fromkeys(pending):  # each once, in the order they came
+            signal.raise_signal(signum)
 
 
 def marked_processes(marker: str | None = None, variable: str = MARKER) -> list[int]:
@@ -190,17 +198,17 @@ class ProcessGroup:
     def spawn(self, name: str, command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         """Start `command` in its own process group, dying with this process."""
         log = (self.logs / f"{name}.log").open("wb")
-        proc = subprocess.Popen(
-            command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-            preexec_fn=die_with_parent(),
-        )
+        with signals_held():  # a stop signal waits until the handle is kept, for `stop`
+            self.procs[name] = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                preexec_fn=die_with_parent(),
+            )
         log.close()
-        self.procs[name] = proc
-        return proc
+        return self.procs[name]
 
     def check_alive(self) -> None:
         """Raise DeploymentError, with the tail of its log, if a process has exited."""
