@@ -1,12 +1,12 @@
 """Cross-device rounds: many small clients, against a plain PyTorch loop doing the same work.
 
-    python benchmarks/cross_device.py --data ../shared/data --sampled 10 50 100 --rounds 10
+    python benchmarks/cross_device.py --data ../shared/data --sampled 10 50 100 --every 1 10
 
 The setup: MNIST (the seed recipe, `configs/mnist_seed_recipe.yaml`: MNISTNet, AdamW,
 clipping 1.0) cut into 1000 clients of 60 training samples (no validation hold-out), S of
 them sampled per round, 1 local epoch of batch 10 (6 optimizer steps each), the server
-testing the global model every `--every` rounds and at the last. For each S it runs,
-alternately:
+testing the global model every k rounds and at the last (`--every`: each k given). For
+each k and S it runs, one after the other:
 
 (a) `fl-lightning run` with those overrides, and
 (b) a plain loop on the same 2 cores: two processes, each taking half of the round's S
@@ -19,8 +19,8 @@ the federation's workers), their ratio, and where the federated round's seconds 
 the run's own `time/*` record: client training as the server waits for it (dispatch, the
 clients' set-up and `fit`, their replies), aggregation, centralized evaluation,
 checkpoints and the rest (`between`: logging and the strategy's bookkeeping).
-`--json PATH` writes one object per S with `sampled`, `federated_seconds_per_round`,
-`plain_seconds_per_round`, `ratio` and the breakdown.
+`--json PATH` writes one object per (k, S) with `every`, `sampled`,
+`federated_seconds_per_round`, `plain_seconds_per_round`, `ratio` and the breakdown.
 """
 
 from __future__ import annotations
@@ -179,6 +179,7 @@ def measure(
     fed = statistics.median(federated["round_seconds"][1:])
     bare = statistics.median(plain[1:])
     return {
+        "every": every,
         "sampled": sampled,
         "command": " ".join(["fl-lightning run", CONFIG, *config_overrides]),
         "federated_seconds_per_round": fed,
@@ -206,16 +207,16 @@ def markdown(results: list[dict], invocation: str) -> str:
         f"CPU only) with `python benchmarks/cross_device.py {invocation}`; medians over "
         "rounds 2 to N; client set-up and fit are per client, the rest per round.",
         "",
-        "| sampled | federated (s/round) | plain (s/round) | ratio | client training (s) "
-        "| client set-up (ms) | client fit (ms) | messaging (s) | aggregation (s) "
-        "| centralized evaluation (s) | checkpoints (s) | other (s) | start to first fit (s) "
-        "| last round to exit (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| evaluated every | sampled | federated (s/round) | plain (s/round) | ratio "
+        "| client training (s) | client set-up (ms) | client fit (ms) | messaging (s) "
+        "| aggregation (s) | centralized evaluation (s) | checkpoints (s) | other (s) "
+        "| start to first fit (s) | last round to exit (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         b = r["breakdown"]
         lines.append(
-            f"| {r['sampled']} | {r['federated_seconds_per_round']:.2f} | "
+            f"| {r['every']} | {r['sampled']} | {r['federated_seconds_per_round']:.2f} | "
             f"{r['plain_seconds_per_round']:.2f} | {r['ratio']:.2f} | "
             f"{b['client_training']:.2f} | {1000 * b['client_setup']:.0f} | "
             f"{1000 * b['client_fit']:.0f} | {b['dispatch']:.2f} | {b['aggregation']:.2f} | "
@@ -244,7 +245,9 @@ def main() -> None:
     )
     parser.add_argument("--sampled", type=int, nargs="+", default=[10, 50, 100])
     parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--every", type=int, default=10, help="evaluation.every_n_rounds")
+    parser.add_argument(
+        "--every", type=int, nargs="+", default=[10], help="evaluation.every_n_rounds"
+    )
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument(
         "overrides", nargs="*", help="more config overrides, e.g. evaluation.max_samples=1000"
@@ -254,21 +257,16 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="fl-cross-device-") as workdir:
         results = []
-        for sampled in args.sampled:
-            results.append(
-                measure(
-                    sampled,
-                    args.data.resolve(),
-                    args.rounds,
-                    args.every,
-                    args.overrides,
-                    Path(workdir),
-                )
-            )
-            print(json.dumps(results[-1]), file=sys.stderr)
+        for every in args.every:
+            for sampled in args.sampled:
+                data = args.data.resolve()
+                extra, where = args.overrides, Path(workdir)
+                results.append(measure(sampled, data, args.rounds, every, extra, where))
+                print(json.dumps(results[-1]), file=sys.stderr)
     sampled_list = " ".join(str(s) for s in args.sampled)
+    every_list = " ".join(str(k) for k in args.every)
     invocation = (
-        f"--sampled {sampled_list} --rounds {args.rounds} --every {args.every} --data <data>"
+        f"--sampled {sampled_list} --rounds {args.rounds} --every {every_list} --data <data>"
         + "".join(f" {o}" for o in args.overrides)
     )
     table = markdown(results, invocation)

@@ -3,15 +3,16 @@
     python benchmarks/scale.py --data ../shared/data --record BENCHMARKS.md
 
 Runs configs/mnist.yaml with N clients for N in --clients, min(N, --sampled) of them (10
-by default) sampled per round for training and as many for evaluation, every client holding the same 60 samples' worth of
-data (data.max_train_samples = 60 N), so each round does the same work whatever N is:
-what grows with N is only what the product does per client in total. Prints the mean
-seconds per round (after the first round, which starts the client processes; the last
-round included, as it waits for the evaluations still running in the background) and the
-peak memory summed over every process of the run (driver, Ray's GCS and raylet, Ray
-workers), as RSS (shared library pages counted once per process) and PSS (shared pages
-split between the processes sharing them), sampled from /proc every 0.2 s (Linux) in
-a second run of each size, so that the timed run goes untouched.
+by default) sampled per round for training and as many for evaluation, every client
+holding the same 60 samples' worth of data (data.max_train_samples = 60 N), so with a
+fixed number sampled each round does the same work whatever N is: what grows with N is
+only what the product does per client in total. Prints the mean seconds per round (after
+the first round, which starts the client processes; the last round included, as it waits
+for the evaluations still running in the background) and the peak memory summed over
+every process of the run (driver, Ray's GCS and raylet, Ray workers), as RSS (shared
+library pages counted once per process) and PSS (shared pages split between the processes
+sharing them), sampled from /proc every 0.2 s (Linux) in a second run of each size, so
+that the timed run goes untouched.
 """
 
 from __future__ import annotations
