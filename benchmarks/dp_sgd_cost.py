@@ -30,7 +30,7 @@ from datetime import date
 from pathlib import Path
 
 # A sibling script: benchmarks/ is on sys.path when run.
-from scale import _children, fl_lightning_run
+from scale import fl_lightning_run, process_children
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/mnist_dp_sgd.yaml"
@@ -42,7 +42,7 @@ VARIANTS = {
 
 def largest_rss_mb(root: int) -> float:
     """The largest RSS (MiB) among `root` and its descendants."""
-    tree, stack, largest = _children(), [root], 0
+    tree, stack, largest = process_children(), [root], 0
     while stack:
         pid = stack.pop()
         stack.extend(tree.get(pid, []))

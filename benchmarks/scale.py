@@ -33,7 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLES_PER_CLIENT = 60
 
 
-def _children() -> dict[int, list[int]]:
+def process_children() -> dict[int, list[int]]:
+    """Each live process id -> the ids of its children (from /proc)."""
     tree: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -54,7 +55,7 @@ def tree_memory_mb(root: int) -> tuple[float, float]:
     worker) once per process; PSS splits it between them, so its sum is what the
     processes occupy together.
     """
-    tree, rss, pss, stack = _children(), 0, 0, [root]
+    tree, rss, pss, stack = process_children(), 0, 0, [root]
     while stack:
         pid = stack.pop()
         stack.extend(tree.get(pid, []))
