@@ -30,7 +30,7 @@ from datetime import date
 from pathlib import Path
 
 # A sibling script: benchmarks/ is on sys.path when run.
-from scale import fl_lightning_run, process_children
+from scale import fl_lightning_run, tree_memory_kb
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/mnist_dp_sgd.yaml"
@@ -42,17 +42,7 @@ VARIANTS = {
 
 def largest_rss_mb(root: int) -> float:
     """The largest RSS (MiB) among `root` and its descendants."""
-    tree, stack, largest = process_children(), [root], 0
-    while stack:
-        pid = stack.pop()
-        stack.extend(tree.get(pid, []))
-        try:
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Rss:"):
-                    largest = max(largest, int(line.split()[1]))
-        except OSError:
-            continue
-    return largest / 1024
+    return max((rss for rss, _ in tree_memory_kb(root).values()), default=0) / 1024
 
 
 def run(overrides: list[str], workdir: Path) -> dict:

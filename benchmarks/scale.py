@@ -48,6 +48,24 @@ def process_children() -> dict[int, list[int]]:
     return tree
 
 
+def tree_memory_kb(root: int) -> dict[int, tuple[int, int]]:
+    """(RSS, PSS) in KiB of `root` and of each of its descendants, by process id."""
+    tree, stack, memory = process_children(), [root], {}
+    while stack:
+        pid = stack.pop()
+        stack.extend(tree.get(pid, []))
+        try:
+            fields = dict(
+                line.split(":", 1)
+                for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+                if line.startswith(("Rss:", "Pss:"))
+            )
+        except OSError:
+            continue
+        memory[pid] = (int(fields["Rss"].split()[0]), int(fields["Pss"].split()[0]))
+    return memory
+
+
 def tree_memory_mb(root: int) -> tuple[float, float]:
     """(RSS, PSS) of `root` and all its descendants, summed, in MiB.
 
@@ -55,19 +73,8 @@ def tree_memory_mb(root: int) -> tuple[float, float]:
     worker) once per process; PSS splits it between them, so its sum is what the
     processes occupy together.
     """
-    tree, rss, pss, stack = process_children(), 0, 0, [root]
-    while stack:
-        pid = stack.pop()
-        stack.extend(tree.get(pid, []))
-        try:
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Rss:"):
-                    rss += int(line.split()[1])
-                elif line.startswith("Pss:"):
-                    pss += int(line.split()[1])
-        except OSError:
-            continue
-    return rss / 1024, pss / 1024
+    memory = tree_memory_kb(root).values()
+    return sum(rss for rss, _ in memory) / 1024, sum(pss for _, pss in memory) / 1024
 
 
 def fl_lightning_run(config: str, overrides: list[str]) -> list[str]:
