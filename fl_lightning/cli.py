@@ -158,9 +158,9 @@ def _report(cfg: Config, run: RunDir) -> int:
 def _enter(config: str) -> None:
     """This process's entry into a run: Lightning quiet, and the user's project importable
     (the working directory and the config's folder), here and in the processes it starts."""
-    from fl_lightning.models.trainer import quiet_lightning
+    from fl_lightning.models.trainer import setup_lightning_process
 
-    quiet_lightning()
+    setup_lightning_process()
     for folder in (os.getcwd(), str(Path(config).resolve().parent)):
         if folder not in sys.path:
             sys.path.append(folder)

@@ -57,16 +57,16 @@ def make_client_app(
             if secure and config.secure_aggregation.enabled:
                 if secure_app is None:
                     from fl_lightning.client.secure import make_secure_client_app
-                    from fl_lightning.models.trainer import quiet_lightning
+                    from fl_lightning.models.trainer import setup_lightning_process
 
-                    quiet_lightning()  # this process's entry into fl-lightning
+                    setup_lightning_process()  # this process's entry into fl-lightning
                     secure_app = make_secure_client_app(cfg, secure_mods)
                 return secure_app(msg, context)
             # torch and Lightning load on the first message, not when the app is imported.
             from fl_lightning.client import handlers
-            from fl_lightning.models.trainer import quiet_lightning
+            from fl_lightning.models.trainer import setup_lightning_process
 
-            quiet_lightning()  # this process's entry into fl-lightning
+            setup_lightning_process()  # this process's entry into fl-lightning
             handle_message: Handler = getattr(handlers, name)
             return handle_message(config, msg, context)
 

@@ -38,10 +38,10 @@ def make_server_app(
                 "federation, not in a ServerApp started by flwr run; set it to false"
             )
         # torch and Lightning load when the ServerApp runs, not when it is imported.
-        from fl_lightning.models.trainer import quiet_lightning
+        from fl_lightning.models.trainer import setup_lightning_process
         from fl_lightning.server.federation import run_federation
 
-        quiet_lightning()  # this process's entry into fl-lightning
+        setup_lightning_process()  # this process's entry into fl-lightning
         run_federation(
             grid, config, run or create_run_dir(config), context, console=console, resume=resume
         )

@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from fl_lightning.config.schema import Config
 from fl_lightning.errors import ConfigError
 from fl_lightning.models.build import build_model
 from fl_lightning.models.module import ImageClassifier
-from fl_lightning.privacy.dp_sgd import make_private_compatible, plan
+from fl_lightning.privacy.dp_sgd import make_private_compatible, plan, quiet_opacus
 from tests.test_config import MNIST, REPO
 
 ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
@@ -196,3 +197,16 @@ def test_a_model_opacus_cannot_train_is_a_config_error() -> None:
 def test_wrong_dp_sgd_combinations_fail_at_load(override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=rf"^{key}:"):
         load_config(REPO / "configs" / "mnist_dp_sgd.yaml", [override])
+
+
+def test_quiet_opacus_silences_the_expected_warnings_only() -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_opacus()
+        for text in (
+            "Detected call of `lr_scheduler.step()` before `optimizer.step()`. ...",
+            "Secure RNG turned off. This is perfectly fine for experimentation.",
+            "something else",
+        ):
+            warnings.warn(text, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["something else"]

@@ -40,3 +40,13 @@ def test_epoch_metrics_weigh_every_sample_once_and_reset_between_runs() -> None:
         (metrics,) = trainer.validate(model, dataloaders=batches, verbose=False)
         assert abs(metrics["val/loss"] - expected_loss) < 1e-5
         assert abs(metrics["val/accuracy"] - expected_accuracy) < 1e-6
+
+
+def test_a_stage_builds_only_its_own_metrics() -> None:
+    model = MLP()
+    assert not [name for name, _ in model.named_children() if name.endswith("_metrics")]
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.validate(model, dataloaders=DataLoader(TensorDataset(*batch())), verbose=False)
+    built = [name for name, _ in model.named_children() if name.endswith("_metrics")]
+    assert built == ["val_metrics"]
+    assert "val_metrics" not in "".join(model.state_dict())  # checkpoints are unchanged

@@ -62,9 +62,9 @@ class ClientDDP(DDPStrategy):
 
     def setup_distributed(self) -> None:
         """In each rank: quiet Lightning, share the client's threads, join the group."""
-        from fl_lightning.models.trainer import quiet_lightning  # the parent's settings, per rank
+        from fl_lightning.models.trainer import setup_lightning_process
 
-        quiet_lightning()
+        setup_lightning_process()  # the parent's settings, per rank
         torch.set_num_threads(self.threads_per_rank)
         reset_seed()  # the client's seed (PL_GLOBAL_SEED), as DDPStrategy does
         self.set_world_ranks()

@@ -25,8 +25,8 @@ from fl_lightning.vocabulary import MAX_METRICS, RESERVED_METRICS
 
 
 @functools.cache
-def quiet_lightning() -> None:
-    """Silence Lightning's per-Trainer chatter (device banners, num_workers hints).
+def setup_lightning_process() -> None:
+    """Set this process up for many short Trainers: quiet, and callback factories read once.
 
     Process-wide, and once per process (cached): called where a process enters
     fl-lightning (the CLI, the ClientApp and ServerApp, a DDP rank), never by the library
@@ -38,6 +38,23 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", category=PossibleUserWarning)
     # Raised inside Lightning 2.6 by torch >= 2.10's pytree API; nothing a user can act on.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    _read_entry_points_once()
+
+
+def _read_entry_points_once() -> None:
+    """Have Lightning look up its callback-factory entry points once per process.
+
+    Every Trainer's construction reads the entry points of every installed package to find
+    `lightning.pytorch.callbacks_factory` plugins: about 9 ms, nearly half of a small
+    client's fixed cost per message (benchmarks/client_message.py). The installed packages
+    do not change while a worker runs; the factories found are still called for every
+    Trainer, as Lightning does.
+    """
+    from lightning.fabric.utilities import registry
+
+    lookup = getattr(registry, "entry_points", None)
+    if lookup is not None:  # else another Lightning layout: nothing to speed up
+        registry.entry_points = functools.cache(lookup)
 
 
 def user_callbacks(cfg: TrainerConfig) -> list[Callback]:

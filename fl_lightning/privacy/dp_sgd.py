@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -51,7 +52,7 @@ def quiet_opacus() -> None:
     warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
     # privacy.max_physical_batch_size: Lightning steps a per-step scheduler after every
     # chunk, and the first chunks of the first batch come before the first real step.
-    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+    warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
 
 
 def make_private_compatible(model: M, name: str) -> M:
