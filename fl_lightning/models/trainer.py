@@ -54,7 +54,7 @@ def _read_entry_points_once() -> None:
 
     lookup = getattr(registry, "entry_points", None)
     if lookup is not None:  # else another Lightning layout: nothing to speed up
-        registry.entry_points = functools.cache(lookup)
+        registry.entry_points = functools.cache(lookup)  # type: ignore[assignment]
 
 
 def user_callbacks(cfg: TrainerConfig) -> list[Callback]:
