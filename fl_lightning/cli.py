@@ -122,14 +122,20 @@ def _prepare(
         central_test_loader(cfg)  # the server's test data: there, and not empty
     if cfg.model.class_path is None:
         _check_model(cfg)  # a built-in model is sized by the data
+    from fl_lightning.data.loaders import check_fit_validation
+
+    check_fit_validation(cfg)
     return cfg
 
 
 def _check_model(cfg: Config) -> None:
     """Build the module as the server will: its constructor, Opacus, BatchNorm all checked."""
     from fl_lightning.models.build import build_model
+    from fl_lightning.models.trainer import missing_steps
 
-    build_model(cfg)  # a user's constructor; under DP, can Opacus train it? BatchNorm?
+    model = build_model(cfg)  # a user's constructor; under DP, can Opacus train it? BatchNorm?
+    for line in missing_steps(model):
+        print(f"fl-lightning: {line}", file=sys.stderr)
 
 
 def _report(cfg: Config, run: RunDir) -> int:

@@ -94,9 +94,13 @@ class RankData(pl.LightningDataModule):
 
         return client_data(self.cfg, *self.partition).train
 
-    def val_dataloader(self) -> list:
-        """None: clients fit without validation (they validate after the round)."""
-        return []
+    def val_dataloader(self) -> DataLoader | list:
+        """The client's held-out data where it validates inside fit (trainer.limit_val_batches)."""
+        from fl_lightning.data.loaders import client_data
+
+        if not self.cfg.trainer.limit_val_batches:
+            return []
+        return client_data(self.cfg, *self.partition).val or []
 
 
 @contextlib.contextmanager

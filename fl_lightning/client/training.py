@@ -7,10 +7,12 @@ own steps, optimizers and `self.log` calls; federated pieces come in as callback
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -21,6 +23,7 @@ from fl_lightning.client.callbacks import FedProx, RoundLearningRate
 from fl_lightning.config.privacy_rules import check_private_devices
 from fl_lightning.config.schema import BATCHNORM_STATISTICS, Config, TrainerConfig
 from fl_lightning.config.trainer_flags import device_count, first_device_index
+from fl_lightning.data.client_datamodule import client_datamodule
 from fl_lightning.data.loaders import ClientData, client_data
 from fl_lightning.errors import ClientError
 from fl_lightning.models.build import build_model
@@ -32,6 +35,9 @@ from fl_lightning.models.trainer import (
 )
 from fl_lightning.seeding import derive, seeded
 from fl_lightning.vocabulary import EPSILON_METRIC, FIT_SECONDS, SETUP_SECONDS
+
+if TYPE_CHECKING:
+    from fl_lightning.privacy.dp_sgd import ClientDPSGD
 
 
 @dataclass(frozen=True)
@@ -92,7 +98,7 @@ def fit(
             dp = ClientDPSGD(cfg, data.num_train, accountant_state, seed)
             loader = dp.loader(loader)
             callbacks.append(PrivateOptimizer(dp, loader))
-        kwargs.update(limit_val_batches=0, callbacks=callbacks)
+        kwargs["callbacks"] = callbacks
         ranks = device_count(cfg.trainer) or 1  # config validation: a number of devices
         if ranks > 1:
             check_private_devices(cfg)  # as at load and per site: never DP-SGD without its loader
@@ -105,16 +111,44 @@ def fit(
                 trainer.fit(model, datamodule=RankData(cfg, partition_id, num_partitions, seed))
         else:  # `ddp` on one device (a site's override) would only add a process group
             trainer = make_trainer(cfg.trainer, strategy="auto", **kwargs)
+            val = data.val if cfg.trainer.limit_val_batches else None
+            datamodule = client_datamodule(data.datamodule, loader, val)
             ready = time.perf_counter()
-            trainer.fit(model, train_dataloaders=loader)
-        fitted = time.perf_counter()
-        metrics = logged_metrics(trainer.callback_metrics)
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        seconds = {SETUP_SECONDS: ready - started, FIT_SECONDS: fitted - ready}
-        if dp is None:
-            return ClientResult(state, metrics, data.num_train, seconds=seconds)
-        metrics[EPSILON_METRIC] = dp.epsilon()
-        return ClientResult(state, metrics, data.num_train, dp.state(), seconds)
+            with _hint_validation(cfg.trainer):
+                trainer.fit(model, datamodule=datamodule)
+        seconds = {SETUP_SECONDS: ready - started, FIT_SECONDS: time.perf_counter() - ready}
+        return _fitted(model, trainer, data.num_train, dp, seconds)
+
+
+def _fitted(
+    model: L.LightningModule,
+    trainer: L.Trainer,
+    num_train: int,
+    dp: ClientDPSGD | None,
+    seconds: dict[str, float],
+) -> ClientResult:
+    """The reply of a fit: weights, the module's metrics (and epsilon), its timings."""
+    metrics = logged_metrics(trainer.callback_metrics)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if dp is None:
+        return ClientResult(state, metrics, num_train, seconds=seconds)
+    metrics[EPSILON_METRIC] = dp.epsilon()
+    return ClientResult(state, metrics, num_train, dp.state(), seconds)
+
+
+@contextlib.contextmanager
+def _hint_validation(cfg: TrainerConfig) -> Iterator[None]:
+    """A scheduler or callback monitoring a metric nobody logged: say how to validate in fit."""
+    try:
+        yield
+    except Exception as err:
+        # Lightning's words for ReduceLROnPlateau, EarlyStopping and checkpoint monitors.
+        if cfg.limit_val_batches or "which is not available" not in str(err):
+            raise
+        raise ClientError(
+            f"{' '.join(str(err).split())}; clients validate inside fit only with "
+            "trainer.limit_val_batches > 0 (e.g. 1.0)"
+        ) from None
 
 
 def _federated_callbacks(cfg: Config, lr_factor: float, proximal_mu: float) -> list[Callback]:
@@ -192,9 +226,13 @@ def validate(
         devices=one_device(cfg.trainer),
         strategy="auto",
         callbacks=user_callbacks(cfg.trainer),
+        limit_val_batches=1.0,  # all of it: the reply's num_examples counts every sample
     )
-    (metrics,) = trainer.validate(model, dataloaders=data.val, verbose=False)
-    return ClientResult(None, logged_metrics(metrics), data.num_val)
+    datamodule = client_datamodule(data.datamodule, data.train, data.val)
+    trainer.validate(model, datamodule=datamodule, verbose=False)
+    # callback_metrics, not validate()'s result: that names a value logged per step and
+    # per epoch `name_epoch`, where training's metrics keep `name`.
+    return ClientResult(None, logged_metrics(trainer.callback_metrics), data.num_val)
 
 
 def census(

@@ -143,6 +143,10 @@ class TrainerConfig:
     gradient_clip_algorithm: Literal["norm", "value"] = "norm"
     accumulate_grad_batches: int = 1
     limit_train_batches: int | float | None = None
+    # Validation inside each client's fit, on its held-out data (Lightning's default, 1.0,
+    # validates every epoch). 0: clients validate only in the server's evaluate messages.
+    # A scheduler or callback monitoring a validation metric needs it > 0.
+    limit_val_batches: int | float = 0
     deterministic: bool = False
     enable_progress_bar: bool = False
     enable_model_summary: bool = False

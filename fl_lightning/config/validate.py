@@ -72,6 +72,7 @@ def validate(cfg: Config) -> None:
     _validate_federation(f, t)
     _validate_strategy(cfg)
     validate_trainer(cfg.trainer)
+    _validate_fit_validation(cfg)
     validate_privacy(cfg)
     validate_secure_aggregation(cfg)
 
@@ -117,6 +118,28 @@ def _validate_federation(f: FederationConfig, t: TrainerConfig) -> None:
         "trainer.accelerator",
         "is 'cpu' while federation.client_resources.num_gpus > 0; set trainer.accelerator=gpu",
     )
+
+
+def _validate_fit_validation(cfg: Config) -> None:
+    """`trainer.limit_val_batches` (validation inside each client's fit): no callback
+    watching a validation metric where it is off."""
+    limit = cfg.trainer.limit_val_batches
+    check(
+        limit >= 0 and (limit <= 1 or float(limit).is_integer()),
+        "trainer.limit_val_batches",
+        f"must be 0 (no validation inside fit), a share in (0, 1] or a number of batches, "
+        f"got {limit}",
+    )
+    if limit:
+        return  # that clients hold validation data is checked with the data (cli._prepare)
+    for index, spec in enumerate(cfg.trainer.callbacks):
+        monitor = spec.init_args.get("monitor")
+        check(
+            not (isinstance(monitor, str) and monitor.startswith("val")),
+            f"trainer.callbacks[{index}].init_args.monitor",
+            f"{monitor!r} is a validation metric, and clients validate inside fit only with "
+            "trainer.limit_val_batches > 0; set it (e.g. trainer.limit_val_batches=1.0)",
+        )
 
 
 def _validate_evaluation(e: EvaluationConfig) -> None:

@@ -45,6 +45,8 @@ class ClientData:
     num_val: int
     # Training labels of the client, where they can be read without decoding samples.
     train_labels: torch.Tensor | None = None
+    # The DataModule behind the loaders, set up for "fit": what `trainer.datamodule` shows.
+    datamodule: pl.LightningDataModule | None = None
 
 
 def spec(data: DataConfig) -> ClassSpec:
@@ -80,6 +82,17 @@ def has_validation(cfg: Config) -> bool:
     from fl_lightning.config.class_path import import_class
 
     return defines(import_class(d.class_path, "data.class_path"), "val_dataloader")
+
+
+def check_fit_validation(cfg: Config) -> None:
+    """A ConfigError if clients are to validate inside fit (`trainer.limit_val_batches`) and
+    hold no validation data."""
+    if cfg.trainer.limit_val_batches and not has_validation(cfg):
+        raise ConfigError(
+            "trainer.limit_val_batches: clients validate inside fit on their held-out data, "
+            "and they hold none; set data.val_fraction > 0 (or give the DataModule a "
+            "val_dataloader), or trainer.limit_val_batches=0"
+        )
 
 
 def _built(
@@ -122,7 +135,9 @@ def client_data(cfg: Config, partition_id: int, num_partitions: int, seed: int) 
         datamodule = _built(cfg.data, "fit", **given)
         train = _call(datamodule, "train_dataloader")
         val = _call(datamodule, "val_dataloader") if defines(datamodule, "val_dataloader") else None
-        return ClientData(train, val, _size(train, "train"), _size(val, "val"))
+        return ClientData(
+            train, val, _size(train, "train"), _size(val, "val"), datamodule=datamodule
+        )
     plain = _plain(cfg.data, num_partitions, cfg.seed)
     indices_train, indices_val = plain.splits[partition_id]
     train = _rebatched(plain.loader, Subset(plain.dataset, indices_train.tolist()), seed)
@@ -132,7 +147,7 @@ def client_data(cfg: Config, partition_id: int, num_partitions: int, seed: int) 
         else None
     )
     labels = plain.labels[indices_train] if plain.labels is not None else None
-    return ClientData(train, val, len(indices_train), len(indices_val), labels)
+    return ClientData(train, val, len(indices_train), len(indices_val), labels, plain.datamodule)
 
 
 def central_test_loader(cfg: Config) -> DataLoader:
@@ -173,7 +188,7 @@ def _builtin(cfg: Config, partition_id: int, num_partitions: int, seed: int) -> 
     val = dm.val_dataloader() if len(dm.val_indices) else None
     labels = dm.splits.train.labels[dm.train_indices]
     return ClientData(
-        dm.train_dataloader(), val, len(dm.train_indices), len(dm.val_indices), labels
+        dm.train_dataloader(), val, len(dm.train_indices), len(dm.val_indices), labels, dm
     )
 
 
@@ -196,6 +211,7 @@ class _Plain:
     dataset: Dataset
     labels: torch.Tensor | None
     splits: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    datamodule: pl.LightningDataModule
 
 
 @functools.lru_cache(maxsize=2)
@@ -211,7 +227,7 @@ def _plain(data: DataConfig, num_partitions: int, seed: int) -> _Plain:
     labels = _labels(loader.dataset, size) if by_label else None
     positions = labels if labels is not None else torch.zeros(size, dtype=torch.long)
     splits = cut(positions, data, num_partitions, seed)
-    return _Plain(loader, loader.dataset, labels, splits)
+    return _Plain(loader, loader.dataset, labels, splits, datamodule)
 
 
 def _labels(dataset: Dataset, size: int) -> torch.Tensor:

@@ -10,12 +10,14 @@ import functools
 import logging
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
+from torch.utils.data import DataLoader
 
 from fl_lightning.config.class_path import instantiate
 from fl_lightning.config.schema import TrainerConfig
@@ -71,6 +73,42 @@ def make_trainer(cfg: TrainerConfig, **overrides: Any) -> L.Trainer:
     kwargs.update(logger=False, enable_checkpointing=False)
     kwargs.update(overrides)
     return L.Trainer(**kwargs)
+
+
+def evaluation_stage(model: L.LightningModule) -> Literal["test", "validate"] | None:
+    """How the server tests a global model: the module's `test_step`, else its
+    `validation_step` (on the test data), else not at all."""
+    if is_overridden("test_step", model):
+        return "test"
+    if is_overridden("validation_step", model):
+        return "validate"
+    return None
+
+
+def missing_steps(model: L.LightningModule) -> list[str]:
+    """What the run does without the module's test or validation step, said once at load."""
+    name, lines = type(model).__name__, []
+    stage = evaluation_stage(model)
+    if stage != "test":
+        how = "with its validation_step on the test data" if stage else "not at all"
+        lines.append(f"{name} has no test_step: the server tests the global model {how}")
+    if not is_overridden("validation_step", model):
+        lines.append(f"{name} has no validation_step: clients are not asked to evaluate")
+    return lines
+
+
+def evaluate(
+    trainer: L.Trainer,
+    model: L.LightningModule,
+    loader: DataLoader,
+    stage: Literal["test", "validate"],
+) -> dict[str, float]:
+    """Run the module's test or validation loop over `loader`; its metrics as logged."""
+    run = trainer.test if stage == "test" else trainer.validate
+    run(model, dataloaders=loader, verbose=False)
+    # Not run()'s result: it names a value logged per step and per epoch `name_epoch`,
+    # where training's metrics keep `name`; callback_metrics holds both.
+    return logged_metrics(trainer.callback_metrics)
 
 
 def one_device(cfg: TrainerConfig) -> int | list[int]:

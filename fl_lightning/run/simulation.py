@@ -65,8 +65,22 @@ def _check_resources_for_devices(cfg: Config) -> None:
         )
 
 
+def _drop_actor_termination(record: logging.LogRecord) -> bool:
+    # Flower's actors say it at every run's end, in every worker: nothing went wrong.
+    return "Manually terminating" not in record.getMessage()
+
+
+def _set_up_worker(cfg: Config, verbose: bool) -> None:
+    """Ray worker start-up: Flower's end-of-run chatter off (unless verbose) and, for CPU
+    runs, torch, Lightning and the dataset loaded (`_warm_up`)."""
+    if not verbose:
+        logging.getLogger("flwr").addFilter(_drop_actor_termination)
+    if cfg.trainer.accelerator == "cpu":
+        _warm_up(cfg)
+
+
 def _warm_up(cfg: Config) -> None:
-    """Ray worker start-up: import torch and Lightning and map the dataset, once per worker.
+    """Import torch and Lightning and map the dataset, once per worker.
 
     Otherwise every worker pays both (seconds) on its first message, inside round 1.
     """
@@ -94,12 +108,13 @@ def _import_server_modules() -> None:
         import fl_lightning.server.evaluation  # noqa: F401
 
 
-def start_ray(cfg: Config) -> bool:
+def start_ray(cfg: Config, verbose: bool = False) -> bool:
     """Start Ray for this run unless it is running; True when this call started it.
 
     Flower would start Ray itself (`backend_config`'s init_args); starting it here adds
-    the worker warm-up, for CPU runs. GPU runs skip it: Ray assigns an actor its GPUs
-    after the hook, and an early torch import could fix the devices it sees.
+    the workers' set-up, with the warm-up for CPU runs. GPU runs skip that: Ray assigns
+    an actor its GPUs after the hook, and an early torch import could fix the devices it
+    sees.
     """
     import ray
 
@@ -107,12 +122,11 @@ def start_ray(cfg: Config) -> bool:
         return False
     # As Flower's RayBackend: workers see this driver's sys.path.
     runtime_env: dict = {"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}}
-    if cfg.trainer.accelerator == "cpu":
 
-        def warm_up() -> None:  # Ray exports the hook by name: a function, not a partial
-            _warm_up(cfg)
+    def set_up() -> None:  # Ray exports the hook by name: a function, not a partial
+        _set_up_worker(cfg, verbose)
 
-        runtime_env["worker_process_setup_hook"] = warm_up
+    runtime_env["worker_process_setup_hook"] = set_up
     # The server's Lightning import (seconds) runs while Ray starts its processes rather
     # than after, when it would compete with the workers' own imports for the cores.
     preload = threading.Thread(target=_import_server_modules, name="preload", daemon=True)
@@ -151,7 +165,11 @@ def _drop_client_tracebacks(record: logging.LogRecord) -> bool:
     # Flower logs every failed client message with Ray's full traceback; the strategy says
     # each distinct client error once, readably (fl_lightning.server.reply_screen).
     # --verbose keeps both.
-    return not (record.levelno >= logging.ERROR and record.pathname.endswith("vce_api.py"))
+    # RayBackend adds a line without the error ("An exception was raised ...") to each.
+    return not (
+        record.levelno >= logging.ERROR
+        and record.pathname.endswith(("vce_api.py", "raybackend.py"))
+    )
 
 
 def _in_run_dir(cfg: Config, run: RunDir) -> Config:
@@ -181,7 +199,7 @@ def run_simulation(
     with contextlib.ExitStack() as quiet:
         if not verbose:
             quiet.enter_context(_quiet_flower())
-        started = start_ray(cfg)
+        started = start_ray(cfg, verbose)
         try:
             flwr_run_simulation(
                 server_app=make_server_app(cfg, run, resume=resume),

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from fl_lightning.config.schema import Config
 from fl_lightning.files import write_atomically
 from fl_lightning.models.build import build_model
-from fl_lightning.models.trainer import logged_metrics, make_trainer, one_device
+from fl_lightning.models.trainer import evaluate, evaluation_stage, make_trainer, one_device
 from fl_lightning.seeding import derive, seeded
 from fl_lightning.server.checks import one_line
 
@@ -30,8 +30,13 @@ class CentralEvaluator:
         with seeded(derive(cfg.seed, "initial-model")):  # the run's initial global model
             self.model: L.LightningModule = build_model(cfg)
         # Evaluation needs one device; DDP would shard (and pad) the test set.
-        self.trainer = make_trainer(cfg.trainer, devices=one_device(cfg.trainer), strategy="auto")
+        self.trainer = make_trainer(
+            cfg.trainer, devices=one_device(cfg.trainer), strategy="auto", limit_val_batches=1.0
+        )  # a module without test_step is tested by its validation_step: on every batch
         self.loader, self.noisy_loader = _test_loaders(cfg)
+        self.stage = evaluation_stage(self.model)
+        if self.stage is None:  # never tested, so attach it here for its checkpoints
+            self.trainer.strategy.connect(self.model)
         self._probe: tuple[L.LightningModule, L.Trainer] | None = None  # see `probe`
 
     def load(self, state_dict: dict[str, torch.Tensor]) -> None:
@@ -41,14 +46,16 @@ class CentralEvaluator:
     def evaluate(
         self, state_dict: dict[str, torch.Tensor], noisy: bool = False
     ) -> dict[str, float]:
-        """Load `state_dict` and return what the module's `test_step` logs (`test/accuracy`...).
+        """Load `state_dict` and return what the module's `test_step` logs (`test/accuracy`...),
+        or its `validation_step` without one; nothing for a module with neither.
 
         `noisy=True` evaluates on the test split with `data.noise` applied instead.
         """
         self.load(state_dict)
+        if self.stage is None:
+            return {}
         loader = self.noisy_loader if noisy else self.loader
-        (metrics,) = self.trainer.test(self.model, dataloaders=loader, verbose=False)
-        return logged_metrics(metrics)
+        return evaluate(self.trainer, self.model, loader, self.stage)
 
     def probe(self, state_dict: dict[str, torch.Tensor]) -> str | None:
         """Why the server should not adopt `state_dict`: its test metrics on the first test
@@ -57,21 +64,23 @@ class CentralEvaluator:
         One batch costs milliseconds, not the full test split's seconds, so every round's
         new model is tested before the next round trains on it.
         """
+        if self.stage is None:
+            return None  # nothing to test with (the updates were screened as numbers)
         if self._probe is None:
             # Its own module and Trainer: the round-closing thread may be evaluating the
             # previous round with the evaluator's own, at idle priority, as this one runs.
             trainer = make_trainer(
                 self.cfg.trainer, devices=one_device(self.cfg.trainer), strategy="auto",
-                limit_test_batches=1,
+                limit_test_batches=1, limit_val_batches=1,
             )  # fmt: skip
             self._probe = (build_model(self.cfg), trainer)
         model, trainer = self._probe
         model.load_state_dict(state_dict)
         try:
-            (metrics,) = trainer.test(model, dataloaders=self.loader, verbose=False)
+            metrics = evaluate(trainer, model, self.loader, self.stage)
         except Exception as err:  # the user's test_step on weights it cannot handle
             return f"the server's test of it failed ({type(err).__name__}: {one_line(str(err))})"
-        bad = sorted(k for k, v in logged_metrics(metrics).items() if not math.isfinite(v))
+        bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
         if bad:
             return (
                 f"its test metrics {', '.join(bad)} on the server's first test batch are not finite"

@@ -9,6 +9,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from fl_lightning.config.schema import Config
 from fl_lightning.data.loaders import has_validation
@@ -87,14 +88,17 @@ def _rounds(
     from fl_lightning.server.secure import run_secure_rounds
 
     assert context is not None, "SecAgg+ runs in a ServerApp (it needs its Context)"
-    sizes, fraction = census.partition_sizes(), evaluation_fraction(cfg)
+    sizes = census.partition_sizes()
+    fraction = evaluation_fraction(cfg, recorder.evaluator.model)
     return run_secure_rounds(grid, context, cfg, recorder, initial, sizes, census.nodes, fraction)
 
 
-def evaluation_fraction(cfg: Config) -> float:
-    """`federation.fraction_evaluate`, or 0 where clients hold no validation data (every
-    path: the Message-API strategies and SecAgg+)."""
-    return cfg.federation.fraction_evaluate if has_validation(cfg) else 0.0
+def evaluation_fraction(cfg: Config, model: torch.nn.Module) -> float:
+    """`federation.fraction_evaluate`, or 0 where clients hold no validation data or the
+    module has no `validation_step` (every path: the Message-API strategies and SecAgg+)."""
+    if not has_validation(cfg) or not is_overridden("validation_step", model):
+        return 0.0
+    return cfg.federation.fraction_evaluate
 
 
 def _privacy_ledger(
@@ -139,7 +143,7 @@ def _run_rounds(
         recorder,
         census,
         fraction_train=cfg.federation.fraction_train,
-        fraction_evaluate=evaluation_fraction(cfg),
+        fraction_evaluate=evaluation_fraction(cfg, recorder.evaluator.model),
         min_train_nodes=1,
         min_evaluate_nodes=1,
     )

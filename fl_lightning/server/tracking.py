@@ -47,6 +47,7 @@ class RunTracker:
         )
         self.console = console
         self.notes: list[str] = []
+        self._told_no_metrics = False
 
     def log_round(self, server_round: int, metrics: dict[str, float]) -> None:
         """Record the metrics of a finished round (round 0: the initial model)."""
@@ -64,6 +65,12 @@ class RunTracker:
             self.progress.write(f"round {server_round}/{self.num_rounds}  {line}  ({seconds:.1f}s)")
             if server_round > 0:
                 self.progress.update(1)
+        if server_round > 0 and not self._told_no_metrics and _silent(metrics):
+            self._told_no_metrics = True
+            self.note(
+                "the module logged no metrics this round (no self.log in its steps, or "
+                "nothing on the epoch), so the rounds show fl-lightning's timings only"
+            )
 
     def note(self, text: str) -> None:
         """A line for the console and summary.md (why a run stopped early, what was changed)."""
@@ -115,6 +122,15 @@ class RunTracker:
             lines += ["", f"![metrics per round]({self.run.curves.name})"]
         lines.append("")
         return "\n".join(lines)
+
+
+def _silent(metrics: dict[str, float]) -> bool:
+    """Whether a round whose clients all replied holds no metric of the module."""
+    return (
+        not metrics.get("failures")
+        and not metrics.get("skipped")
+        and not any(shown(tag) for tag in metrics)
+    )
 
 
 def add_client_report(run: RunDir, rows: list[dict[str, Any]]) -> None:
