@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -30,12 +31,58 @@ class OldStyle(pl.LightningModule):
     pass
 """
 
+# A module built from parts, as LightningCLI and lightning-hydra-template configure one: a
+# network (an instance), an optimizer and a scheduler (factories the module calls), heads
+# (a list of instances) and an activation (a callable that is not a factory: an instance).
+COMPOSED = """
+from typing import Callable
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, hidden: int = 8):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Flatten(), nn.Linear(784, hidden), nn.ReLU())
+
+
+class Composed(pl.LightningModule):
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: OptimizerCallable = torch.optim.SGD,
+        scheduler: LRSchedulerCallable | None = None,
+        heads: list[nn.Module] = (),
+        activation: Callable[[torch.Tensor], torch.Tensor] = torch.relu,
+    ):
+        super().__init__()
+        self.net, self.heads = net, nn.ModuleList(heads)
+        self.optimizer, self.scheduler, self.activation = optimizer, scheduler, activation
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer(self.parameters())
+        return {"optimizer": optimizer, "lr_scheduler": self.scheduler(optimizer)}
+"""
+COMPOSED_INIT_ARGS = (
+    "model.init_args={"
+    "net: {class_path: lit_digits.composed.Net, init_args: {hidden: 64}}, "
+    "optimizer: {class_path: torch.optim.Adam, init_args: {lr: 0.01}}, "
+    "scheduler: {class_path: torch.optim.lr_scheduler.StepLR, init_args: {step_size: 3}}, "
+    "heads: [{class_path: torch.nn.Linear, init_args: {in_features: 64, out_features: 10}}], "
+    "activation: {class_path: torch.nn.ReLU}}"
+)
+COMPOSED_OVERRIDES = ["model.class_path=lit_digits.composed.Composed", COMPOSED_INIT_ARGS]
+
 
 @pytest.fixture()
 def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The user's project written into `tmp_path`, which is the working directory."""
     write_project(tmp_path)
     (tmp_path / "lit_digits" / "legacy.py").write_text(LEGACY)
+    (tmp_path / "lit_digits" / "composed.py").write_text(COMPOSED)
     with (tmp_path / "lit_digits" / "core.py").open("a") as core:
         core.write(HALF_SITE)
     monkeypatch.chdir(tmp_path)
@@ -108,6 +155,11 @@ BAD = {
         "trainer.callbacks=[{class_path: lightning.pytorch.callbacks.ModelCheckpoint}]",
         r"^trainer\.callbacks\[0\]\.class_path: .*the server checkpoints the global model",
     ),
+    "a callback value its constructor refuses": (
+        "trainer.callbacks=[{class_path: lightning.pytorch.callbacks.EarlyStopping, "
+        "init_args: {monitor: xent_val, mode: sideways}}]",
+        r"^trainer\.callbacks\[0\]\.init_args: EarlyStopping refused them: .*sideways",
+    ),
     "a built-in optimizer key with a module of one's own": (
         "optimizer.lr=0.1",
         r"^optimizer\.lr: configures the built-in optimizer only.*configure_optimizers",
@@ -130,6 +182,85 @@ def test_each_bad_class_setting_is_one_line_naming_the_key(project: Path, overri
     config.write_text(config_text())
     with pytest.raises(ConfigError, match=message):
         load_config(config, [item])
+
+
+def test_nested_specs_build_instances_and_optimizer_factories(project: Path) -> None:
+    import torch
+
+    from fl_lightning.models.build import build_model
+
+    config = project / "config.yaml"
+    config.write_text(config_text())
+    cfg = load_config(config, COMPOSED_OVERRIDES)
+    model = build_model(cfg)
+    assert type(model.net).__name__ == "Net" and model.net.layers[1].out_features == 64
+    assert isinstance(model.heads[0], torch.nn.Linear) and model.heads[0].out_features == 10
+    assert isinstance(model.activation, torch.nn.ReLU)  # a callable, not a factory of one
+    assert isinstance(model.optimizer, functools.partial)
+    built = model.configure_optimizers()
+    optimizer, scheduler = built["optimizer"], built["lr_scheduler"]
+    assert isinstance(optimizer, torch.optim.Adam) and optimizer.defaults["lr"] == 0.01
+    assert isinstance(scheduler, torch.optim.lr_scheduler.StepLR) and scheduler.step_size == 3
+
+
+def test_nested_specs_survive_the_runs_round_trip(project: Path) -> None:
+    import yaml
+
+    from fl_lightning.config.load import config_from_dict
+
+    config = project / "config.yaml"
+    config.write_text(config_text())
+    cfg = load_config(config, COMPOSED_OVERRIDES)
+    written = yaml.safe_load(yaml.safe_dump(cfg.to_dict()))
+    assert written["model"]["init_args"]["net"] == {
+        "class_path": "lit_digits.composed.Net",
+        "init_args": {"hidden": 64},
+    }
+    assert config_from_dict(written) == cfg
+    assert hash(config_from_dict(written)) == hash(cfg)
+
+
+NESTED_BAD = {
+    "a typo in nested init_args": (
+        "model.init_args.net.init_args.hiden=3",
+        r"^model\.init_args\.net\.init_args\.hiden: Net\.__init__ takes no argument 'hiden' "
+        r"\(did you mean 'hidden'\?\)$",
+    ),
+    "a nested class the module lacks": (
+        "model.init_args.net.class_path=lit_digits.composed.Nett",
+        r"^model\.init_args\.net\.class_path: 'lit_digits\.composed' has no class 'Nett' "
+        r"\(did you mean lit_digits\.composed\.Net\?\)$",
+    ),
+    "a typo in an optimizer's init_args": (
+        "model.init_args.optimizer.init_args.learning_rate=0.1",
+        r"^model\.init_args\.optimizer\.init_args\.learning_rate: Adam\.__init__ takes no "
+        r"argument 'learning_rate'",
+    ),
+    "a list item missing an argument": (
+        "model.init_args.heads=[{class_path: torch.nn.Linear, init_args: {in_features: 64}}]",
+        r"^model\.init_args\.heads\[0\]\.init_args: Linear\(missing a required argument: "
+        r"'out_features'\)$",
+    ),
+    "a misspelt init_args key": (
+        "model.init_args.net={class_path: lit_digits.composed.Net, init_arg: {hidden: 3}}",
+        r"^model\.init_args\.net\.init_arg: did you mean 'init_args'\?",
+    ),
+    "a callback's nested class that does not import": (
+        "trainer.callbacks=[{class_path: lightning.pytorch.callbacks.LambdaCallback, "
+        "init_args: {on_fit_start: {class_path: lit_digits.nowhere.Hook}}}]",
+        r"^trainer\.callbacks\[0\]\.init_args\.on_fit_start\.class_path: cannot import "
+        r"'lit_digits\.nowhere'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", NESTED_BAD, ids=str)
+def test_each_bad_nested_class_fails_at_load_naming_the_full_key(project: Path, case: str) -> None:
+    item, message = NESTED_BAD[case]
+    config = project / "config.yaml"
+    config.write_text(config_text())
+    with pytest.raises(ConfigError, match=message):
+        load_config(config, [*COMPOSED_OVERRIDES, item])
 
 
 def test_a_partition_argument_in_init_args_is_refused(project: Path) -> None:

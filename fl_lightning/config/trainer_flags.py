@@ -72,7 +72,7 @@ def validate_trainer(t: TrainerConfig) -> None:
 
         LOGGER_CALLBACKS = (LearningRateMonitor, DeviceStatsMonitor)
 
-        from fl_lightning.config.class_path import check_init_args, import_class
+        from fl_lightning.config.class_path import check_init_args, import_class, instantiate
 
         key = f"trainer.callbacks[{index}]"
         cls = import_class(spec.class_path, f"{key}.class_path", Callback)
@@ -90,6 +90,10 @@ def validate_trainer(t: TrainerConfig) -> None:
             "client; remove it",
         )
         check_init_args(cls, spec.init_args, key, given=set())
+        # Built once here, and dropped: a value its constructor refuses (EarlyStopping's
+        # `mode: sideways`) fails now, not in every client after the run has started.
+        # Clients build their own for each Trainer.
+        instantiate(spec, key, Callback)
 
 
 # Trainer flags whose accepted values only Lightning knows; checked against Lightning itself.

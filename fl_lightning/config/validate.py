@@ -193,7 +193,7 @@ def _validate_data(cfg: Config) -> None:
 
 
 def _validate_classes(cfg: Config) -> None:
-    """Import the classes the config names and check their init_args against them."""
+    """Import the classes the config names (nested ones too) and check their init_args."""
     m, d = cfg.model, cfg.data
     check(
         m.name is not None or m.class_path is not None,
