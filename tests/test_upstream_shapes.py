@@ -38,6 +38,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -131,6 +132,41 @@ class Gan(pl.LightningModule):
         return [g, d]
 
 
+class Mlp(nn.Module):
+    def __init__(self, hidden: int = 16):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Flatten(), nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class Composed(pl.LightningModule):
+    """lightning-hydra-template's shape: the network and the optimizer come from the config."""
+
+    def __init__(self, net: nn.Module, optimizer: OptimizerCallable):
+        super().__init__()
+        self.save_hyperparameters(logger=False, ignore=["net"])
+        self.net = net
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self.net(x), y)
+        self.log("train/loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val/loss", F.cross_entropy(self.net(x), y))
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test/loss", F.cross_entropy(self.net(x), y))
+
+    def configure_optimizers(self):
+        return self.hparams.optimizer(self.parameters())
+
+
 class SampleImages(Callback):
     """The autoencoder example's sampler: reads its images from trainer.datamodule."""
 
@@ -145,12 +181,15 @@ ROUNDS = 2
 TRAINER = "trainer:\n  max_epochs: 1\n"
 
 
-def _config(project: Path, model: str, *overrides: str, trainer: str = TRAINER) -> Config:
+def _config(
+    project: Path, model: str, *overrides: str, trainer: str = TRAINER, init_args: str = "{}"
+) -> Config:
     """The shape federated by config alone: the user's classes by class_path, 2 clients."""
     (project / "config.yaml").write_text(f"""\
 seed: 3
 model:
   class_path: lit_digits.shapes.{model}
+  init_args: {init_args}
 data:
   class_path: lit_digits.core.Digits
   init_args: {{root: {DATA_ROOT}, limit: 200, batch_size: 16}}
@@ -235,10 +274,12 @@ def federate(cfg: Config) -> tuple[list[dict], dict[str, torch.Tensor], Path]:
     return rounds, state, checkpoint
 
 
-def _restored(model: str, checkpoint: Path, state: dict[str, torch.Tensor]) -> None:
+def _restored(
+    model: str, checkpoint: Path, state: dict[str, torch.Tensor], **kwargs: object
+) -> None:
     """The user's own class loads the last checkpoint, and it holds the last global model."""
     cls = getattr(importlib.import_module("lit_digits.shapes"), model)
-    loaded = cls.load_from_checkpoint(checkpoint).state_dict()
+    loaded = cls.load_from_checkpoint(checkpoint, **kwargs).state_dict()
     assert loaded.keys() == state.keys()
     assert all(torch.equal(loaded[k].float(), state[k]) for k in state)
 
@@ -259,6 +300,20 @@ def test_a_module_with_only_a_training_step_federates_without_central_tests(
     rounds, state, checkpoint = federate(_config(project, "TrainOnly"))
     assert all("train_loss" in r["train"] and r["central"] == {} for r in rounds)
     _restored("TrainOnly", checkpoint, state)
+
+
+def test_nested_class_specs_build_the_network_and_the_optimizer(project: Path) -> None:
+    init_args = """
+    net: {class_path: lit_digits.shapes.Mlp, init_args: {hidden: 12}}
+    optimizer: {class_path: torch.optim.SGD, init_args: {lr: 0.05, momentum: 0.5}}"""
+    rounds, state, checkpoint = federate(_config(project, "Composed", init_args=init_args))
+    assert all({"train/loss"} <= set(r["train"]) for r in rounds)
+    assert all(set(r["central"]) == {"test/loss"} for r in rounds)
+    assert state["net.layers.1.weight"].shape == (12, 784)
+    mlp = importlib.import_module("lit_digits.shapes").Mlp(hidden=12)
+    # As with the template in plain Lightning: `net` is not in the hyperparameters, and the
+    # optimizer's partial is, which only a full (trusted) unpickling restores.
+    _restored("Composed", checkpoint, state, net=mlp, weights_only=False)
 
 
 def test_a_plateau_scheduler_on_a_validation_metric_steps_with_validation_in_fit(
