@@ -22,6 +22,10 @@ class PrivacyBudgetExceeded(FlLightningError):
     """The next round would push a client's cumulative epsilon past `privacy.max_epsilon`."""
 
 
+class EarlyStopped(FlLightningError):
+    """`federation.early_stopping`: the watched round metric stopped improving."""
+
+
 class DeploymentError(FlLightningError):
     """A SuperLink or SuperNode of a local deployment failed to start or to answer."""
 

@@ -8,8 +8,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from fl_lightning.client import training
 from fl_lightning.client.logs import client_log_dir
+from fl_lightning.config.load import load_config
 from fl_lightning.config.schema import Config
-from fl_lightning.errors import ClientError
+from fl_lightning.errors import ClientError, ConfigError
+from tests.test_config import MNIST
 from tests.test_training import initial_state
 
 
@@ -51,3 +53,30 @@ def test_a_client_that_does_not_know_the_run_directory_says_so(tiny_mnist: Confi
     cfg = with_client_logs(tiny_mnist, None)
     with pytest.raises(ClientError, match=r"output.client_logs: output.dir is not set"):
         training.fit(cfg, initial_state(cfg), partition_id=0, num_partitions=2, server_round=1)
+
+
+LR_MONITOR = "{class_path: lightning.pytorch.callbacks.LearningRateMonitor}"
+
+
+def test_a_callback_that_needs_a_logger_logs_into_the_clients_run(
+    tmp_path: Path, data_root: Path
+) -> None:
+    overrides = [f"data.root={data_root}", f"trainer.callbacks=[{LR_MONITOR}]"]
+    with pytest.raises(ConfigError, match=r"set output.client_logs=true"):
+        load_config(MNIST, overrides)
+    cfg = load_config(
+        MNIST,
+        [
+            *overrides,
+            "output.client_logs=true",
+            f"output.dir={tmp_path / 'run'}",
+            "data.max_train_samples=300",
+            "federation.num_clients=2",
+        ],
+    )
+    for server_round in (1, 2):
+        training.fit(
+            cfg, initial_state(cfg), partition_id=0, num_partitions=2, server_round=server_round
+        )
+    lr_steps = steps(client_log_dir(cfg.output.dir, 0), "lr-SGD")
+    assert lr_steps == sorted(set(lr_steps)) and len(lr_steps) >= 2  # both rounds, in order

@@ -151,7 +151,7 @@ def _with_site_hardware(cfg: Config, node_config: typing.Mapping[str, Any]) -> C
     try:
         changes = {k: trainer_value(k, v) for k, v in changes.items()}
         trainer = dataclasses.replace(cfg.trainer, **changes)
-        validate_trainer(trainer)
+        validate_trainer(trainer, cfg.output.client_logs)
         site = dataclasses.replace(cfg, trainer=trainer)
         check_private_devices(site)
     except ConfigError as error:

@@ -174,6 +174,24 @@ class ClientResourcesConfig:
 
 
 @dataclass(frozen=True)
+class EarlyStoppingConfig:
+    """End the run when a round metric stops improving (monitor null: never)."""
+
+    monitor: str | None = None  # a round metric as metrics.jsonl names it, e.g. test/loss
+    mode: Literal["min", "max"] = "min"
+    patience: int = 3  # rounds after the best round without an improvement of min_delta
+    min_delta: float = 0.0
+
+
+@dataclass(frozen=True)
+class BestCheckpointConfig:
+    """Keep `checkpoints/best.ckpt`, the global model of the best round (monitor null: no)."""
+
+    monitor: str | None = None
+    mode: Literal["min", "max"] = "min"
+
+
+@dataclass(frozen=True)
 class FederationConfig:
     """How many clients, how many rounds, who takes part in each."""
 
@@ -193,6 +211,7 @@ class FederationConfig:
     # gave the public key of partition p's site (`flwr supernode register`); the census
     # then accepts partition p from that node only. `deploy-local` sets it.
     node_ids: tuple[NodeId, ...] | None = None
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
 
 @dataclass(frozen=True)
@@ -306,6 +325,12 @@ class OutputConfig:
     # Each client's own Lightning logging (`self.log` in training) as a TensorBoard run of
     # its own, `<output.dir>/tensorboard/clients/<partition>`, written where the client runs.
     client_logs: bool = False
+    # Lightning loggers by class_path + init_args (CSVLogger, MLFlowLogger, WandbLogger, or
+    # your own Logger), each getting the server's round metrics (step = round) and the
+    # config as hyperparameters, besides TensorBoard. `save_dir`, where a logger takes
+    # one and init_args leave it out, is the run directory.
+    loggers: tuple[ClassSpec, ...] = ()
+    best_checkpoint: BestCheckpointConfig = field(default_factory=BestCheckpointConfig)
 
 
 @dataclass(frozen=True)
@@ -330,6 +355,7 @@ class Config:
         trainer = tree["trainer"]
         trainer.update(trainer.pop("extra"))  # written flat under trainer:, as users write it
         trainer["callbacks"] = list(trainer["callbacks"])
+        tree["output"]["loggers"] = list(tree["output"]["loggers"])
         # A class_path module or DataModule has no built-in keys: written, they would be
         # refused when the config is loaded back (by a SuperNode, or to run it again).
         if self.model.class_path is not None:

@@ -10,6 +10,7 @@ import logging
 import typing
 from typing import Any
 
+from fl_lightning.config.class_path import ClassSpec
 from fl_lightning.config.schema import TrainerConfig
 from fl_lightning.config.yaml_input import key_text
 from fl_lightning.errors import ConfigError, check, closest, show
@@ -42,8 +43,11 @@ def trainer_extras(raw: dict[str, Any]) -> dict[str, Any]:
     return dict(raw)
 
 
-def validate_trainer(t: TrainerConfig) -> None:
-    """Reject `trainer.*` values Lightning's Trainer would refuse or this project cannot run."""
+def validate_trainer(t: TrainerConfig, client_logs: bool = False) -> None:
+    """Reject `trainer.*` values Lightning's Trainer would refuse or this project cannot run.
+
+    `client_logs` (output.client_logs) gives clients a logger, which some callbacks need.
+    """
     check(t.max_epochs >= 1, "trainer.max_epochs", f"must be >= 1, got {t.max_epochs}")
     check(
         t.gradient_clip_val is None or t.gradient_clip_val > 0,
@@ -63,37 +67,39 @@ def validate_trainer(t: TrainerConfig) -> None:
     if t.extra:
         _check_extra_values(t)
     for index, spec in enumerate(t.callbacks):
-        from lightning.pytorch.callbacks import (
-            Callback,
-            Checkpoint,
-            DeviceStatsMonitor,
-            LearningRateMonitor,
-        )
+        _check_callback(spec, f"trainer.callbacks[{index}]", client_logs)
 
-        LOGGER_CALLBACKS = (LearningRateMonitor, DeviceStatsMonitor)
 
-        from fl_lightning.config.class_path import check_init_args, import_class, instantiate
+def _check_callback(spec: ClassSpec, key: str, client_logs: bool) -> None:
+    """A callback a client's Trainer can run, built once here (and dropped): a value its
+    constructor refuses (EarlyStopping's `mode: sideways`) fails now, not in every client
+    after the run has started. Clients build their own for each Trainer."""
+    from lightning.pytorch.callbacks import (
+        Callback,
+        Checkpoint,
+        DeviceStatsMonitor,
+        LearningRateMonitor,
+    )
 
-        key = f"trainer.callbacks[{index}]"
-        cls = import_class(spec.class_path, f"{key}.class_path", Callback)
-        check(
-            not issubclass(cls, LOGGER_CALLBACKS),
-            f"{key}.class_path",
-            f"{spec.class_path} needs a Trainer logger, and clients train without one "
-            f"({OWNED_TRAINER_KEYS['logger']}); remove it",
-        )
-        check(
-            not issubclass(cls, Checkpoint),
-            f"{key}.class_path",
-            f"{spec.class_path}: {OWNED_TRAINER_KEYS['enable_checkpointing']} (last.ckpt in "
-            "the run directory); a client's own checkpoints would hold one round of one "
-            "client; remove it",
-        )
-        check_init_args(cls, spec.init_args, key, given=set())
-        # Built once here, and dropped: a value its constructor refuses (EarlyStopping's
-        # `mode: sideways`) fails now, not in every client after the run has started.
-        # Clients build their own for each Trainer.
-        instantiate(spec, key, Callback)
+    from fl_lightning.config.class_path import check_init_args, import_class, instantiate
+
+    cls = import_class(spec.class_path, f"{key}.class_path", Callback)
+    check(
+        client_logs or not issubclass(cls, (LearningRateMonitor, DeviceStatsMonitor)),
+        f"{key}.class_path",
+        f"{spec.class_path} needs a Trainer logger, and clients train without one "
+        f"({OWNED_TRAINER_KEYS['logger']}); set output.client_logs=true (each client's own "
+        "TensorBoard run), or remove it",
+    )
+    check(
+        not issubclass(cls, Checkpoint),
+        f"{key}.class_path",
+        f"{spec.class_path}: {OWNED_TRAINER_KEYS['enable_checkpointing']} (last.ckpt in "
+        "the run directory); a client's own checkpoints would hold one round of one "
+        "client; remove it",
+    )
+    check_init_args(cls, spec.init_args, key, given=set())
+    instantiate(spec, key, Callback)
 
 
 # Trainer flags whose accepted values only Lightning knows; checked against Lightning itself.

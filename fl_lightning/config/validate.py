@@ -52,6 +52,7 @@ def validate(cfg: Config) -> None:
     _validate_data(cfg)
     _validate_output(cfg.output)
     _validate_evaluation(cfg.evaluation)
+    _validate_watches(cfg)
     check(
         0 <= cfg.model.label_smoothing < 1,
         "model.label_smoothing",
@@ -71,7 +72,7 @@ def validate(cfg: Config) -> None:
     )
     _validate_federation(f, t)
     _validate_strategy(cfg)
-    validate_trainer(cfg.trainer)
+    validate_trainer(cfg.trainer, cfg.output.client_logs)
     _validate_fit_validation(cfg)
     validate_privacy(cfg)
     validate_secure_aggregation(cfg)
@@ -142,6 +143,22 @@ def _validate_fit_validation(cfg: Config) -> None:
         )
 
 
+def _validate_watches(cfg: Config) -> None:
+    """`federation.early_stopping` and `output.best_checkpoint`."""
+    e = cfg.federation.early_stopping
+    for key, monitor in (
+        ("federation.early_stopping.monitor", e.monitor),
+        ("output.best_checkpoint.monitor", cfg.output.best_checkpoint.monitor),
+    ):
+        check(monitor is None or monitor.strip() != "", key, "is empty; name a round metric")
+    check(e.patience >= 1, "federation.early_stopping.patience", f"must be >= 1, got {e.patience}")
+    check(
+        e.min_delta >= 0,
+        "federation.early_stopping.min_delta",
+        f"must be >= 0, got {e.min_delta}",
+    )
+
+
 def _validate_evaluation(e: EvaluationConfig) -> None:
     every = e.every_n_rounds
     check(every >= 1, "evaluation.every_n_rounds", f"must be >= 1, got {every}")
@@ -153,6 +170,10 @@ def _validate_output(o: OutputConfig) -> None:
     for key, value in (("root", o.root), ("dir", o.dir), ("experiment", o.experiment)):
         if value is not None:
             check_path_length(value, f"output.{key}")
+    if o.loggers:
+        from fl_lightning.config.loggers import check_loggers
+
+        check_loggers(o.loggers)
 
 
 def _validate_data(cfg: Config) -> None:

@@ -11,9 +11,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from fl_lightning.config.loggers import build_loggers
 from fl_lightning.config.schema import Config
 from fl_lightning.data.loaders import has_validation
-from fl_lightning.errors import NothingTrained, PrivacyBudgetExceeded
+from fl_lightning.errors import EarlyStopped, NothingTrained, PrivacyBudgetExceeded
 from fl_lightning.server.census import Census, Known, nothing_trained, take_census
 from fl_lightning.server.continued_rounds import ContinuedRounds
 from fl_lightning.server.evaluation import CentralEvaluator
@@ -44,7 +45,10 @@ def run_federation(
     """
     evaluator = CentralEvaluator(cfg)  # it draws the initial global model from the seed
     initial = ArrayRecord(evaluator.model.state_dict())
-    tracker = RunTracker(run, cfg.federation.num_rounds, cfg.to_dict(), console=console)
+    loggers = build_loggers(cfg.output.loggers, run.path)
+    tracker = RunTracker(
+        run, cfg.federation.num_rounds, cfg.to_dict(), console=console, loggers=loggers
+    )
     if resume is not None:
         tracker.history.update(resume.history)
         tracker.progress.update(resume.round)
@@ -53,6 +57,7 @@ def run_federation(
     recorder = RoundRecorder(evaluator, tracker, run, ledger)
     if resume is not None:
         recorder.load_logged_names(resume.logged)  # a name's prefix depends on earlier rounds
+        recorder.resume_watch(resume.history)
         if resume.rng is not None:
             restore_rng(resume.rng)  # last: everything above may draw from the global RNGs
     try:
@@ -65,6 +70,9 @@ def run_federation(
             raise NothingTrained(message)
     except PrivacyBudgetExceeded as stop:
         tracker.note(f"privacy budget: {stop}")
+        run.stopped.write_text(f"{stop}\n")
+    except EarlyStopped as stop:
+        tracker.note(str(stop))
         run.stopped.write_text(f"{stop}\n")
     finally:
         try:

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fl_lightning.config.schema import centrally_evaluated
-from fl_lightning.errors import RoundCloseError
+from fl_lightning.errors import EarlyStopped, RoundCloseError
+from fl_lightning.files import write_atomically
 from fl_lightning.server import resume_state
 from fl_lightning.server.evaluation import CentralEvaluator
 from fl_lightning.server.round_metrics import RoundMetrics
+from fl_lightning.server.round_watch import RoundWatch
 from fl_lightning.server.rundir import RunDir
 from fl_lightning.server.tracking import RunTracker
 
@@ -109,6 +113,18 @@ class RoundRecorder(RoundMetrics):
         self.ledger = ledger
         self._closer: ThreadPoolExecutor | None = None  # the background closes' one thread
         self._pending: list[Future[dict[str, float]]] = []
+        self.watch = RoundWatch(evaluator.cfg)
+
+    def resume_watch(self, history: dict[int, dict[str, float]]) -> None:
+        """--resume: the watched metrics' best rounds, as the killed run had them."""
+        for server_round in sorted(r for r in history if r >= 1):
+            self.watch.update(server_round, history[server_round])
+
+    def raise_if_stopped(self) -> None:
+        """Before a round: EarlyStopped if `federation.early_stopping` ended the run."""
+        self.raise_failed_close()
+        if self.watch.stop_reason is not None:
+            raise EarlyStopped(self.watch.stop_reason)
 
     def start(self) -> None:
         """A round (or the initial evaluation) begins: reset its metrics and clock."""
@@ -184,6 +200,18 @@ class RoundRecorder(RoundMetrics):
                 f"({type(err).__name__}: {reason}); the rounds before it are in {self.run.path}"
             ) from err
 
+    def _watch(self, server_round: int) -> None:
+        """Early stopping's and the best checkpoint's view of the round just logged."""
+        if server_round == 1:
+            self.watch.check_names(self.tracker.history)
+        if self.watch.update(server_round, self.tracker.history[server_round]):
+            source = self.run.checkpoint(f"round_{server_round}")
+
+            def copy(partial: Path) -> None:
+                shutil.copyfile(source, partial)
+
+            write_atomically(self.run.checkpoint("best"), copy)
+
     def shutdown(self) -> None:
         """Wait for the background closes, then stop their thread."""
         try:
@@ -216,6 +244,9 @@ class RoundRecorder(RoundMetrics):
         closing.step = "logging its metrics"
         named = self.named({**closing.sourced, "centralized": metrics})
         self.tracker.log_round(closing.server_round, {**named, **record, **closing.privacy})
+        if self.watch.active and closing.server_round >= 1:
+            closing.step = "watching its metrics"
+            self._watch(closing.server_round)
         # Last: a round counts as completed for --resume once everything above is written.
         closing.step = "writing checkpoints/resume.pt"
         resume_state.save(

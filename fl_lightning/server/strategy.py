@@ -123,6 +123,7 @@ class LightningFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample clients within their privacy budget, set the round's lr, start its clock."""
+        self.recorder.raise_if_stopped()  # federation.early_stopping
         allowed = self.budget.allowed(server_round, self.census.nodes.values())
         self.recorder.start()
         self._global = arrays
@@ -211,6 +212,10 @@ class LightningFedAvg(FedAvg):
         resumable = (self.state_dict(), self.screen.state())
         state_dict = arrays.to_torch_state_dict()
         if server_round < self.cfg.federation.num_rounds:
+            if self.recorder.watch.stopping is not None:
+                # Early stopping decides on this round before the next one starts.
+                self.recorder.close(server_round, state_dict, resumable)
+                return None
             # Evaluated while the next round trains, on the cores its clients leave idle.
             self.recorder.close_in_background(server_round, state_dict, resumable)
             return None

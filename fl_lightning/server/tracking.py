@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
@@ -30,13 +31,21 @@ class RunTracker:
     """Writes one round's metrics everywhere at once, so every sink shows the same numbers."""
 
     def __init__(
-        self, run: RunDir, num_rounds: int, hparams: dict[str, Any], console: bool = True
+        self,
+        run: RunDir,
+        num_rounds: int,
+        hparams: dict[str, Any],
+        console: bool = True,
+        loggers: Sequence[Logger] = (),
     ) -> None:
         self.run = run
         self.num_rounds = num_rounds
         self.history: dict[int, dict[str, float]] = {}
         self.tensorboard = TensorBoardLogger(save_dir=run.path, name="tensorboard", version="")
-        self.tensorboard.log_hyperparams(_flatten(hparams))
+        # The user's own trackers (output.loggers) get what TensorBoard gets.
+        self.loggers: list[Logger] = [self.tensorboard, *loggers]
+        for logger in self.loggers:
+            logger.log_hyperparams(_flatten(hparams))
         # A bar only on a terminal: in a log (a deployment's stream, CI) it is noise.
         self.progress = tqdm(
             total=num_rounds,
@@ -57,7 +66,9 @@ class RunTracker:
         with self.run.metrics.open("a") as stream:
             stream.write(json.dumps(record) + "\n")
         scalars = {tag: value for tag, value in metrics.items() if tag != "seconds"}
-        self.tensorboard.log_metrics(scalars, step=server_round)
+        for logger in self.loggers:
+            logger.log_metrics(scalars, step=server_round)
+            logger.save()
         self.tensorboard.experiment.flush()
         if self.console:
             seconds = metrics.get("seconds", 0.0)
@@ -90,7 +101,8 @@ class RunTracker:
     def close(self) -> None:
         """Write curves.png and summary.md, and flush TensorBoard."""
         self.progress.close()
-        self.tensorboard.finalize("success")
+        for logger in self.loggers:
+            logger.finalize("success")
         if self.history:
             tags = list(dict.fromkeys(t for m in self.history.values() for t in m if shown(t)))
             plots.save(plots.curves_figure(self.history, tags), self.run.curves)
@@ -183,6 +195,6 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     for key, value in tree.items():
         if isinstance(value, dict):
             flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
+        else:  # lists, not tuples: loggers writing YAML (CSVLogger) keep it plain
+            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
     return flat

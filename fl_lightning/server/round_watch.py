@@ -1,0 +1,83 @@
+"""Watching a round metric: `federation.early_stopping` and `output.best_checkpoint`.
+
+Both follow one metric of the round records (as metrics.jsonl names it) from round 1 on:
+the best checkpoint is the global model of the round with the best value so far; early
+stopping ends the run `patience` rounds after its best round. A record without the value
+(a round the server did not test, `evaluation.every_n_rounds`) changes neither. Their
+state is recomputed from the run's history on --resume, so a resumed run decides as the
+uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+from fl_lightning.config.schema import Config
+from fl_lightning.errors import RoundCloseError
+
+
+class BestValue:
+    """The best value of one metric over the rounds so far, and its round."""
+
+    def __init__(self, monitor: str, mode: str, min_delta: float = 0.0) -> None:
+        self.monitor, self.mode, self.min_delta = monitor, mode, min_delta
+        self.value: float | None = None
+        self.round: int | None = None
+
+    def update(self, server_round: int, record: Mapping[str, float]) -> bool:
+        """Take the round's value; True when it is the new best."""
+        value = record.get(self.monitor)
+        if value is None or not math.isfinite(value):
+            return False
+        if self.value is not None:
+            gain = self.value - value if self.mode == "min" else value - self.value
+            if gain <= self.min_delta:
+                return False
+        self.value, self.round = value, server_round
+        return True
+
+
+class RoundWatch:
+    """What the run's round records decide: which round is best, and whether to stop."""
+
+    def __init__(self, cfg: Config) -> None:
+        e, b = cfg.federation.early_stopping, cfg.output.best_checkpoint
+        self.patience = e.patience
+        self.stopping = BestValue(e.monitor, e.mode, e.min_delta) if e.monitor else None
+        self.best = BestValue(b.monitor, b.mode) if b.monitor else None
+        self.stop_reason: str | None = None
+
+    @property
+    def active(self) -> bool:
+        """Whether any metric is watched."""
+        return self.stopping is not None or self.best is not None
+
+    def check_names(self, history: Mapping[int, Mapping[str, float]]) -> None:
+        """After round 1: a watched name no record of rounds 0 and 1 has is an error, with
+        the names that exist."""
+        names = {name for r in (0, 1) for name in history.get(r, {})}
+        for key, watched in (
+            ("federation.early_stopping.monitor", self.stopping),
+            ("output.best_checkpoint.monitor", self.best),
+        ):
+            if watched is not None and watched.monitor not in names:
+                shown = ", ".join(sorted(n for n in names if not n.startswith("time/")))
+                raise RoundCloseError(
+                    f"{key}: {watched.monitor!r} is not a round metric; the rounds log "
+                    f"{shown}; name one of them"
+                )
+
+    def update(self, server_round: int, record: Mapping[str, float]) -> bool:
+        """Take a closed round's record (rounds >= 1); True when it is the new best round."""
+        best = self.best.update(server_round, record) if self.best is not None else False
+        s = self.stopping
+        if s is not None:
+            s.update(server_round, record)
+            if s.round is not None and server_round - s.round >= self.patience:
+                self.stop_reason = (
+                    f"early stopping: {s.monitor} has not improved by more than "
+                    f"{s.min_delta:g} for {self.patience} rounds after round {s.round} "
+                    f"({s.monitor} {s.value:.4f})"
+                )
+        return best
