@@ -85,6 +85,8 @@ def fit(
         data = client_data(cfg, partition_id, num_partitions, seed)
         model = _load(cfg, state_dict)
         callbacks = _federated_callbacks(cfg, lr_factor, proximal_mu)
+        if cfg.federation.stateful_clients and server_round >= 1:  # round 0: client_report
+            callbacks.append(_client_state(cfg, partition_id, server_round))  # before DP-SGD
         kwargs: dict[str, Any] = {} if max_epochs is None else {"max_epochs": max_epochs}
         if cfg.output.client_logs and server_round >= 1:  # round 0: client_report's local model
             from fl_lightning.client.logs import client_logging
@@ -149,6 +151,13 @@ def _hint_validation(cfg: TrainerConfig) -> Iterator[None]:
             f"{' '.join(str(err).split())}; clients validate inside fit only with "
             "trainer.limit_val_batches > 0 (e.g. 1.0)"
         ) from None
+
+
+def _client_state(cfg: Config, partition_id: int, server_round: int) -> Callback:
+    """`federation.stateful_clients`: the callback continuing the client's optimizers."""
+    from fl_lightning.client.state import ClientState, client_state_dir
+
+    return ClientState(client_state_dir(cfg.output.dir, partition_id), server_round)
 
 
 def _federated_callbacks(cfg: Config, lr_factor: float, proximal_mu: float) -> list[Callback]:

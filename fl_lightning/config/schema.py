@@ -212,6 +212,9 @@ class FederationConfig:
     # then accepts partition p from that node only. `deploy-local` sets it.
     node_ids: tuple[NodeId, ...] | None = None
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    # Each client's optimizer, scheduler and AMP scaler state continue across the rounds it
+    # takes part in, kept on its own disk under output.dir (fl_lightning.client.state).
+    stateful_clients: bool = False
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,7 @@ def validate(cfg: Config) -> None:
     _validate_output(cfg.output)
     _validate_evaluation(cfg.evaluation)
     _validate_watches(cfg)
+    _validate_stateful_clients(cfg)
     check(
         0 <= cfg.model.label_smoothing < 1,
         "model.label_smoothing",
@@ -141,6 +142,20 @@ def _validate_fit_validation(cfg: Config) -> None:
             f"{monitor!r} is a validation metric, and clients validate inside fit only with "
             "trainer.limit_val_batches > 0; set it (e.g. trainer.limit_val_batches=1.0)",
         )
+
+
+def _validate_stateful_clients(cfg: Config) -> None:
+    """What `federation.stateful_clients` cannot continue."""
+    if not cfg.federation.stateful_clients:
+        return
+    o = cfg.optimizer
+    check(
+        o.warmup_rounds == 0 and o.round_decay == 1.0,
+        "federation.stateful_clients",
+        "continues each client's optimizer and schedulers, and optimizer.warmup_rounds / "
+        "round_decay rescale a fresh one every round; schedule the learning rate in the "
+        "module's configure_optimizers instead, or set stateful_clients=false",
+    )
 
 
 def _validate_watches(cfg: Config) -> None:

@@ -1,0 +1,109 @@
+"""`federation.stateful_clients`: a client's optimizer, scheduler and scaler state across rounds.
+
+Each round builds a fresh module, optimizer and scheduler; with this on, `ClientState`
+loads what the client's previous round left when fit starts, and saves what this round
+leaves when it ends, so local training continues as one `Trainer.fit` paused for
+aggregation (the weights still come from the server). The state stays on the client's
+disk, `<output.dir>/client_state/<partition>/round_<r>.pt`: the server never receives
+it, and a simulation of many clients holds only the ones training in memory. A round
+loads the newest state of an earlier round, so a round redone after --resume starts
+from what the uninterrupted run had; two files per client are kept.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from fl_lightning.errors import ClientError
+from fl_lightning.files import write_atomically
+
+_FILE = re.compile(r"round_(\d+)\.pt")
+
+
+def client_state_dir(output_dir: str | None, partition_id: int) -> Path:
+    """Where client `partition_id` keeps its state: `<output.dir>/client_state/<id>`."""
+    if output_dir is None:
+        raise ClientError(
+            "federation.stateful_clients: output.dir is not set, so the client does not know "
+            "where the run writes; set output.dir to an absolute path"
+        )
+    return Path(output_dir) / "client_state" / str(partition_id)
+
+
+class ClientState(Callback):
+    """Loads the client's optimizer, scheduler and scaler state as fit starts; saves it after."""
+
+    def __init__(self, folder: Path, server_round: int) -> None:
+        self.folder = folder
+        self.server_round = server_round
+        self.loaded: int | None = None  # the round whose state this fit continues
+
+    def _rounds(self) -> list[int]:
+        if not self.folder.is_dir():
+            return []
+        found = (_FILE.fullmatch(p.name) for p in self.folder.iterdir())
+        return sorted(int(m.group(1)) for m in found if m is not None)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Continue from the newest state of an earlier round (before DP-SGD wraps it)."""
+        earlier = [r for r in self._rounds() if r < self.server_round]
+        if not earlier:
+            return
+        self.loaded = earlier[-1]
+        path = self.folder / f"round_{self.loaded}.pt"
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            _restore(trainer, saved)
+        except (OSError, RuntimeError, ValueError, KeyError, IndexError) as err:
+            raise ClientError(
+                f"federation.stateful_clients: cannot continue from {path} "
+                f"({type(err).__name__}: {err}); was the module or its optimizers changed? "
+                f"Remove {self.folder} to start this client afresh"
+            ) from None
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Save this round's state; drop the files older than the one this fit continued."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        state = _capture(trainer)
+        path = self.folder / f"round_{self.server_round}.pt"
+        write_atomically(path, lambda partial: torch.save(state, partial))
+        keep = {self.server_round, self.loaded}
+        for old in self._rounds():
+            if old not in keep and old < self.server_round:
+                (self.folder / f"round_{old}.pt").unlink(missing_ok=True)
+
+
+def _scaler(trainer: pl.Trainer) -> Any:
+    """AMP's grad scaler (16-mixed precision on CUDA), if the Trainer has one."""
+    return getattr(trainer.precision_plugin, "scaler", None)
+
+
+def _capture(trainer: pl.Trainer) -> dict[str, Any]:
+    scaler = _scaler(trainer)
+    return {
+        "optimizers": [o.state_dict() for o in trainer.optimizers],
+        "schedulers": [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs],
+        "scaler": scaler.state_dict() if scaler is not None else None,
+    }
+
+
+def _restore(trainer: pl.Trainer, saved: dict[str, Any]) -> None:
+    optimizers, configs = trainer.optimizers, trainer.lr_scheduler_configs
+    if len(saved["optimizers"]) != len(optimizers) or len(saved["schedulers"]) != len(configs):
+        raise ValueError(
+            f"saved {len(saved['optimizers'])} optimizers and {len(saved['schedulers'])} "
+            f"schedulers, the module now has {len(optimizers)} and {len(configs)}"
+        )
+    for optimizer, state in zip(optimizers, saved["optimizers"], strict=True):
+        optimizer.load_state_dict(state)
+    for config, state in zip(configs, saved["schedulers"], strict=True):
+        config.scheduler.load_state_dict(state)
+    scaler = _scaler(trainer)
+    if scaler is not None and saved["scaler"] is not None:
+        scaler.load_state_dict(saved["scaler"])
