@@ -17,6 +17,8 @@ BATCHNORM_ACTION = "batchnorm_statistics"
 IDENTITY_RECORD = "client"
 CENSUS_RECORD = "census"
 ACCOUNTANT_RECORD = "dp-sgd-accountant"
+# SCAFFOLD's control variates: the server's in a train message, a client's change in its reply.
+SCAFFOLD_RECORD = "scaffold-control"
 
 # The census record's keys: a client's training and validation sizes, whether its data is
 # its own (a site's `data-root`: nothing the server can check it against), and, only

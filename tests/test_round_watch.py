@@ -86,20 +86,20 @@ def test_best_ckpt_holds_the_best_rounds_weights_and_the_run_stops_after_patienc
     weights = [{k: torch.randn_like(v) for k, v in template.items()} for _ in range(5)]
     losses = [9.0, 1.0, 0.5, 0.7, 0.6]  # round 2 is the best
     for server_round, loss in enumerate(losses):
-        recorder.raise_if_stopped()
+        recorder.watch.raise_if_stopped()
         recorder.start()
         recorder.add({"train/loss": loss})
         recorder.close(server_round, weights[server_round])
     saved = torch.load(run.checkpoint("best"), weights_only=True)["state_dict"]
     assert all(saved[k].equal(weights[2][k]) for k in template)
     with pytest.raises(EarlyStopped, match="after round 2"):
-        recorder.raise_if_stopped()  # round 5 does not start
+        recorder.watch.raise_if_stopped()  # round 5 does not start
     recorder.shutdown()
     recorder.tracker.close()
 
     # --resume: the watch replays the history, so the resumed run decides the same.
     resumed, _ = recorder_for(cfg, tmp_path / "resumed")
-    resumed.resume_watch(recorder.tracker.history)
+    resumed.watch.replay(recorder.tracker.history)
     assert resumed.watch.best is not None and resumed.watch.best.round == 2
     assert resumed.watch.stop_reason == recorder.watch.stop_reason
     resumed.shutdown()

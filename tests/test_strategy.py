@@ -57,6 +57,7 @@ class Probe:
     def __init__(self, problem: str | None = None) -> None:
         self.problem = problem
         self.tested: list[dict] = []
+        self.cfg = load_config(MNIST)  # what the recorder reads its round watch from
 
     def probe(self, state_dict: dict) -> str | None:
         self.tested.append(state_dict)

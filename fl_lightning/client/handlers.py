@@ -7,7 +7,7 @@ record, so the server can screen it against the census and aggregate in a fixed 
 
 from __future__ import annotations
 
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from flwr.app import (
     ArrayRecord,
@@ -20,6 +20,9 @@ from flwr.app import (
 )
 
 from fl_lightning.client import training
+
+if TYPE_CHECKING:
+    import torch
 from fl_lightning.config.schema import Config, sends_label_counts
 from fl_lightning.vocabulary import (
     ACCOUNTANT_RECORD,
@@ -32,6 +35,7 @@ from fl_lightning.vocabulary import (
     OWN_DATA,
     PARTITION_ID,
     PROXIMAL_MU,
+    SCAFFOLD_RECORD,
     SERVER_ROUND,
     TRAIN_SIZE,
     UNIFORM_WEIGHT,
@@ -57,13 +61,22 @@ def train(cfg: Config, msg: Message, context: Context) -> Message:
         lr_factor=cast(float, round_config.get(LR_FACTOR, 1.0)),
         proximal_mu=cast(float, round_config.get(PROXIMAL_MU, 0.0)),
         accountant_state=_accountant(context, round_config),
+        control=_control(msg),
     )
     reply = _reply(msg, context, result)
+    if result.control_delta is not None:
+        reply.content[SCAFFOLD_RECORD] = ArrayRecord(result.control_delta)
     if result.accountant_state is not None:
         record = ConfigRecord({"state": result.accountant_state})
         context.state[ACCOUNTANT_RECORD] = record
         reply.content[ACCOUNTANT_RECORD] = record  # the server keeps it for --resume
     return reply
+
+
+def _control(msg: Message) -> dict[str, torch.Tensor] | None:
+    """SCAFFOLD: the server's control variate the train message carries, if any."""
+    record = msg.content.array_records.get(SCAFFOLD_RECORD)
+    return record.to_torch_state_dict() if record is not None else None
 
 
 def _accountant(context: Context, round_config: ConfigRecord) -> str | None:

@@ -12,7 +12,9 @@ from what the uninterrupted run had; two files per client are kept.
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +39,18 @@ def client_state_dir(output_dir: str | None, partition_id: int) -> Path:
 
 
 class ClientState(Callback):
-    """Loads the client's optimizer, scheduler and scaler state as fit starts; saves it after."""
+    """Loads the client's optimizer, scheduler and scaler state as fit starts; saves it after.
 
-    def __init__(self, folder: Path, server_round: int) -> None:
+    With `optimizers` False only the callbacks' own state is kept (SCAFFOLD's control
+    variate: any callback whose Lightning `state_dict` is not empty).
+    """
+
+    def __init__(self, folder: Path, server_round: int, optimizers: bool = True) -> None:
         self.folder = folder
         self.server_round = server_round
+        self.optimizers = optimizers
         self.loaded: int | None = None  # the round whose state this fit continues
+        self._saved: dict[str, Any] | None = None
 
     def _rounds(self) -> list[int]:
         if not self.folder.is_dir():
@@ -50,33 +58,55 @@ class ClientState(Callback):
         found = (_FILE.fullmatch(p.name) for p in self.folder.iterdir())
         return sorted(int(m.group(1)) for m in found if m is not None)
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Continue from the newest state of an earlier round (before DP-SGD wraps it)."""
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Read the newest state of an earlier round; give the callbacks theirs."""
         earlier = [r for r in self._rounds() if r < self.server_round]
         if not earlier:
             return
         self.loaded = earlier[-1]
-        path = self.folder / f"round_{self.loaded}.pt"
+        with self._continuing():
+            self._saved = torch.load(self._path(self.loaded), map_location="cpu", weights_only=True)
+            for callback in trainer.callbacks:  # type: ignore[attr-defined]
+                state = self._saved["callbacks"].get(callback.state_key)
+                if state is not None:
+                    callback.load_state_dict(state)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Continue the optimizers (set up by now; before DP-SGD wraps them)."""
+        if self.optimizers and self._saved is not None:
+            with self._continuing():
+                _restore(trainer, self._saved)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Save this round's state; drop the files older than the one this fit continued."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        state = _capture(trainer) if self.optimizers else {}
+        state["callbacks"] = {
+            c.state_key: c.state_dict()
+            for c in trainer.callbacks  # type: ignore[attr-defined]
+            if c is not self and c.state_dict()
+        }
+        write_atomically(self._path(self.server_round), lambda partial: torch.save(state, partial))
+        keep = {self.server_round, self.loaded}
+        for old in self._rounds():
+            if old not in keep and old < self.server_round:
+                self._path(old).unlink(missing_ok=True)
+
+    def _path(self, server_round: int) -> Path:
+        return self.folder / f"round_{server_round}.pt"
+
+    @contextlib.contextmanager
+    def _continuing(self) -> Iterator[None]:
+        """A state that cannot be continued, said in one line with what to do."""
         try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            _restore(trainer, saved)
+            yield
         except (OSError, RuntimeError, ValueError, KeyError, IndexError) as err:
+            path = self._path(self.loaded or 0)
             raise ClientError(
                 f"federation.stateful_clients: cannot continue from {path} "
                 f"({type(err).__name__}: {err}); was the module or its optimizers changed? "
                 f"Remove {self.folder} to start this client afresh"
             ) from None
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Save this round's state; drop the files older than the one this fit continued."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        state = _capture(trainer)
-        path = self.folder / f"round_{self.server_round}.pt"
-        write_atomically(path, lambda partial: torch.save(state, partial))
-        keep = {self.server_round, self.loaded}
-        for old in self._rounds():
-            if old not in keep and old < self.server_round:
-                (self.folder / f"round_{old}.pt").unlink(missing_ok=True)
 
 
 def _scaler(trainer: pl.Trainer) -> Any:

@@ -8,6 +8,7 @@ own steps, optimizers and `self.log` calls; federated pieces come in as callback
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import time
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, EMAWeightAveraging
 from torch.optim.swa_utils import update_bn
 
-from fl_lightning.client.callbacks import FedProx, RoundLearningRate
+from fl_lightning.client.callbacks import FedProx, RoundLearningRate, Scaffold
 from fl_lightning.config.privacy_rules import check_private_devices
 from fl_lightning.config.schema import BATCHNORM_STATISTICS, Config, TrainerConfig
 from fl_lightning.config.trainer_flags import device_count, first_device_index
@@ -49,6 +50,7 @@ class ClientResult:
     num_examples: int
     accountant_state: str | None = None  # DP-SGD: the client's accountant after this round
     seconds: dict[str, float] = field(default_factory=dict)  # train: SETUP_SECONDS, FIT_SECONDS
+    control_delta: dict[str, torch.Tensor] | None = None  # SCAFFOLD: the change of c_i
 
 
 def client_seed(seed: int, server_round: int, partition_id: int) -> int:
@@ -72,21 +74,26 @@ def fit(
     proximal_mu: float = 0.0,
     max_epochs: int | None = None,
     accountant_state: str | None = None,
+    control: dict[str, torch.Tensor] | None = None,
 ) -> ClientResult:
     """Train the global weights on one client's data for `trainer.max_epochs` epochs.
 
     `lr_factor` scales the module's learning rates (the server's schedule across rounds),
     `proximal_mu` is FedProx's penalty, `max_epochs` overrides trainer.max_epochs. Under
-    DP-SGD, `accountant_state` is the client's accountant from its previous round.
+    DP-SGD, `accountant_state` is the client's accountant from its previous round; under
+    SCAFFOLD, `control` is the server's control variate, and the result holds the change
+    of the client's own.
     """
     started = time.perf_counter()
     seed = client_seed(cfg.seed, server_round, partition_id)
     with seeded(seed):  # dropout, augmentation; the process's RNGs are restored after
         data = client_data(cfg, partition_id, num_partitions, seed)
         model = _load(cfg, state_dict)
-        callbacks = _federated_callbacks(cfg, lr_factor, proximal_mu)
-        if cfg.federation.stateful_clients and server_round >= 1:  # round 0: client_report
-            callbacks.append(_client_state(cfg, partition_id, server_round))  # before DP-SGD
+        scaffold = Scaffold(control) if control is not None else None
+        callbacks = _federated_callbacks(cfg, lr_factor, proximal_mu, scaffold)
+        if (cfg.federation.stateful_clients or scaffold) and server_round >= 1:
+            # Last but DP-SGD: it saves what the callbacks before it leave (SCAFFOLD's c_i).
+            callbacks.append(_client_state(cfg, partition_id, server_round))
         kwargs: dict[str, Any] = {} if max_epochs is None else {"max_epochs": max_epochs}
         if cfg.output.client_logs and server_round >= 1:  # round 0: client_report's local model
             from fl_lightning.client.logs import client_logging
@@ -101,25 +108,43 @@ def fit(
             loader = dp.loader(loader)
             callbacks.append(PrivateOptimizer(dp, loader))
         kwargs["callbacks"] = callbacks
-        ranks = device_count(cfg.trainer) or 1  # config validation: a number of devices
-        if ranks > 1:
-            check_private_devices(cfg)  # as at load and per site: never DP-SGD without its loader
-            from fl_lightning.client.ddp import RankData, client_ddp
-
-            unused = cfg.trainer.strategy.lower().endswith("_find_unused_parameters_true")
-            with client_ddp(ranks, find_unused_parameters=unused) as strategy:
-                trainer = make_trainer(cfg.trainer, strategy=strategy, **kwargs)
-                ready = time.perf_counter()  # the ranks' start counts as fit
-                trainer.fit(model, datamodule=RankData(cfg, partition_id, num_partitions, seed))
-        else:  # `ddp` on one device (a site's override) would only add a process group
-            trainer = make_trainer(cfg.trainer, strategy="auto", **kwargs)
-            val = data.val if cfg.trainer.limit_val_batches else None
-            datamodule = client_datamodule(data.datamodule, loader, val)
-            ready = time.perf_counter()
-            with _hint_validation(cfg.trainer):
-                trainer.fit(model, datamodule=datamodule)
+        split = (partition_id, num_partitions, seed)
+        trainer, ready = _run_fit(cfg, model, data, loader, split, kwargs)
         seconds = {SETUP_SECONDS: ready - started, FIT_SECONDS: time.perf_counter() - ready}
-        return _fitted(model, trainer, data.num_train, dp, seconds)
+        result = _fitted(model, trainer, data.num_train, dp, seconds)
+        delta = scaffold.delta if scaffold is not None else None
+        return dataclasses.replace(result, control_delta=delta)
+
+
+def _run_fit(
+    cfg: Config,
+    model: L.LightningModule,
+    data: ClientData,
+    loader: Any,
+    split: tuple[int, int, int],
+    kwargs: dict[str, Any],
+) -> tuple[L.Trainer, float]:
+    """`Trainer.fit` on one device, or as DDP over `trainer.devices` ranks; the Trainer,
+    and when fit began. `split` is (partition_id, num_partitions, seed)."""
+    ranks = device_count(cfg.trainer) or 1  # config validation: a number of devices
+    if ranks > 1:
+        check_private_devices(cfg)  # as at load and per site: never DP-SGD without its loader
+        from fl_lightning.client.ddp import RankData, client_ddp
+
+        unused = cfg.trainer.strategy.lower().endswith("_find_unused_parameters_true")
+        with client_ddp(ranks, find_unused_parameters=unused) as strategy:
+            trainer = make_trainer(cfg.trainer, strategy=strategy, **kwargs)
+            ready = time.perf_counter()  # the ranks' start counts as fit
+            trainer.fit(model, datamodule=RankData(cfg, *split))
+        return trainer, ready
+    # `ddp` on one device (a site's override) would only add a process group.
+    trainer = make_trainer(cfg.trainer, strategy="auto", **kwargs)
+    val = data.val if cfg.trainer.limit_val_batches else None
+    datamodule = client_datamodule(data.datamodule, loader, val)
+    ready = time.perf_counter()
+    with _hint_validation(cfg.trainer):
+        trainer.fit(model, datamodule=datamodule)
+    return trainer, ready
 
 
 def _fitted(
@@ -154,19 +179,26 @@ def _hint_validation(cfg: TrainerConfig) -> Iterator[None]:
 
 
 def _client_state(cfg: Config, partition_id: int, server_round: int) -> Callback:
-    """`federation.stateful_clients`: the callback continuing the client's optimizers."""
+    """The callback keeping the client's state between rounds: its optimizers'
+    (`federation.stateful_clients`), and SCAFFOLD's control variate."""
     from fl_lightning.client.state import ClientState, client_state_dir
 
-    return ClientState(client_state_dir(cfg.output.dir, partition_id), server_round)
+    folder = client_state_dir(cfg.output.dir, partition_id)
+    return ClientState(folder, server_round, optimizers=cfg.federation.stateful_clients)
 
 
-def _federated_callbacks(cfg: Config, lr_factor: float, proximal_mu: float) -> list[Callback]:
-    """The user's callbacks, then this round's: the server's lr factor, FedProx, EMA."""
+def _federated_callbacks(
+    cfg: Config, lr_factor: float, proximal_mu: float, scaffold: Scaffold | None
+) -> list[Callback]:
+    """The user's callbacks, then this round's: the server's lr factor, FedProx, SCAFFOLD,
+    EMA."""
     callbacks = user_callbacks(cfg.trainer)
     if lr_factor != 1.0:
         callbacks.append(RoundLearningRate(lr_factor))
     if proximal_mu > 0:
         callbacks.append(FedProx(proximal_mu))
+    if scaffold is not None:
+        callbacks.append(scaffold)
     if cfg.optimizer.ema_decay is not None:
         # The average (buffers included) starts at the first step's weights; fit ends with it.
         callbacks.append(EMAWeightAveraging(decay=cfg.optimizer.ema_decay))

@@ -34,6 +34,12 @@ def validate_privacy(cfg: Config) -> None:
         return
     check(0 < p.delta < 1, "privacy.delta", f"must be in (0, 1), got {p.delta}")
     check(
+        s.name != "scaffold",
+        "strategy.name",
+        f"scaffold's clients send the change of their control variates in the clear, which "
+        f"privacy.mode={p.mode} does not cover; use fedavg or fedprox",
+    )
+    check(
         (p.noise_multiplier is None) != (p.target_epsilon is None),
         "privacy.noise_multiplier",
         f"privacy.mode={p.mode} needs exactly one of privacy.noise_multiplier and "

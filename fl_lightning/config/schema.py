@@ -231,6 +231,7 @@ class StrategyConfig:
         "fedmedian",
         "fedtrimmedavg",
         "krum",
+        "scaffold",
     ] = "fedavg"
     proximal_mu: float = 0.01  # fedprox
     eta: float = 1e-2  # fedadam, fedyogi, fedadagrad: server learning rate

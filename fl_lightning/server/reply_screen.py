@@ -49,6 +49,7 @@ from fl_lightning.vocabulary import (
     NUM_EXAMPLES,
     PARTITION_ID,
     RESERVED_METRICS,
+    SCAFFOLD_RECORD,
     UNIFORM_WEIGHT,
 )
 
@@ -150,14 +151,28 @@ def arrays_problem(arrays: ArrayRecord, reference: ArrayRecord) -> str | None:
     return None
 
 
+def control_problem(reply: Message, control: ArrayRecord | None) -> str | None:
+    """SCAFFOLD: why the change of the client's control variate cannot be used (it must
+    match the server's `control`, array by array); None if it can, or if there is none."""
+    if SCAFFOLD_RECORD not in reply.content.array_records:
+        return None  # _records_problem requires it where SCAFFOLD runs
+    if control is None:
+        return "there is no server control variate to check its change against"
+    problem = arrays_problem(reply.content.array_records[SCAFFOLD_RECORD], control)
+    return problem and f"its control variate's change: {problem}"
+
+
 def _records_problem(reply: Message, stage: str, cfg: Config) -> str | None:
     """Why the reply's records are not exactly those its stage sends; None if they are."""
     content = reply.content
     configs = {IDENTITY_RECORD}
     if stage == TRAIN and cfg.privacy.mode == "dp_sgd":
         configs.add(ACCOUNTANT_RECORD)  # the client's accountant, kept for --resume
+    arrays = set() if stage == EVALUATE else {"arrays"}
+    if stage == TRAIN and cfg.strategy.name == "scaffold":
+        arrays.add(SCAFFOLD_RECORD)  # the change of the client's control variate
     expected = (
-        set() if stage == EVALUATE else {"arrays"},
+        arrays,
         {"metrics"},
         configs,
     )
@@ -257,6 +272,7 @@ class ReplyScreen:
         # partitions have sent the same set (`_by_metric_names`); then required of every one.
         self.metric_names: dict[str, frozenset[str]] = {}
         self._votes: dict[str, dict[int, frozenset[str]]] = {}  # stage -> partition -> names
+        self.control: ArrayRecord | None = None  # SCAFFOLD: the round's server control variate
 
     def state(self) -> dict[str, Any]:
         """The run's metric names so far, agreed and voted for, as plain data (for --resume)."""
@@ -302,7 +318,8 @@ class ReplyScreen:
             return problem
         if reference is None:
             return "there is no global model to check its arrays against"
-        return arrays_problem(reply.content.array_records["arrays"], reference)
+        problem = arrays_problem(reply.content.array_records["arrays"], reference)
+        return problem or control_problem(reply, self.control)
 
     def screen(
         self,

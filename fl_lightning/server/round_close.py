@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fl_lightning.config.schema import centrally_evaluated
-from fl_lightning.errors import EarlyStopped, RoundCloseError
-from fl_lightning.files import write_atomically
+from fl_lightning.errors import RoundCloseError
 from fl_lightning.server import resume_state
 from fl_lightning.server.evaluation import CentralEvaluator
 from fl_lightning.server.round_metrics import RoundMetrics
@@ -89,6 +86,16 @@ def _idle_priority_thread(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def _closer_thread() -> ThreadPoolExecutor:
+    """The one thread that closes rounds in the background, at idle priority."""
+    return ThreadPoolExecutor(
+        1,
+        thread_name_prefix="round-close",
+        initializer=_idle_priority_thread,
+        initargs=(torch.get_num_threads(),),
+    )
+
+
 class RoundRecorder(RoundMetrics):
     """Closes each round with its global model: evaluation, checkpoints, its log record.
 
@@ -113,22 +120,12 @@ class RoundRecorder(RoundMetrics):
         self.ledger = ledger
         self._closer: ThreadPoolExecutor | None = None  # the background closes' one thread
         self._pending: list[Future[dict[str, float]]] = []
-        self.watch = RoundWatch(evaluator.cfg)
-
-    def resume_watch(self, history: dict[int, dict[str, float]]) -> None:
-        """--resume: the watched metrics' best rounds, as the killed run had them."""
-        for server_round in sorted(r for r in history if r >= 1):
-            self.watch.update(server_round, history[server_round])
-
-    def raise_if_stopped(self) -> None:
-        """Before a round: EarlyStopped if `federation.early_stopping` ended the run."""
-        self.raise_failed_close()
-        if self.watch.stop_reason is not None:
-            raise EarlyStopped(self.watch.stop_reason)
+        self.watch = RoundWatch(evaluator.cfg)  # early stopping, best.ckpt
 
     def start(self) -> None:
-        """A round (or the initial evaluation) begins: reset its metrics and clock."""
+        """A round (or round 0) begins: reset its metrics and clock; EarlyStopped if ended."""
         self.raise_failed_close()
+        self.watch.raise_if_stopped()
         super().start()
 
     def lap(self, phase: str) -> None:
@@ -157,15 +154,13 @@ class RoundRecorder(RoundMetrics):
     def close_in_background(
         self, server_round: int, state_dict: dict[str, torch.Tensor], resumable: Resumable = None
     ) -> None:
-        """`close`, but on the background thread, while the caller goes on to the next round."""
+        """`close`, but on the background thread, while the caller goes on to the next round
+        (not with early stopping, which decides on this round before the next starts)."""
+        if self.watch.stopping is not None:
+            self.close(server_round, state_dict, resumable)
+            return
         closing = _Closing.taken(self, server_round, state_dict, resumable, background=True)
-        if self._closer is None:
-            self._closer = ThreadPoolExecutor(
-                1,
-                thread_name_prefix="round-close",
-                initializer=_idle_priority_thread,
-                initargs=(torch.get_num_threads(),),
-            )
+        self._closer = self._closer or _closer_thread()
         self._pending.append(self._closer.submit(self._close, closing))
 
     def adoption_problem(self, state_dict: dict[str, torch.Tensor]) -> str | None:
@@ -199,18 +194,6 @@ class RoundRecorder(RoundMetrics):
                 f"round {closing.server_round} could not be closed: {closing.step} failed "
                 f"({type(err).__name__}: {reason}); the rounds before it are in {self.run.path}"
             ) from err
-
-    def _watch(self, server_round: int) -> None:
-        """Early stopping's and the best checkpoint's view of the round just logged."""
-        if server_round == 1:
-            self.watch.check_names(self.tracker.history)
-        if self.watch.update(server_round, self.tracker.history[server_round]):
-            source = self.run.checkpoint(f"round_{server_round}")
-
-            def copy(partial: Path) -> None:
-                shutil.copyfile(source, partial)
-
-            write_atomically(self.run.checkpoint("best"), copy)
 
     def shutdown(self) -> None:
         """Wait for the background closes, then stop their thread."""
@@ -246,7 +229,7 @@ class RoundRecorder(RoundMetrics):
         self.tracker.log_round(closing.server_round, {**named, **record, **closing.privacy})
         if self.watch.active and closing.server_round >= 1:
             closing.step = "watching its metrics"
-            self._watch(closing.server_round)
+            self.watch.closed(self.run, self.tracker.history, closing.server_round)
         # Last: a round counts as completed for --resume once everything above is written.
         closing.step = "writing checkpoints/resume.pt"
         resume_state.save(

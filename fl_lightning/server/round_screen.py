@@ -13,13 +13,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from flwr.app import ArrayRecord, Message
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message
 
 from fl_lightning.config.schema import Config
 from fl_lightning.server.checks import partition_of
 from fl_lightning.server.reply_screen import TRAIN, ReplyScreen
 from fl_lightning.server.update_screen import norm_problems, update_norms
-from fl_lightning.vocabulary import ACCOUNTANT_RECORD, EPSILON_METRIC
+from fl_lightning.vocabulary import ACCOUNTANT_RECORD, EPSILON_METRIC, SCAFFOLD_RECORD
 
 if TYPE_CHECKING:
     from fl_lightning.server.round_close import RoundRecorder
@@ -107,6 +108,17 @@ class RoundScreen:
             return replies
         norms = update_norms([r.content.array_records["arrays"] for r in replies], reference)
         problems = norm_problems(norms, factor, s.max_update_norm)
+        control = self.screen.control
+        if control is not None and stage == TRAIN and factor is not None:
+            # SCAFFOLD: a change of c_i far larger than the round's would move every
+            # client's correction; the relative rule only (c_i's scale is not the weights').
+            changes = [r.content.array_records[SCAFFOLD_RECORD] for r in replies]
+            zero = ArrayRecord({k: Array(np.zeros_like(a.numpy())) for k, a in control.items()})
+            too_large = norm_problems(update_norms(changes, zero), factor, None)
+            problems = [
+                p or (q and f"its control variate's change: {q}")
+                for p, q in zip(problems, too_large, strict=True)
+            ]
         for reply, problem in zip(replies, problems, strict=True):
             if problem is not None:
                 self.reject(reply, stage, problem)

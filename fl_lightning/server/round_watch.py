@@ -11,10 +11,14 @@ uninterrupted one would.
 from __future__ import annotations
 
 import math
+import shutil
 from collections.abc import Mapping
+from pathlib import Path
 
 from fl_lightning.config.schema import Config
-from fl_lightning.errors import RoundCloseError
+from fl_lightning.errors import EarlyStopped, RoundCloseError
+from fl_lightning.files import write_atomically
+from fl_lightning.server.rundir import RunDir
 
 
 class BestValue:
@@ -81,3 +85,27 @@ class RoundWatch:
                     f"({s.monitor} {s.value:.4f})"
                 )
         return best
+
+    def closed(
+        self, run: RunDir, history: Mapping[int, Mapping[str, float]], server_round: int
+    ) -> None:
+        """A round (>= 1) is logged: check the names after round 1, keep best.ckpt."""
+        if server_round == 1:
+            self.check_names(history)
+        if self.update(server_round, history[server_round]):
+            source = run.checkpoint(f"round_{server_round}")
+
+            def copy(partial: Path) -> None:
+                shutil.copyfile(source, partial)
+
+            write_atomically(run.checkpoint("best"), copy)
+
+    def replay(self, history: Mapping[int, Mapping[str, float]]) -> None:
+        """--resume: the best rounds and the stop, as the killed run had them."""
+        for server_round in sorted(r for r in history if r >= 1):
+            self.update(server_round, history[server_round])
+
+    def raise_if_stopped(self) -> None:
+        """EarlyStopped, once early stopping has ended the run."""
+        if self.stop_reason is not None:
+            raise EarlyStopped(self.stop_reason)

@@ -114,7 +114,6 @@ class SecureFedAvg(FedAvg):
     ) -> list:
         """Sample the census's clients within their privacy budget, start the round's clock,
         remember the global model."""
-        self.recorder.raise_if_stopped()  # federation.early_stopping
         allowed = set(self.budget.allowed(server_round, self.nodes.values()))
         self.recorder.start()
         self.current = parameters_to_ndarrays(parameters)

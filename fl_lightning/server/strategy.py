@@ -28,6 +28,7 @@ from fl_lightning.server.batchnorm import recompute_batchnorm
 from fl_lightning.server.budget import BudgetGate
 from fl_lightning.server.census import Census
 from fl_lightning.server.checks import partition_of as _partition_of
+from fl_lightning.server.control_variates import moved_control, zero_control
 from fl_lightning.server.metric_means import robust_weighted_mean
 from fl_lightning.server.reply_screen import EVALUATE, ReplyScreen
 from fl_lightning.server.round_close import RoundRecorder
@@ -44,6 +45,7 @@ from fl_lightning.vocabulary import (
     FIT_SECONDS,
     LR_FACTOR,
     RESERVED_METRICS,
+    SCAFFOLD_RECORD,
     SETUP_SECONDS,
     UNIFORM_WEIGHT,
 )
@@ -123,7 +125,6 @@ class LightningFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample clients within their privacy budget, set the round's lr, start its clock."""
-        self.recorder.raise_if_stopped()  # federation.early_stopping
         allowed = self.budget.allowed(server_round, self.census.nodes.values())
         self.recorder.start()
         self._global = arrays
@@ -212,10 +213,6 @@ class LightningFedAvg(FedAvg):
         resumable = (self.state_dict(), self.screen.state())
         state_dict = arrays.to_torch_state_dict()
         if server_round < self.cfg.federation.num_rounds:
-            if self.recorder.watch.stopping is not None:
-                # Early stopping decides on this round before the next one starts.
-                self.recorder.close(server_round, state_dict, resumable)
-                return None
             # Evaluated while the next round trains, on the cores its clients leave idle.
             self.recorder.close_in_background(server_round, state_dict, resumable)
             return None
@@ -258,6 +255,42 @@ class LightningKrum(LightningFedAvg, Krum):
     """Krum: the client model closest to its neighbours, robust to `num_malicious_nodes`."""
 
 
+class LightningScaffold(LightningFedAvg):
+    """SCAFFOLD (Karimireddy et al., 2020): FedAvg of the weights, and the server's control
+    variate c (`control_variates`) sent with every train message; each client corrects
+    its steps by c - c_i (`fl_lightning.client.callbacks.Scaffold`) and replies with the
+    change of its c_i, which moves c when the round's aggregate is adopted."""
+
+    def __init__(self, cfg: Config, recorder: RoundRecorder, census: Census, **kwargs: Any) -> None:
+        super().__init__(cfg, recorder, census, **kwargs)
+        self.control: ArrayRecord | None = None  # kept in resume.pt (`strategy_state`)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """The round's messages, each with c."""
+        self.control = self.control or zero_control(arrays)
+        self.screen.control = self.control  # what each client's change must match
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        for message in messages:
+            message.content[SCAFFOLD_RECORD] = self.control
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """FedAvg of the screened replies' weights; c moved by their control changes."""
+        usable = self.updates.train(server_round, list(replies))  # screened once a round
+        changes = [reply.content.array_records[SCAFFOLD_RECORD] for reply in usable]
+        for reply in usable:  # Flower aggregates every array record of a reply
+            del reply.content[SCAFFOLD_RECORD]
+        arrays, metrics = super().aggregate_train(server_round, usable)
+        if arrays is not None and self.control is not None:
+            share = len(changes) / self.cfg.federation.num_clients
+            self.control = moved_control(self.control, changes, share)
+        return arrays, metrics
+
+
 # The class behind each `strategy.name`: what build_strategy builds, and what decides which
 # cross-round state resume.pt keeps (fl_lightning.server.strategy_state).
 STRATEGY_CLASSES: dict[str, type[LightningFedAvg]] = {
@@ -270,6 +303,7 @@ STRATEGY_CLASSES: dict[str, type[LightningFedAvg]] = {
     "fedmedian": LightningFedMedian,
     "fedtrimmedavg": LightningFedTrimmedAvg,
     "krum": LightningKrum,
+    "scaffold": LightningScaffold,
 }
 
 
@@ -315,8 +349,8 @@ def take_client_seconds(replies: list[Message]) -> dict[str, float]:
     keys agree, and a client may leave them out.
     """
     means = {}
+    records = [reply.content.metric_records["metrics"] for reply in replies]
     for name, key in (("setup", SETUP_SECONDS), ("fit", FIT_SECONDS)):
-        records = [reply.content.metric_records["metrics"] for reply in replies]
         values = [float(r.pop(key)) for r in records if key in r]  # type: ignore[arg-type]
         if values:
             means[f"time/clients/{name}"] = statistics.fmean(values)

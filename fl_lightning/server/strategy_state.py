@@ -199,12 +199,22 @@ def _decode_accountants(value: Any, frame: _Frame, where: str) -> dict[int, str]
     return dict(value)
 
 
+def _decode_control(value: Any, frame: _Frame, where: str) -> ArrayRecord:
+    """SCAFFOLD's c: one finite array per floating-point entry of the model."""
+    floating = {k: w for k, w in frame.weights.items() if w.is_floating_point()}
+    expect(by_name(value) and set(value) == set(floating), f"{where}: not by array")
+    arrays = {k: _array(value[k], w.shape, f"{where}.{k}") for k, w in floating.items()}
+    return ArrayRecord({k: Array(np.asarray(a)) for k, a in arrays.items()})
+
+
 _FIELDS: dict[str, _Field] = {
     "accountants": _Field(FedAvg, _encode_accountants, _decode_accountants),
     "m_t": _Field(FedOpt, _encode_named, _decode_named),
     "v_t": _Field(FedOpt, _encode_named, _decode_second_moment),
     "current_arrays": _Field(FedAvgM, _encode_record, _decode_record),
     "momentum_vector": _Field(FedAvgM, _encode_list, _decode_list),
+    # SCAFFOLD's (`LightningScaffold.control`; None, so not kept, for the other strategies).
+    "control": _Field(FedAvg, _encode_record, _decode_control),
 }
 
 
