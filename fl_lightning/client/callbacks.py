@@ -130,3 +130,42 @@ class Scaffold(Callback):
                 new = old - server + moved.cpu() / self._lr_sums[key]
             own[key], delta[key] = new, new - old
         self.own, self.delta = own, delta
+
+
+class PersonalLayers(Callback):
+    """`strategy.local_parameters`: the client's own values of its personal entries.
+
+    The entries come from the global model the first time; then each fit and validation
+    starts from the client's own (this callback's Lightning state, kept by
+    `fl_lightning.client.state.ClientState` between rounds), and each fit's end keeps them.
+    """
+
+    def __init__(self, keys: list[str]) -> None:
+        self.keys = keys
+        self.own: dict[str, torch.Tensor] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The client's personal entries."""
+        return {"own": self.own}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """The personal entries the client's previous round left."""
+        self.own = dict(state_dict["own"])
+
+    def _apply(self, pl_module: pl.LightningModule) -> None:
+        if self.own:
+            pl_module.load_state_dict(self.own, strict=False)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Train from the client's own personal entries."""
+        self._apply(pl_module)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Validate with them (outside fit: the evaluate message)."""
+        if trainer.state.fn == "validate":
+            self._apply(pl_module)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Keep what this round left of them."""
+        state = pl_module.state_dict()
+        self.own = {k: state[k].detach().cpu().clone() for k in self.keys}

@@ -42,10 +42,11 @@ class ClientState(Callback):
     """Loads the client's optimizer, scheduler and scaler state as fit starts; saves it after.
 
     With `optimizers` False only the callbacks' own state is kept (SCAFFOLD's control
-    variate: any callback whose Lightning `state_dict` is not empty).
+    variate, personal layers: any callback whose Lightning `state_dict` is not empty).
+    `server_round` None (an evaluate message) reads the newest state and saves nothing.
     """
 
-    def __init__(self, folder: Path, server_round: int, optimizers: bool = True) -> None:
+    def __init__(self, folder: Path, server_round: int | None, optimizers: bool = True) -> None:
         self.folder = folder
         self.server_round = server_round
         self.optimizers = optimizers
@@ -60,7 +61,8 @@ class ClientState(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Read the newest state of an earlier round; give the callbacks theirs."""
-        earlier = [r for r in self._rounds() if r < self.server_round]
+        last = self.server_round
+        earlier = [r for r in self._rounds() if last is None or r < last]
         if not earlier:
             return
         self.loaded = earlier[-1]
@@ -79,6 +81,8 @@ class ClientState(Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Save this round's state; drop the files older than the one this fit continued."""
+        if self.server_round is None:
+            return
         self.folder.mkdir(parents=True, exist_ok=True)
         state = _capture(trainer) if self.optimizers else {}
         state["callbacks"] = {
@@ -89,7 +93,7 @@ class ClientState(Callback):
         write_atomically(self._path(self.server_round), lambda partial: torch.save(state, partial))
         keep = {self.server_round, self.loaded}
         for old in self._rounds():
-            if old not in keep and old < self.server_round:
+            if old not in keep and old < self.server_round:  # a redone round's may stay
                 self._path(old).unlink(missing_ok=True)
 
     def _path(self, server_round: int) -> Path:

@@ -28,6 +28,7 @@ from fl_lightning.data.client_datamodule import client_datamodule
 from fl_lightning.data.loaders import ClientData, client_data
 from fl_lightning.errors import ClientError
 from fl_lightning.models.build import build_model
+from fl_lightning.models.state_dict import personal_keys
 from fl_lightning.models.trainer import (
     logged_metrics,
     make_trainer,
@@ -91,9 +92,8 @@ def fit(
         model = _load(cfg, state_dict)
         scaffold = Scaffold(control) if control is not None else None
         callbacks = _federated_callbacks(cfg, lr_factor, proximal_mu, scaffold)
-        if (cfg.federation.stateful_clients or scaffold) and server_round >= 1:
-            # Last but DP-SGD: it saves what the callbacks before it leave (SCAFFOLD's c_i).
-            callbacks.append(_client_state(cfg, partition_id, server_round))
+        if server_round >= 1:  # round 0: client_report's local model, which keeps nothing
+            callbacks += _kept_state(cfg, model, partition_id, server_round, scaffold)
         kwargs: dict[str, Any] = {} if max_epochs is None else {"max_epochs": max_epochs}
         if cfg.output.client_logs and server_round >= 1:  # round 0: client_report's local model
             from fl_lightning.client.logs import client_logging
@@ -111,7 +111,7 @@ def fit(
         split = (partition_id, num_partitions, seed)
         trainer, ready = _run_fit(cfg, model, data, loader, split, kwargs)
         seconds = {SETUP_SECONDS: ready - started, FIT_SECONDS: time.perf_counter() - ready}
-        result = _fitted(model, trainer, data.num_train, dp, seconds)
+        result = _fitted(cfg, model, trainer, data.num_train, dp, seconds)
         delta = scaffold.delta if scaffold is not None else None
         return dataclasses.replace(result, control_delta=delta)
 
@@ -148,15 +148,18 @@ def _run_fit(
 
 
 def _fitted(
+    cfg: Config,
     model: L.LightningModule,
     trainer: L.Trainer,
     num_train: int,
     dp: ClientDPSGD | None,
     seconds: dict[str, float],
 ) -> ClientResult:
-    """The reply of a fit: weights, the module's metrics (and epsilon), its timings."""
+    """The reply of a fit: weights (not the personal layers, which never leave the client),
+    the module's metrics (and epsilon), its timings."""
     metrics = logged_metrics(trainer.callback_metrics)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    personal = set(personal_keys(model.state_dict(), cfg.strategy.local_parameters))
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k not in personal}
     if dp is None:
         return ClientResult(state, metrics, num_train, seconds=seconds)
     metrics[EPSILON_METRIC] = dp.epsilon()
@@ -178,13 +181,28 @@ def _hint_validation(cfg: TrainerConfig) -> Iterator[None]:
         ) from None
 
 
-def _client_state(cfg: Config, partition_id: int, server_round: int) -> Callback:
-    """The callback keeping the client's state between rounds: its optimizers'
-    (`federation.stateful_clients`), and SCAFFOLD's control variate."""
+def _kept_state(
+    cfg: Config,
+    model: L.LightningModule,
+    partition_id: int,
+    server_round: int | None,
+    scaffold: Scaffold | None = None,
+) -> list[Callback]:
+    """What keeps the client's state between rounds, if anything: its personal layers
+    (`strategy.local_parameters`), then `ClientState`, which saves them with SCAFFOLD's c_i
+    and the optimizers (`federation.stateful_clients`). Last but DP-SGD's callback.
+    `server_round` None: an evaluate message, which reads the newest state only."""
+    from fl_lightning.client.callbacks import PersonalLayers
     from fl_lightning.client.state import ClientState, client_state_dir
 
+    patterns = cfg.strategy.local_parameters
+    personal = personal_keys(model.state_dict(), patterns)
+    kept: list[Callback] = [PersonalLayers(personal)] if patterns else []
+    if not (kept or scaffold or cfg.federation.stateful_clients):
+        return []
     folder = client_state_dir(cfg.output.dir, partition_id)
-    return ClientState(folder, server_round, optimizers=cfg.federation.stateful_clients)
+    optimizers = cfg.federation.stateful_clients and server_round is not None
+    return [*kept, ClientState(folder, server_round, optimizers=optimizers)]
 
 
 def _federated_callbacks(
@@ -266,7 +284,7 @@ def validate(
         cfg.trainer,
         devices=one_device(cfg.trainer),
         strategy="auto",
-        callbacks=user_callbacks(cfg.trainer),
+        callbacks=[*user_callbacks(cfg.trainer), *_kept_state(cfg, model, partition_id, None)],
         limit_val_batches=1.0,  # all of it: the reply's num_examples counts every sample
     )
     datamodule = client_datamodule(data.datamodule, data.train, data.val)

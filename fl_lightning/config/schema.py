@@ -254,6 +254,10 @@ class StrategyConfig:
     # update_norm_factor times the median of the round's updates is rejected (null: off);
     # so is one over max_update_norm, for users who know their updates' scale. 100: far
     # above what honest clients of unequal sizes differ by, far below a poisoned update.
+    # Personal layers: state-dict entries whose names fully match one of these regular
+    # expressions never leave a client and are not averaged; each client keeps its own
+    # (FedBN: '.*bn.*'; FedPer: the head). The server tests with their initial values.
+    local_parameters: tuple[str, ...] = ()
     update_norm_factor: float | None = 100.0
     max_update_norm: float | None = None
 

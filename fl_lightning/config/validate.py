@@ -18,7 +18,7 @@ from fl_lightning.config.schema import (
     sampled_clients,
 )
 from fl_lightning.config.trainer_flags import validate_trainer
-from fl_lightning.errors import check, show
+from fl_lightning.errors import ConfigError, check, show
 
 # What Linux's file systems take: a name (one path component) of 255 bytes, a path of 4096.
 NAME_MAX = 255
@@ -278,11 +278,45 @@ def _validate_classes(cfg: Config) -> None:
     )
 
 
+def _validate_local_parameters(cfg: Config) -> None:
+    """`strategy.local_parameters`: patterns that compile, on a run that can keep them out."""
+    import re
+
+    s = cfg.strategy
+    for index, pattern in enumerate(s.local_parameters):
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ConfigError(
+                f"strategy.local_parameters[{index}]: {pattern!r} is not a regular expression "
+                f"({err})"
+            ) from None
+    check(
+        s.name in ("fedavg", "fedprox"),
+        "strategy.local_parameters",
+        f"works with fedavg and fedprox, whose aggregate is a mean of what clients send; "
+        f"{s.name} is not (yet)",
+    )
+    check(
+        cfg.privacy.mode == "none" and not cfg.secure_aggregation.enabled,
+        "strategy.local_parameters",
+        "is not yet combined with privacy.mode or secure aggregation; use one or the other",
+    )
+    check(
+        s.batchnorm == "average",
+        "strategy.local_parameters",
+        "keeps layers on the clients; strategy.batchnorm=recompute would measure them on the "
+        "server's model: use strategy.batchnorm=average",
+    )
+
+
 def _validate_strategy(cfg: Config) -> None:
     # Each parameter is checked whichever strategy is named: a wrong value is a typo either
     # way, and switching strategy.name must not bring an unchecked one into play.
     s = cfg.strategy
     check(s.proximal_mu >= 0, "strategy.proximal_mu", f"must be >= 0, got {s.proximal_mu}")
+    if s.local_parameters:
+        _validate_local_parameters(cfg)
     # FedOpt (FedAdam, FedYogi, FedAdagrad): x + eta * m / (sqrt(v) + tau), where
     # m and v are exponential averages with factors beta_1 and beta_2.
     check(s.eta > 0, "strategy.eta", f"must be > 0 (the server learning rate), got {s.eta}")

@@ -11,6 +11,7 @@ from fl_lightning.config.class_path import ClassSpec, instantiate
 from fl_lightning.config.schema import Config, input_shape
 from fl_lightning.errors import ConfigError
 from fl_lightning.models.networks import MODELS
+from fl_lightning.models.state_dict import personal_keys
 
 # Where the built-in classes are named from, as a config names them (`models/__init__.py`).
 PUBLIC_PATH = "fl_lightning.models"
@@ -40,7 +41,22 @@ def build_model(cfg: Config, num_classes: int | None = None) -> pl.LightningModu
         from fl_lightning.privacy.dp_sgd import make_private_compatible
 
         model = make_private_compatible(model, label)
+    if cfg.strategy.local_parameters:
+        _check_personal(model, cfg.strategy.local_parameters, label)
     return model
+
+
+def _check_personal(model: torch.nn.Module, patterns: tuple[str, ...], label: str) -> None:
+    """Personal layers that match something, and not everything, of the module."""
+    keys = list(model.state_dict())
+    personal = personal_keys(keys, patterns)
+    if not personal or len(personal) == len(keys):
+        what = "none" if not personal else "all"
+        raise ConfigError(
+            f"strategy.local_parameters: {list(patterns)} match {what} of the {len(keys)} "
+            f"state-dict entries of {label} (e.g. {', '.join(keys[:4])}); name the layers "
+            "each client keeps, such as '.*bn.*' or 'net\\.4\\..*'"
+        )
 
 
 def builtin_spec(cfg: Config, num_classes: int | None = None) -> ClassSpec:

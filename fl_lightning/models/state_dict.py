@@ -1,4 +1,5 @@
-"""A model's state dict as SecAgg+ sums it: its floating-point entries, as numpy arrays.
+"""Which entries of a model's state dict travel: the floating-point ones SecAgg+ sums, and
+all but a client's personal layers (`strategy.local_parameters`).
 
 SecAgg+ returns floats and mis-restores 0-d arrays, so integer buffers (BatchNorm's
 `num_batches_tracked`) stay out of the secure sum; both sides rebuild the rest from a
@@ -7,7 +8,8 @@ model of the same architecture.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -26,3 +28,10 @@ def with_floating(
     keys = floating_keys(template)
     state.update({k: torch.from_numpy(np.asarray(a)) for k, a in zip(keys, arrays, strict=True)})
     return state
+
+
+def personal_keys(keys: Iterable[str], patterns: Sequence[str]) -> list[str]:
+    """The entries `strategy.local_parameters` keeps on each client: names fully matching
+    one of `patterns`."""
+    compiled = [re.compile(p) for p in patterns]
+    return [k for k in keys if any(c.fullmatch(k) for c in compiled)]

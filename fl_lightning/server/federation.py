@@ -15,6 +15,7 @@ from fl_lightning.config.loggers import build_loggers
 from fl_lightning.config.schema import Config
 from fl_lightning.data.loaders import has_validation
 from fl_lightning.errors import EarlyStopped, NothingTrained, PrivacyBudgetExceeded
+from fl_lightning.models.state_dict import personal_keys
 from fl_lightning.server.census import Census, Known, nothing_trained, take_census
 from fl_lightning.server.continued_rounds import ContinuedRounds
 from fl_lightning.server.evaluation import CentralEvaluator
@@ -52,6 +53,13 @@ def run_federation(
     if resume is not None:
         tracker.history.update(resume.history)
         tracker.progress.update(resume.round)
+    if cfg.strategy.local_parameters:
+        personal = personal_keys(evaluator.model.state_dict(), cfg.strategy.local_parameters)
+        tracker.note(
+            f"strategy.local_parameters: {len(personal)} entries stay on the clients "
+            f"({', '.join(personal[:3])}{', ...' if len(personal) > 3 else ''}); the server "
+            "tests the global model with their initial values"
+        )
     census = _census(grid, cfg, tracker, _known(cfg))
     ledger = _privacy_ledger(cfg, census, evaluator, tracker, resume)
     recorder = RoundRecorder(evaluator, tracker, run, ledger)

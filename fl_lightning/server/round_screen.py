@@ -17,6 +17,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 
 from fl_lightning.config.schema import Config
+from fl_lightning.models.state_dict import personal_keys
 from fl_lightning.server.checks import partition_of
 from fl_lightning.server.reply_screen import TRAIN, ReplyScreen
 from fl_lightning.server.update_screen import norm_problems, update_norms
@@ -49,7 +50,11 @@ class RoundScreen:
         self.accountants: dict[int, str] = {}
 
     def start(self, reference: ArrayRecord, sent: int) -> None:
-        """A round begins: its global model, and how many clients were sent training."""
+        """A round begins: its global model (less the personal layers, which clients do not
+        send), and how many clients were sent training."""
+        personal = set(personal_keys(reference.keys(), self.cfg.strategy.local_parameters))
+        if personal:
+            reference = ArrayRecord({k: a for k, a in reference.items() if k not in personal})
         self.reference, self._sent = reference, sent
         self._round, self._seen, self._taken = None, {}, set()
 

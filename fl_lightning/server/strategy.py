@@ -58,10 +58,15 @@ def restore_dtypes(aggregated: ArrayRecord, reference: ArrayRecord) -> ArrayReco
     floats, which `load_state_dict` would truncate: the global model keeps the rounded
     aggregate of the clients' counters, as an integer. Server optimizers (FedAdam, ...)
     compute in float64: the weights go back to float32, or whatever the model uses.
+    Entries the clients do not send (personal layers, `strategy.local_parameters`; the
+    reply screen lets no other be missing) keep the global model's values.
     """
     restored = ArrayRecord()
-    for key, array in aggregated.items():
-        dtype = np.dtype(reference[key].dtype)
+    for key, expected in reference.items():  # the model's order
+        if key not in aggregated:
+            restored[key] = expected
+            continue
+        array, dtype = aggregated[key], np.dtype(expected.dtype)
         values = array.numpy()
         if values.dtype != dtype:
             if np.issubdtype(dtype, np.integer):
