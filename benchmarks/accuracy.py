@@ -42,6 +42,17 @@ STRATEGY_PARAMS = {
     "krum": ["strategy.num_malicious_clients=2"],
 }
 
+# Clients that remember (#28): 20 rounds of the pathological shards split per strategy,
+# and a feature-shift split (client 1's images noisy) of CIFAR-10 for FedBN: 2 clients of
+# 5,000 images, CIFAR10Net's BatchNorm layers (net.1, net.5, net.9) kept by each client.
+SHARDS = ["federation.num_rounds=20"]
+FEATURE_SHIFT = [
+    "federation.num_clients=2", "data.max_train_samples=10000", "federation.num_rounds=5",
+    "trainer.max_epochs=1", "data.noise.clients=[1]", "data.noise.std=0.3",
+    "output.client_report=true", "strategy.batchnorm=average",
+]  # fmt: skip
+FEDBN = [r"strategy.local_parameters=['net\.(1|5|9)\..*']"]
+
 GPU = ["trainer.accelerator=gpu", "federation.client_resources.num_gpus=1"]
 GPU_SHARED = ["trainer.accelerator=gpu", "federation.client_resources.num_gpus=0.2"]
 
@@ -63,6 +74,16 @@ EXPERIMENTS: dict[str, tuple[str, list[str], str]] = {
     "client_dp_off": ("configs/mnist_client_dp.yaml", ["privacy.mode=none"], ""),
     "mnist_secagg": ("configs/mnist_secagg.yaml", [], ""),
     "mnist_secagg_off": ("configs/mnist_secagg.yaml", ["secure_aggregation.enabled=false"], ""),
+    "cifar10_seed_recipe_stateful": (
+        "configs/cifar10_seed_recipe.yaml",
+        ["federation.stateful_clients=true"],
+        "cifar10",
+    ),
+    "shards_fedavg": ("configs/mnist_shards.yaml", SHARDS, ""),
+    "shards_scaffold": ("configs/mnist_shards.yaml", [*SHARDS, "strategy.name=scaffold"], ""),
+    "shards_fedprox": ("configs/mnist_shards.yaml", [*SHARDS, "strategy.name=fedprox"], ""),
+    "feature_shift_fedavg": ("configs/cifar10.yaml", FEATURE_SHIFT, "cifar10"),
+    "feature_shift_fedbn": ("configs/cifar10.yaml", [*FEATURE_SHIFT, *FEDBN], "cifar10"),
     # CUDA (run where a GPU is): each client on the whole GPU, or 5 clients sharing one.
     "mnist_gpu": ("configs/mnist.yaml", GPU, ""),
     "mnist_gpu_shared": ("configs/mnist.yaml", GPU_SHARED, ""),
@@ -85,6 +106,14 @@ GROUPS = {
     "dp_sgd": ["mnist_dp_sgd"],
     "client_dp": ["client_dp_off", "client_dp_z0.5", "client_dp_z1.0"],
     "secagg": ["mnist_secagg_off", "mnist_secagg"],
+    "remember": [
+        "cifar10_seed_recipe",
+        "cifar10_seed_recipe_stateful",
+        "shards_fedavg",
+        "shards_scaffold",
+        "shards_fedprox",
+    ],
+    "fedbn": ["feature_shift_fedavg", "feature_shift_fedbn"],
     "gpu_mnist": ["mnist_gpu", "mnist_gpu_shared"],
     "gpu_cifar10": ["cifar10_gpu", "cifar10_gpu_shared"],
 }

@@ -111,7 +111,9 @@ def fit(
         split = (partition_id, num_partitions, seed)
         trainer, ready = _run_fit(cfg, model, data, loader, split, kwargs)
         seconds = {SETUP_SECONDS: ready - started, FIT_SECONDS: time.perf_counter() - ready}
-        result = _fitted(cfg, model, trainer, data.num_train, dp, seconds)
+        # Personal layers never leave the client (round 0's local model keeps them all).
+        kept = personal_keys(state_dict, cfg.strategy.local_parameters) if server_round else []
+        result = _fitted(model, trainer, data.num_train, dp, seconds, set(kept))
         delta = scaffold.delta if scaffold is not None else None
         return dataclasses.replace(result, control_delta=delta)
 
@@ -148,18 +150,17 @@ def _run_fit(
 
 
 def _fitted(
-    cfg: Config,
     model: L.LightningModule,
     trainer: L.Trainer,
     num_train: int,
     dp: ClientDPSGD | None,
     seconds: dict[str, float],
+    leave_out: set[str],
 ) -> ClientResult:
     """The reply of a fit: weights (not the personal layers, which never leave the client),
     the module's metrics (and epsilon), its timings."""
     metrics = logged_metrics(trainer.callback_metrics)
-    personal = set(personal_keys(model.state_dict(), cfg.strategy.local_parameters))
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k not in personal}
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k not in leave_out}
     if dp is None:
         return ClientResult(state, metrics, num_train, seconds=seconds)
     metrics[EPSILON_METRIC] = dp.epsilon()
