@@ -135,7 +135,9 @@ class Gan(pl.LightningModule):
 class Mlp(nn.Module):
     def __init__(self, hidden: int = 16):
         super().__init__()
-        self.layers = nn.Sequential(nn.Flatten(), nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+        self.layers = nn.Sequential(
+            nn.Flatten(), nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, 10)
+        )
 
     def forward(self, x):
         return self.layers(x)
