@@ -13,6 +13,9 @@ every process of the run (driver, Ray's GCS and raylet, Ray workers), as RSS (sh
 library pages counted once per process) and PSS (shared pages split between the processes
 sharing them), sampled from /proc every 0.2 s (Linux) in a second run of each size, so
 that the timed run goes untouched.
+
+`--stateful` runs each size twice with Adam, without and with `federation.stateful_clients`
+(whose optimizer states are kept on disk, not in memory), side by side.
 """
 
 from __future__ import annotations
@@ -112,10 +115,12 @@ def run_watched(command: list[str]) -> tuple[float, float]:
     return peak_rss, peak_pss
 
 
-def run(clients: int, sampled: int, rounds: int, data: Path, workdir: Path) -> dict:
-    """One run with `clients` clients, `sampled` (at most) per round; its seconds per round
-    and peak summed RSS."""
-    run_dir = workdir / f"clients-{clients}"
+def run(
+    clients: int, sampled: int, rounds: int, data: Path, workdir: Path, extra: tuple[str, ...] = ()
+) -> dict:
+    """One run with `clients` clients, `sampled` (at most) per round, and `extra` overrides;
+    its seconds per round and peak summed RSS."""
+    run_dir = workdir / f"clients-{clients}{'-'.join(('', *extra)).replace('=', '_')}"
     fraction = min(sampled, clients) / clients
     overrides = [
         f"data.root={data}",
@@ -125,6 +130,7 @@ def run(clients: int, sampled: int, rounds: int, data: Path, workdir: Path) -> d
         f"federation.fraction_train={fraction}",
         f"federation.fraction_evaluate={fraction}",
         "trainer.max_epochs=1",
+        *extra,
     ]
     command = fl_lightning_run("configs/mnist.yaml", overrides)
     # The same run twice: timed untouched, then watched for memory.
@@ -134,6 +140,7 @@ def run(clients: int, sampled: int, rounds: int, data: Path, workdir: Path) -> d
     seconds = [r["seconds"] for r in records if r["round"] > 0]
     return {
         "clients": clients,
+        "variant": " ".join(extra) or "-",
         "sampled": min(sampled, clients),
         "command": " ".join(["fl-lightning run configs/mnist.yaml", *overrides]),
         "rounds": rounds,
@@ -154,13 +161,13 @@ def markdown(results: list[dict], invocation: str) -> str:
         f"Measured {date.today().isoformat()} on {platform.machine()} ({os.cpu_count()} cores, "
         f"CPU only) with `python benchmarks/scale.py {invocation}`.",
         "",
-        "| clients | sampled | seconds per round | vs first | peak summed RSS (MiB) | vs first "
-        "| peak summed PSS (MiB) | vs first |",
-        "|---|---|---|---|---|---|---|---|",
+        "| clients | variant | sampled | seconds per round | vs first | peak summed RSS (MiB) "
+        "| vs first | peak summed PSS (MiB) | vs first |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
-            f"| {r['clients']} | {r['sampled']} | {r['seconds_per_round']:.2f} | "
+            f"| {r['clients']} | {r['variant']} | {r['sampled']} | {r['seconds_per_round']:.2f} | "
             f"{r['seconds_per_round'] / base['seconds_per_round']:.2f}x | "
             f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x | "
             f"{r['peak_pss_mb']:.0f} | {r['peak_pss_mb'] / base['peak_pss_mb']:.2f}x |"
@@ -180,16 +187,24 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--json", type=Path, help="write the figures here as JSON")
     parser.add_argument("--record", type=Path, help="markdown file to write the table into")
+    parser.add_argument(
+        "--stateful", action="store_true", help="Adam without and with stateful clients"
+    )
     args = parser.parse_args()
+    variants: list[tuple[str, ...]] = [()]
+    if args.stateful:
+        adam = "optimizer.name=adam"
+        variants = [(adam,), (adam, "federation.stateful_clients=true")]
     with tempfile.TemporaryDirectory(prefix="fl-scale-") as workdir:
         results = []
         for clients in args.clients:
-            results.append(
-                run(clients, args.sampled, args.rounds, args.data.resolve(), Path(workdir))
-            )
-            print(json.dumps(results[-1]), file=sys.stderr)
+            for extra in variants:
+                data = args.data.resolve()
+                results.append(run(clients, args.sampled, args.rounds, data, Path(workdir), extra))
+                print(json.dumps(results[-1]), file=sys.stderr)
     clients = " ".join(str(c) for c in args.clients)
     invocation = f"--clients {clients} --sampled {args.sampled} --rounds {args.rounds}"
+    invocation += " --stateful" if args.stateful else ""
     table = markdown(results, f"{invocation} --data <data>")
     print(table)
     if args.json:
