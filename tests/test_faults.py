@@ -117,16 +117,21 @@ def test_a_round_with_too_few_updates_is_skipped(data_root: Path, tmp_path: Path
     assert skipped["test/loss"] == initial["test/loss"]
 
 
-@pytest.mark.parametrize("strategy", ["krum", "fedmedian"])
+# Krum against both attacks; FedMedian (a coordinate-wise median, which no outlier moves
+# far by construction) against the random weights only, to keep the suite's time.
+@pytest.mark.parametrize(
+    ("strategy", "attacks"), [("krum", ("scaled", "random")), ("fedmedian", ("random",))]
+)
 def test_robust_strategies_shrug_off_two_of_ten_clients_poisoning_their_weights(
-    strategy: str, data_root: Path, tmp_path: Path
+    strategy: str, attacks: tuple[str, ...], data_root: Path, tmp_path: Path
 ) -> None:
     overrides = [f"strategy.name={strategy}", "strategy.num_malicious_clients=2", *LEARN_MORE]
     overrides += UNSCREENED
     sizes = {"clients": 10, "per_client": 400}
     clean = read_metrics(simulate(data_root, tmp_path / "clean", overrides, [], **sizes).path)
     assert clean[-1]["test/accuracy"] > 0.7  # a model worth protecting
-    for name, attack in (("scaled", SCALED), ("random", RANDOM)):
+    for name in attacks:
+        attack = {"scaled": SCALED, "random": RANDOM}[name]
         attacked = simulate(data_root, tmp_path / name, overrides, [attack], **sizes)
         final = read_metrics(attacked.path)[-1]["test/accuracy"]
         # Krum keeps one honest client's model, and which one can change with the attack

@@ -208,6 +208,7 @@ output:
 @pytest.fixture
 def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """The user's project (`lit_digits`, with the shapes above) as the working directory."""
+    _forget_project()  # an earlier test's project of the same name, from another folder
     write_project(tmp_path)
     (tmp_path / "lit_digits" / "shapes.py").write_text(SHAPES)
     monkeypatch.chdir(tmp_path)
@@ -215,8 +216,12 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     for name in ("_run_id", "_node_id", "_task_id"):  # what a Flower runtime stamps
         monkeypatch.setattr(TaskIdentity, name, 1)
     yield tmp_path
-    for name in [m for m in sys.modules if m.startswith("lit_digits")]:
-        del sys.modules[name]  # the next test's project is another folder
+    _forget_project()  # the next test's project is another folder
+
+
+def _forget_project() -> None:
+    for name in [m for m in sys.modules if m == "lit_digits" or m.startswith("lit_digits.")]:
+        del sys.modules[name]
 
 
 def _send(
