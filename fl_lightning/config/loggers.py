@@ -45,5 +45,5 @@ def _build(spec: ClassSpec, key: str, save_dir: Path, check: bool = False) -> Lo
     except ImportError as err:  # Lightning's MLFlowLogger, WandbLogger, ... without their package
         raise ConfigError(
             f"{key}.class_path: {cls.__name__} needs a package that is not installed ({err}); "
-            "install it (e.g. pip install mlflow, pip install wandb) or remove the logger"
+            "install it or remove the logger"
         ) from None
