@@ -71,9 +71,8 @@ def steps() -> dict[str, Callable[[], None]]:
 
     ghost = GradSampleModuleFastGradientClipping(MNISTNet().net, max_grad_norm=1.0)
     ghost_opt = DPOptimizerFastGradientClipping(torch.optim.SGD(ghost.parameters(), lr=0.1), **dp)
-    per_sample_loss = DPLossFastGradientClipping(
-        ghost, ghost_opt, nn.CrossEntropyLoss(reduction="none")
-    )
+    # The wrapper computes each sample's loss itself; the criterion keeps its mean.
+    per_sample_loss = DPLossFastGradientClipping(ghost, ghost_opt, nn.CrossEntropyLoss())
 
     def ghost_clipping() -> None:
         ghost_opt.zero_grad()
