@@ -376,6 +376,27 @@ def test_manual_optimization_with_two_optimizers_federates(project: Path) -> Non
     _restored("Gan", checkpoint, state)
 
 
+def test_stateful_clients_continue_two_optimizers_and_a_plateau_scheduler(project: Path) -> None:
+    for model, validation in (("Gan", "0"), ("Plateau", "1.0")):
+        federate(
+            _config(
+                project,
+                model,
+                "federation.stateful_clients=true",
+                f"trainer.limit_val_batches={validation}",
+                f"output.dir={project / model}",
+            )
+        )
+        saved = torch.load(project / model / "client_state" / "0" / f"round_{ROUNDS}.pt")
+        # 80 training samples in batches of 16: 5 steps of each optimizer a round.
+        for optimizer in saved["optimizers"]:
+            assert {float(s["step"]) for s in optimizer["state"].values()} == {5.0 * ROUNDS}
+        assert len(saved["optimizers"]) == (2 if model == "Gan" else 1)
+        # The plateau scheduler saw one epoch's validation loss a round: its count goes on.
+        epochs = [s["last_epoch"] for s in saved["schedulers"]]
+        assert epochs == ([] if model == "Gan" else [ROUNDS])
+
+
 def test_client_logs_continue_across_rounds_with_gradient_accumulation(project: Path) -> None:
     federate(
         _config(
