@@ -102,6 +102,10 @@ def _prepare(
     from fl_lightning.config.load import load_config
 
     cfg = load_config(path, overrides)
+    if cfg.output.loggers:  # the server's alone: clients load the config without them
+        from fl_lightning.config.loggers import check_loggers
+
+        check_loggers(cfg.output.loggers)
     if check is not None:
         check(cfg)
     if claim_output:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,35 @@ def test_a_redone_round_continues_from_the_round_before_it(data_root: Path, tmp_
     assert all(torch.equal(again[k], second[k]) for k in second)
 
 
+def test_a_client_keeps_the_state_of_its_last_three_rounds(data_root: Path, tmp_path: Path) -> None:
+    cfg = adam_config(data_root, tmp_path, stateful=True)
+    torch.manual_seed(0)
+    state = build_model(cfg).state_dict()
+    for server_round in (1, 2, 4, 7):
+        state = training.fit(cfg, state, 0, 2, server_round=server_round).state_dict
+    # A --resume redoes at most the last two rounds (the server closes at most one behind):
+    # round 4's state is there for a redone round 7, and round 2's for a redone round 4.
+    folder = client_state_dir(cfg.output.dir, 0)
+    assert sorted(p.name for p in folder.iterdir()) == ["round_2.pt", "round_4.pt", "round_7.pt"]
+
+
 def test_a_server_lr_schedule_is_refused_with_stateful_clients() -> None:
     with pytest.raises(ConfigError, match=r"federation.stateful_clients: continues"):
         load_config(MNIST, ["federation.stateful_clients=true", "optimizer.round_decay=0.9"])
+
+
+def test_only_the_clients_own_state_continues_not_the_users_callbacks(
+    data_root: Path, tmp_path: Path
+) -> None:
+    # Lightning's EMA counts the Trainer's steps; a fresh Trainer each round restarts them,
+    # so its saved step count would freeze the average at the weights the server sent.
+    cfg = adam_config(data_root, tmp_path, stateful=True)
+    cfg = dataclasses.replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, ema_decay=0.5))
+    torch.manual_seed(0)
+    first = training.fit(cfg, build_model(cfg).state_dict(), 0, 2, server_round=1).state_dict
+    assert first is not None
+    second = training.fit(cfg, first, 0, 2, server_round=2).state_dict
+    assert second is not None
+    assert not all(torch.equal(second[k], first[k]) for k in first)  # round 2 trained
+    saved = torch.load(client_state_dir(cfg.output.dir, 0) / "round_2.pt", weights_only=True)
+    assert saved["callbacks"] == {}

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fl_lightning.cli import main
 from fl_lightning.config.load import load_config
-from fl_lightning.config.loggers import build_loggers
+from fl_lightning.config.loggers import build_loggers, check_loggers
 from fl_lightning.errors import ConfigError
 from fl_lightning.server.rundir import create_run_dir
 from fl_lightning.server.tracking import RunTracker
@@ -64,5 +65,16 @@ def test_a_logger_that_cannot_be_built_is_one_line_at_load(logger: str, message:
             pass
         else:
             pytest.skip("mlflow is installed here")
+    cfg = load_config(MNIST, [f"output.loggers=[{logger}]"])  # as a client loads it
     with pytest.raises(ConfigError, match=message):
-        load_config(MNIST, [f"output.loggers=[{logger}]"])
+        check_loggers(cfg.output.loggers)  # as `fl-lightning run` checks it first
+
+
+def test_fl_lightning_run_refuses_a_logger_before_anything_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = "{class_path: lightning.pytorch.loggers.CSVLogger, init_args: {nme: x}}"
+    code = main(["run", str(MNIST), f"output.loggers=[{bad}]", f"output.dir={tmp_path / 'run'}"])
+    assert code == 2
+    assert "output.loggers[0].init_args.nme" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing claimed, nothing started

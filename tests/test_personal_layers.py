@@ -67,6 +67,13 @@ def test_the_head_never_leaves_the_client_and_evaluates_as_its_own(
     expected = training.validate(plain, {**first.state_dict, **own}, 0, 2).metrics
     assert evaluated == pytest.approx(expected)
 
+    # Round 1's evaluate message reads round 1's head, not that of a later round the
+    # client already trained (a --resume that redoes rounds).
+    later = training.fit(cfg, {**first.state_dict, **own}, 0, 2, server_round=3)
+    assert later.state_dict is not None
+    assert training.validate(cfg, server, 0, 2, server_round=1).metrics == evaluated
+    assert training.validate(cfg, server, 0, 2).metrics != evaluated  # the newest: round 3
+
 
 @pytest.mark.parametrize(
     ("patterns", "message"),

@@ -1,5 +1,6 @@
 """Round closes: in order, with what the round handed over, in the background or not."""
 
+import dataclasses
 import json
 import os
 import threading
@@ -300,3 +301,21 @@ def test_the_server_tests_a_seeded_subset_of_max_samples(cfg: Config) -> None:
     assert first.loader.dataset.indices == again.loader.dataset.indices  # type: ignore[attr-defined]
     assert first.loader.dataset.indices != list(range(50))  # type: ignore[attr-defined]
     assert len(CentralEvaluator(cfg).loader.dataset) == 200  # data.max_test_samples alone
+
+
+def test_with_client_state_at_most_one_round_closes_in_the_background(
+    cfg: Config, tmp_path: Path
+) -> None:
+    # Clients keep their last three rounds' state: resume.pt may lag by one round only.
+    stateful = dataclasses.replace(
+        cfg, federation=dataclasses.replace(cfg.federation, stateful_clients=True)
+    )
+    recorder, _ = recorder_for(stateful, tmp_path)
+    for server_round in (0, 1, 2):
+        recorder.start()
+        recorder.add({"train/loss": 1.0})
+        recorder.close_in_background(server_round, recorder.evaluator.model.state_dict())
+        assert len(recorder._pending) == 1  # the rounds before it are written
+    recorder.wait()
+    recorder.shutdown()
+    recorder.tracker.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -37,10 +38,14 @@ def test_early_stopping_ends_patience_rounds_after_the_best_round() -> None:
 def test_rounds_without_the_value_change_nothing() -> None:
     watch = watch_of(*WATCHED)
     assert watch.update(1, {"test/accuracy": 0.5, "test/loss": 1.0})
-    assert not watch.update(2, {"train/loss": 0.1})  # a round the server did not test
-    assert not watch.update(3, {"test/accuracy": float("nan"), "test/loss": float("nan")})
+    for server_round in (2, 3, 4, 5):  # rounds the server did not test (every_n_rounds)
+        assert not watch.update(server_round, {"train/loss": 0.1})
+    assert watch.stop_reason is None  # patience counts rounds that measured the metric
+    assert not watch.update(6, {"test/accuracy": float("nan"), "test/loss": float("nan")})
     assert watch.best is not None and watch.best.round == 1
-    assert watch.stop_reason is not None  # 2 rounds after round 1 without an improvement
+    assert watch.stop_reason is None  # one round without an improvement: a NaN is none
+    assert not watch.update(7, {"test/accuracy": 0.4, "test/loss": 1.2})
+    assert watch.stop_reason is not None
 
 
 def test_an_unknown_metric_fails_after_round_1_with_the_names_that_exist() -> None:
@@ -97,10 +102,14 @@ def test_best_ckpt_holds_the_best_rounds_weights_and_the_run_stops_after_patienc
     recorder.shutdown()
     recorder.tracker.close()
 
-    # --resume: the watch replays the history, so the resumed run decides the same.
+    # --resume: the watch replays the history, so the resumed run decides the same, and
+    # best.ckpt is the best round's again, whatever the killed run copied there last.
+    shutil.copyfile(run.checkpoint("round_4"), run.checkpoint("best"))
     resumed, _ = recorder_for(cfg, tmp_path / "resumed")
-    resumed.watch.replay(recorder.tracker.history)
+    resumed.watch.replay(recorder.tracker.history, run)
     assert resumed.watch.best is not None and resumed.watch.best.round == 2
     assert resumed.watch.stop_reason == recorder.watch.stop_reason
+    saved = torch.load(run.checkpoint("best"), weights_only=True)["state_dict"]
+    assert all(saved[k].equal(weights[2][k]) for k in template)
     resumed.shutdown()
     resumed.tracker.close()

@@ -16,6 +16,7 @@ from fl_lightning.config.load import load_config
 from fl_lightning.config.schema import Config
 from fl_lightning.errors import ConfigError
 from fl_lightning.models.build import build_model
+from fl_lightning.server.control_variates import moved_control
 from fl_lightning.server.strategy import build_strategy
 from fl_lightning.server.strategy_state import decode_strategy_state, strategy_state
 from fl_lightning.vocabulary import SCAFFOLD_RECORD
@@ -126,3 +127,17 @@ def test_scaffold_is_refused_where_its_clear_text_changes_are_not_covered() -> N
     with pytest.raises(ConfigError, match=r"strategy.name: scaffold's clients send"):
         load_config(MNIST, ["strategy.name=scaffold", "privacy.mode=client_dp",
                             "privacy.noise_multiplier=1.0"])  # fmt: skip
+
+
+def test_a_control_variate_that_would_overflow_is_not_adopted() -> None:
+    control = ArrayRecord({"w": Array(np.full(3, 1.0, np.float32))})
+    huge = ArrayRecord({"w": Array(np.full(3, 3e38, np.float32))})  # finite, screened as such
+    kept = moved_control(control, [huge, huge], share=1.0)
+    np.testing.assert_array_equal(kept["w"].numpy(), control["w"].numpy())
+    moved = moved_control(control, [ArrayRecord({"w": Array(np.ones(3, np.float32))})], 0.5)
+    np.testing.assert_allclose(moved["w"].numpy(), 1.5)
+
+
+def test_scaffold_trains_each_client_on_one_device() -> None:
+    with pytest.raises(ConfigError, match=r"trainer.devices: scaffold trains each client on one"):
+        load_config(MNIST, ["strategy.name=scaffold", "trainer.devices=2"])

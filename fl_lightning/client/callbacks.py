@@ -18,7 +18,8 @@ from lightning.pytorch.callbacks import Callback
 class FedProx(Callback):
     """FedProx (Li et al., 2020): the gradient of (mu/2)||w - w_global||^2 added to every step.
 
-    `w_global` is the module's weights when `fit` starts (the round's global model). The
+    `w_global` is the module's weights when training starts (the round's global model,
+    with the client's own personal layers, which `PersonalLayers` loads at fit start). The
     term is added to the gradients just before each optimizer step (after AMP unscaling,
     before Lightning's gradient clipping), which is what adding it to the loss gives.
     """
@@ -27,7 +28,7 @@ class FedProx(Callback):
         self.mu = mu
         self.anchor: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Keep a copy of the global model's trainable weights."""
         self.anchor = [(p, p.detach().clone()) for p in pl_module.parameters() if p.requires_grad]
 
@@ -98,7 +99,8 @@ class Scaffold(Callback):
         named = pl_module.named_parameters()
         self._params = {k: p for k, p in named if p.requires_grad and k in self.server}
         self._key_of = {id(p): k for k, p in self._params.items()}
-        self._start = {k: p.detach().clone() for k, p in self._params.items()}
+        # On the CPU: Lightning's teardown moves the module there before `on_fit_end`.
+        self._start = {k: p.detach().cpu().clone() for k, p in self._params.items()}
         self._lr_sums = dict.fromkeys(self._params, 0.0)
         zero = torch.zeros_like
         self._correction = {
@@ -126,8 +128,8 @@ class Scaffold(Callback):
             old = self.own.get(key, torch.zeros_like(server))
             new = old
             if key in self._params and self._lr_sums[key] > 0:
-                moved = self._start[key] - self._params[key].detach()
-                new = old - server + moved.cpu() / self._lr_sums[key]
+                moved = self._start[key] - self._params[key].detach().cpu()
+                new = old - server + moved / self._lr_sums[key]
             own[key], delta[key] = new, new - old
         self.own, self.delta = own, delta
 

@@ -91,7 +91,10 @@ def _accountant(context: Context, round_config: ConfigRecord) -> str | None:
 def evaluate(cfg: Config, msg: Message, context: Context) -> Message:
     """Validate the global model on this client's held-out samples."""
     state_dict = msg.content.array_records["arrays"].to_torch_state_dict()
-    return _reply(msg, context, training.validate(cfg, state_dict, *partition(context)))
+    round_config = msg.content.config_records.get("config")
+    server_round = round_config.get(SERVER_ROUND) if round_config is not None else None
+    result = training.validate(cfg, state_dict, *partition(context), cast(int | None, server_round))
+    return _reply(msg, context, result)
 
 
 def batchnorm_statistics(cfg: Config, msg: Message, context: Context) -> Message:

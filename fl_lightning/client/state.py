@@ -7,7 +7,10 @@ aggregation (the weights still come from the server). The state stays on the cli
 disk, `<output.dir>/client_state/<partition>/round_<r>.pt`: the server never receives
 it, and a simulation of many clients holds only the ones training in memory. A round
 loads the newest state of an earlier round, so a round redone after --resume starts
-from what the uninterrupted run had; two files per client are kept.
+from what the uninterrupted run had: the client keeps the files of its last three
+rounds, and the server lets at most one round's close wait in the background while
+clients keep state (`RoundRecorder.close_in_background`), so --resume redoes at most
+the last two.
 """
 
 from __future__ import annotations
@@ -41,15 +44,25 @@ def client_state_dir(output_dir: str | None, partition_id: int) -> Path:
 class ClientState(Callback):
     """Loads the client's optimizer, scheduler and scaler state as fit starts; saves it after.
 
-    With `optimizers` False only the callbacks' own state is kept (SCAFFOLD's control
-    variate, personal layers: any callback whose Lightning `state_dict` is not empty).
-    `server_round` None (an evaluate message) reads the newest state and saves nothing.
+    `kept` are the callbacks whose own state goes with it (SCAFFOLD's control variate,
+    personal layers); no other callback's, whose counters a fresh Trainer restarts. With
+    `optimizers` False only theirs is kept. `evaluating`: an evaluate message of round
+    `server_round` (None: any), which reads the newest state up to it and saves nothing.
     """
 
-    def __init__(self, folder: Path, server_round: int | None, optimizers: bool = True) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        server_round: int | None,
+        kept: list[Callback],
+        optimizers: bool = True,
+        evaluating: bool = False,
+    ) -> None:
         self.folder = folder
         self.server_round = server_round
-        self.optimizers = optimizers
+        self.kept = {c.state_key: c for c in kept}
+        self.optimizers = optimizers and not evaluating
+        self.evaluating = evaluating
         self.loaded: int | None = None  # the round whose state this fit continues
         self._saved: dict[str, Any] | None = None
 
@@ -60,16 +73,16 @@ class ClientState(Callback):
         return sorted(int(m.group(1)) for m in found if m is not None)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Read the newest state of an earlier round; give the callbacks theirs."""
-        last = self.server_round
-        earlier = [r for r in self._rounds() if last is None or r < last]
+        """Read the newest state of an earlier round; give the kept callbacks theirs."""
+        last, upto = self.server_round, self.evaluating
+        earlier = [r for r in self._rounds() if last is None or r < last or (upto and r == last)]
         if not earlier:
             return
         self.loaded = earlier[-1]
         with self._continuing():
             self._saved = torch.load(self._path(self.loaded), map_location="cpu", weights_only=True)
-            for callback in trainer.callbacks:  # type: ignore[attr-defined]
-                state = self._saved["callbacks"].get(callback.state_key)
+            for key, callback in self.kept.items():
+                state = self._saved["callbacks"].get(key)
                 if state is not None:
                     callback.load_state_dict(state)
 
@@ -80,21 +93,16 @@ class ClientState(Callback):
                 _restore(trainer, self._saved)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Save this round's state; drop the files older than the one this fit continued."""
-        if self.server_round is None:
+        """Save this round's state; keep the files of the two rounds before it."""
+        if self.server_round is None or self.evaluating:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         state = _capture(trainer) if self.optimizers else {}
-        state["callbacks"] = {
-            c.state_key: c.state_dict()
-            for c in trainer.callbacks  # type: ignore[attr-defined]
-            if c is not self and c.state_dict()
-        }
+        state["callbacks"] = {key: c.state_dict() for key, c in self.kept.items()}
         write_atomically(self._path(self.server_round), lambda partial: torch.save(state, partial))
-        keep = {self.server_round, self.loaded}
-        for old in self._rounds():
-            if old not in keep and old < self.server_round:  # a redone round's may stay
-                self._path(old).unlink(missing_ok=True)
+        older = [r for r in self._rounds() if r < self.server_round]  # a redone round's stay
+        for old in older[:-2]:
+            self._path(old).unlink(missing_ok=True)
 
     def _path(self, server_round: int) -> Path:
         return self.folder / f"round_{server_round}.pt"

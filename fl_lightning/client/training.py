@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import Callback, EMAWeightAveraging
 from torch.optim.swa_utils import update_bn
 
 from fl_lightning.client.callbacks import FedProx, RoundLearningRate, Scaffold
-from fl_lightning.config.privacy_rules import check_private_devices
+from fl_lightning.config.privacy_rules import check_client_devices
 from fl_lightning.config.schema import BATCHNORM_STATISTICS, Config, TrainerConfig
 from fl_lightning.config.trainer_flags import device_count, first_device_index
 from fl_lightning.data.client_datamodule import client_datamodule
@@ -130,7 +130,7 @@ def _run_fit(
     and when fit began. `split` is (partition_id, num_partitions, seed)."""
     ranks = device_count(cfg.trainer) or 1  # config validation: a number of devices
     if ranks > 1:
-        check_private_devices(cfg)  # as at load and per site: never DP-SGD without its loader
+        check_client_devices(cfg)  # as at load and per site: DP-SGD, SCAFFOLD on one device
         from fl_lightning.client.ddp import RankData, client_ddp
 
         unused = cfg.trainer.strategy.lower().endswith("_find_unused_parameters_true")
@@ -188,11 +188,12 @@ def _kept_state(
     partition_id: int,
     server_round: int | None,
     scaffold: Scaffold | None = None,
+    evaluating: bool = False,
 ) -> list[Callback]:
     """What keeps the client's state between rounds, if anything: its personal layers
     (`strategy.local_parameters`), then `ClientState`, which saves them with SCAFFOLD's c_i
     and the optimizers (`federation.stateful_clients`). Last but DP-SGD's callback.
-    `server_round` None: an evaluate message, which reads the newest state only."""
+    `evaluating`: an evaluate message of `server_round` (None: any), which reads only."""
     from fl_lightning.client.callbacks import PersonalLayers
     from fl_lightning.client.state import ClientState, client_state_dir
 
@@ -202,8 +203,9 @@ def _kept_state(
     if not (kept or scaffold or cfg.federation.stateful_clients):
         return []
     folder = client_state_dir(cfg.output.dir, partition_id)
-    optimizers = cfg.federation.stateful_clients and server_round is not None
-    return [*kept, ClientState(folder, server_round, optimizers=optimizers)]
+    own = [*kept, *([scaffold] if scaffold is not None else [])]
+    optimizers = cfg.federation.stateful_clients
+    return [*kept, ClientState(folder, server_round, own, optimizers, evaluating)]
 
 
 def _federated_callbacks(
@@ -272,8 +274,10 @@ def validate(
     state_dict: dict[str, torch.Tensor],
     partition_id: int,
     num_partitions: int,
+    server_round: int | None = None,
 ) -> ClientResult:
-    """Evaluate the global weights on the client's validation data (its module's metrics)."""
+    """Evaluate the global weights on the client's validation data (its module's metrics);
+    with personal layers, the client's own as its rounds up to `server_round` left them."""
     data = client_data(cfg, partition_id, num_partitions, seed=cfg.seed)
     if data.val is None or data.num_val == 0:
         raise ClientError(
@@ -285,7 +289,10 @@ def validate(
         cfg.trainer,
         devices=one_device(cfg.trainer),
         strategy="auto",
-        callbacks=[*user_callbacks(cfg.trainer), *_kept_state(cfg, model, partition_id, None)],
+        callbacks=[
+            *user_callbacks(cfg.trainer),
+            *_kept_state(cfg, model, partition_id, server_round, evaluating=True),
+        ],
         limit_val_batches=1.0,  # all of it: the reply's num_examples counts every sample
     )
     datamodule = client_datamodule(data.datamodule, data.train, data.val)

@@ -1,8 +1,10 @@
-"""`output.loggers`: the Lightning loggers a config names, checked at load, built for the server.
+"""`output.loggers`: the Lightning loggers a config names, checked and built for the server.
 
 Any `lightning.pytorch.loggers.Logger` by class_path and init_args (CSVLogger, MLFlowLogger,
 WandbLogger, your own). The server gives each the round metrics and the config, as it gives
-TensorBoard; a logger whose package is missing is one line at load naming it.
+TensorBoard; a logger whose package is missing is one line naming it when `fl-lightning`
+starts the run (`check_loggers`). Clients load the same config and never build them, so a
+site needs no tracker's package.
 """
 
 from __future__ import annotations

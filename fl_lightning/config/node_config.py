@@ -13,7 +13,7 @@ from typing import Any
 
 from fl_lightning.config.coerce import trainer_value
 from fl_lightning.config.load import load_config
-from fl_lightning.config.privacy_rules import check_private_devices
+from fl_lightning.config.privacy_rules import check_client_devices
 from fl_lightning.config.schema import Config
 from fl_lightning.config.validate import check_path_length
 from fl_lightning.errors import ConfigError, show
@@ -153,7 +153,7 @@ def _with_site_hardware(cfg: Config, node_config: typing.Mapping[str, Any]) -> C
         trainer = dataclasses.replace(cfg.trainer, **changes)
         validate_trainer(trainer, cfg.output.client_logs)
         site = dataclasses.replace(cfg, trainer=trainer)
-        check_private_devices(site)
+        check_client_devices(site)
     except ConfigError as error:
         raise ConfigError(f"node-config {show(changes)}: {error}") from None
     return site

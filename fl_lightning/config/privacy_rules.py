@@ -1,8 +1,9 @@
 """Rules for differential privacy and secure aggregation: what each mode asks of the config.
 
 Kept apart from the general rules (`validate`) because they guard one feature across
-sections (privacy, trainer, strategy, secure_aggregation); `check_private_devices` is
-also applied per site (`node_config`) and by the client before it trains.
+sections (privacy, trainer, strategy, secure_aggregation); `check_client_devices` (DP-SGD
+and SCAFFOLD train a client on one device) is also applied per site (`node_config`) and
+by the client before it trains.
 """
 
 from __future__ import annotations
@@ -12,13 +13,20 @@ from fl_lightning.config.trainer_flags import device_count
 from fl_lightning.errors import check
 
 
-def check_private_devices(cfg: Config) -> None:
-    """DP-SGD keeps each client on one device (the config's, or a site's override)."""
+def check_client_devices(cfg: Config) -> None:
+    """DP-SGD and SCAFFOLD keep each client on one device (the config's, or a site's)."""
+    one = device_count(cfg.trainer) == 1
     check(
-        cfg.privacy.mode != "dp_sgd" or device_count(cfg.trainer) == 1,
+        cfg.privacy.mode != "dp_sgd" or one,
         "trainer.devices",
         "DP-SGD trains each client on one device (Opacus's per-sample gradients are not "
         "wired into DDP here); set trainer.devices=1",
+    )
+    check(
+        cfg.strategy.name != "scaffold" or one,
+        "trainer.devices",
+        "scaffold trains each client on one device (the change of its control variate is "
+        "not gathered from DDP's ranks); set trainer.devices=1",
     )
 
 
@@ -30,6 +38,7 @@ def validate_privacy(cfg: Config) -> None:
         "privacy.max_physical_batch_size",
         f"splits DP-SGD's batches; privacy.mode is {p.mode}: leave it null",
     )
+    check_client_devices(cfg)
     if p.mode == "none":
         return
     check(0 < p.delta < 1, "privacy.delta", f"must be in (0, 1), got {p.delta}")
@@ -93,7 +102,6 @@ def _validate_dp_sgd(cfg: Config) -> None:
         "trainer.limit_train_batches",
         "must be null under DP-SGD (the privacy accounting assumes full epochs)",
     )
-    check_private_devices(cfg)
     check(
         s.name != "fedprox",
         "strategy.name",

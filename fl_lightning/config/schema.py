@@ -400,6 +400,16 @@ def sampled_clients(f: FederationConfig) -> int:
     return sample_size(f.num_clients, f.fraction_train)
 
 
+def keeps_client_state(cfg: Config) -> bool:
+    """Whether clients keep state on their disk between rounds: their optimizers
+    (`stateful_clients`), SCAFFOLD's c_i, or personal layers."""
+    return bool(
+        cfg.federation.stateful_clients
+        or cfg.strategy.name == "scaffold"
+        or cfg.strategy.local_parameters
+    )
+
+
 def sample_size(available: int, fraction: float) -> int:
     """How many of `available` clients a round samples at `fraction`: Flower's rule, >= 1."""
     return max(int(available * fraction), 1)

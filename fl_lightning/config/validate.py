@@ -185,10 +185,6 @@ def _validate_output(o: OutputConfig) -> None:
     for key, value in (("root", o.root), ("dir", o.dir), ("experiment", o.experiment)):
         if value is not None:
             check_path_length(value, f"output.{key}")
-    if o.loggers:
-        from fl_lightning.config.loggers import check_loggers
-
-        check_loggers(o.loggers)
 
 
 def _validate_data(cfg: Config) -> None:

@@ -24,11 +24,16 @@ def zero_control(global_arrays: ArrayRecord) -> ArrayRecord:
 
 
 def moved_control(control: ArrayRecord, changes: list[ArrayRecord], share: float) -> ArrayRecord:
-    """c + share * the mean of the clients' changes (share: |S| / N)."""
+    """c + share * the mean of the clients' changes (share: |S| / N); c as it was if that
+    is not finite (finite but huge changes overflow), which would poison every later round."""
     if not changes:
         return control
     moved = {}
-    for key, array in control.items():
-        mean = np.mean([change[key].numpy() for change in changes], axis=0)
-        moved[key] = Array(np.asarray(array.numpy() + share * mean, dtype=array.numpy().dtype))
+    with np.errstate(over="ignore", invalid="ignore"):
+        for key, array in control.items():
+            mean = np.mean([change[key].numpy() for change in changes], axis=0)
+            value = np.asarray(array.numpy() + share * mean, dtype=array.numpy().dtype)
+            if not np.isfinite(value).all():
+                return control
+            moved[key] = Array(value)
     return ArrayRecord(moved)

@@ -65,7 +65,7 @@ def run_federation(
     recorder = RoundRecorder(evaluator, tracker, run, ledger)
     if resume is not None:
         recorder.load_logged_names(resume.logged)  # a name's prefix depends on earlier rounds
-        recorder.watch.replay(resume.history)
+        recorder.watch.replay(resume.history, run)
         if resume.rng is not None:
             restore_rng(resume.rng)  # last: everything above may draw from the global RNGs
     try:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fl_lightning.config.schema import centrally_evaluated
+from fl_lightning.config.schema import centrally_evaluated, keeps_client_state
 from fl_lightning.errors import RoundCloseError
 from fl_lightning.server import resume_state
 from fl_lightning.server.evaluation import CentralEvaluator
@@ -159,6 +159,10 @@ class RoundRecorder(RoundMetrics):
         if self.watch.stopping is not None:
             self.close(server_round, state_dict, resumable)
             return
+        if keeps_client_state(self.evaluator.cfg):
+            # resume.pt at most one round behind: clients keep the state of their last
+            # three rounds only, enough for the rounds a --resume redoes (client/state.py).
+            self.wait()
         closing = _Closing.taken(self, server_round, state_dict, resumable, background=True)
         self._closer = self._closer or _closer_thread()
         self._pending.append(self._closer.submit(self._close, closing))

@@ -2,8 +2,10 @@
 
 Both follow one metric of the round records (as metrics.jsonl names it) from round 1 on:
 the best checkpoint is the global model of the round with the best value so far; early
-stopping ends the run `patience` rounds after its best round. A record without the value
-(a round the server did not test, `evaluation.every_n_rounds`) changes neither. Their
+stopping ends the run after `patience` rounds with a value that did not improve on the
+best, as Lightning's `EarlyStopping` counts its checks. A record without the value (a
+round the server did not test, `evaluation.every_n_rounds`) changes neither; a value that
+is not finite counts as no improvement. Their
 state is recomputed from the run's history on --resume, so a resumed run decides as the
 uninterrupted one would.
 """
@@ -28,17 +30,22 @@ class BestValue:
         self.monitor, self.mode, self.min_delta = monitor, mode, min_delta
         self.value: float | None = None
         self.round: int | None = None
+        self.stale = 0  # rounds with a value since the best one, none better
 
     def update(self, server_round: int, record: Mapping[str, float]) -> bool:
         """Take the round's value; True when it is the new best."""
         value = record.get(self.monitor)
-        if value is None or not math.isfinite(value):
+        if value is None:
+            return False
+        if not math.isfinite(value):
+            self.stale += self.round is not None
             return False
         if self.value is not None:
             gain = self.value - value if self.mode == "min" else value - self.value
             if gain <= self.min_delta:
+                self.stale += 1
                 return False
-        self.value, self.round = value, server_round
+        self.value, self.round, self.stale = value, server_round, 0
         return True
 
 
@@ -78,11 +85,11 @@ class RoundWatch:
         s = self.stopping
         if s is not None:
             s.update(server_round, record)
-            if s.round is not None and server_round - s.round >= self.patience:
+            if s.round is not None and s.stale >= self.patience:
                 self.stop_reason = (
                     f"early stopping: {s.monitor} has not improved by more than "
-                    f"{s.min_delta:g} for {self.patience} rounds after round {s.round} "
-                    f"({s.monitor} {s.value:.4f})"
+                    f"{s.min_delta:g} in {self.patience} rounds that measured it after "
+                    f"round {s.round} ({s.monitor} {s.value:.4f})"
                 )
         return best
 
@@ -93,17 +100,27 @@ class RoundWatch:
         if server_round == 1:
             self.check_names(history)
         if self.update(server_round, history[server_round]):
-            source = run.checkpoint(f"round_{server_round}")
+            self._keep_best(run, server_round)
 
-            def copy(partial: Path) -> None:
-                shutil.copyfile(source, partial)
+    @staticmethod
+    def _keep_best(run: RunDir, server_round: int) -> None:
+        """checkpoints/best.ckpt: a copy of the round's checkpoint."""
+        source = run.checkpoint(f"round_{server_round}")
+        if not source.exists():  # removed by hand: best.ckpt stays as it is
+            return
 
-            write_atomically(run.checkpoint("best"), copy)
+        def copy(partial: Path) -> None:
+            shutil.copyfile(source, partial)
 
-    def replay(self, history: Mapping[int, Mapping[str, float]]) -> None:
-        """--resume: the best rounds and the stop, as the killed run had them."""
+        write_atomically(run.checkpoint("best"), copy)
+
+    def replay(self, history: Mapping[int, Mapping[str, float]], run: RunDir) -> None:
+        """--resume: the best rounds and the stop, as the killed run had them; best.ckpt
+        again from the best round (the killed run may have copied a later one)."""
         for server_round in sorted(r for r in history if r >= 1):
             self.update(server_round, history[server_round])
+        if self.best is not None and self.best.round is not None:
+            self._keep_best(run, self.best.round)
 
     def raise_if_stopped(self) -> None:
         """EarlyStopped, once early stopping has ended the run."""
