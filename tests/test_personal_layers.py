@@ -10,11 +10,14 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 
 from fl_lightning.client import training
+from fl_lightning.client.callbacks import FedProx, PersonalLayers
 from fl_lightning.client.state import client_state_dir
 from fl_lightning.config.load import load_config
 from fl_lightning.config.schema import Config
+from fl_lightning.data.loaders import client_data
 from fl_lightning.errors import ConfigError
 from fl_lightning.models.build import build_model
+from fl_lightning.models.trainer import make_trainer
 from fl_lightning.server.strategy import build_strategy
 from tests.test_config import MNIST
 from tests.test_strategy import (
@@ -110,3 +113,19 @@ def test_the_server_aggregates_the_rest_and_keeps_its_own_values_of_the_personal
     np.testing.assert_allclose(arrays["w"].numpy(), 0.25, rtol=1e-6)  # mean of 0.1..0.4
     assert arrays["count"].numpy() == 10  # the global model's own value
     assert list(arrays.keys()) == ["w", "count"]  # the model's order
+
+
+def test_fedprox_pulls_toward_the_clients_own_layers_not_the_servers(
+    data_root: Path, tmp_path: Path
+) -> None:
+    cfg = head_config(data_root, tmp_path, f"strategy.local_parameters=['{HEAD}']")
+    model = build_model(cfg)
+    own = {k: torch.full_like(v, 0.5) for k, v in model.state_dict().items() if "net.3." in k}
+    personal, prox = PersonalLayers(sorted(own)), FedProx(mu=0.1)
+    personal.own = own
+    trainer = make_trainer(cfg.trainer, callbacks=[prox, personal], limit_train_batches=1)
+    data = client_data(cfg, 0, 2, seed=0)
+    trainer.fit(model, train_dataloaders=data.train)
+    names = {id(p): k for k, p in model.named_parameters()}
+    anchored = {names[id(p)]: start for p, start in prox.anchor}
+    assert all(anchored[k].equal(v) for k, v in own.items())
