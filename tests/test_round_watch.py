@@ -113,3 +113,20 @@ def test_best_ckpt_holds_the_best_rounds_weights_and_the_run_stops_after_patienc
     assert all(saved[k].equal(weights[2][k]) for k in template)
     resumed.shutdown()
     resumed.tracker.close()
+
+
+def test_names_are_checked_after_the_first_round_that_trained(cfg: Config, tmp_path: Path) -> None:
+    recorder, _ = recorder_for(cfg, tmp_path)
+    weights = recorder.evaluator.model.state_dict()
+    recorder.start()
+    recorder.add({"test/loss": 2.0})
+    recorder.close(0, weights)
+    recorder.start()  # round 1: every client failed, nothing trained
+    recorder.close(1, weights)
+    recorder.start()
+    recorder.add({"test/loss": 1.0})
+    with pytest.raises(RoundCloseError, match=r"'train/loss' is not a round metric"):
+        recorder.add({"val/loss": 1.0})
+        recorder.close(2, weights)
+    recorder.shutdown()
+    recorder.tracker.close()

@@ -144,12 +144,10 @@ class RoundRecorder(RoundMetrics):
         """
         self.lap("between")
         self.wait()  # earlier rounds are written first
-        # Their evaluations, still running when this round ended, hold it up: say so, rather
-        # than leave it in time/between (the scale setup's short rounds pile them up).
+        # Their evaluations, still running when this round ended, hold it up: say so.
         self.lap("evaluation_backlog")
-        return self._close(
-            _Closing.taken(self, server_round, state_dict, resumable, background=False)
-        )
+        closing = _Closing.taken(self, server_round, state_dict, resumable, background=False)
+        return self._close(closing)
 
     def close_in_background(
         self, server_round: int, state_dict: dict[str, torch.Tensor], resumable: Resumable = None
@@ -160,9 +158,7 @@ class RoundRecorder(RoundMetrics):
             self.close(server_round, state_dict, resumable)
             return
         if keeps_client_state(self.evaluator.cfg):
-            # resume.pt at most one round behind: clients keep the state of their last
-            # three rounds only, enough for the rounds a --resume redoes (client/state.py).
-            self.wait()
+            self.wait()  # one round at a time: clients' states need resume.pt close behind
         closing = _Closing.taken(self, server_round, state_dict, resumable, background=True)
         self._closer = self._closer or _closer_thread()
         self._pending.append(self._closer.submit(self._close, closing))

@@ -21,6 +21,7 @@ from fl_lightning.config.schema import Config
 from fl_lightning.errors import EarlyStopped, RoundCloseError
 from fl_lightning.files import write_atomically
 from fl_lightning.server.rundir import RunDir
+from fl_lightning.server.tracking import shown
 
 
 class BestValue:
@@ -58,6 +59,7 @@ class RoundWatch:
         self.stopping = BestValue(e.monitor, e.mode, e.min_delta) if e.monitor else None
         self.best = BestValue(b.monitor, b.mode) if b.monitor else None
         self.stop_reason: str | None = None
+        self._names_checked = False
 
     @property
     def active(self) -> bool:
@@ -65,9 +67,9 @@ class RoundWatch:
         return self.stopping is not None or self.best is not None
 
     def check_names(self, history: Mapping[int, Mapping[str, float]]) -> None:
-        """After round 1: a watched name no record of rounds 0 and 1 has is an error, with
-        the names that exist."""
-        names = {name for r in (0, 1) for name in history.get(r, {})}
+        """After the first round that trained: a watched name no record up to it has is an
+        error, with the names that exist."""
+        names = {name for record in history.values() for name in record}
         for key, watched in (
             ("federation.early_stopping.monitor", self.stopping),
             ("output.best_checkpoint.monitor", self.best),
@@ -97,8 +99,9 @@ class RoundWatch:
         self, run: RunDir, history: Mapping[int, Mapping[str, float]], server_round: int
     ) -> None:
         """A round (>= 1) is logged: check the names after round 1, keep best.ckpt."""
-        if server_round == 1:
+        if not self._names_checked and _trained(history, server_round):
             self.check_names(history)
+            self._names_checked = True
         if self.update(server_round, history[server_round]):
             self._keep_best(run, server_round)
 
@@ -126,3 +129,10 @@ class RoundWatch:
         """EarlyStopped, once early stopping has ended the run."""
         if self.stop_reason is not None:
             raise EarlyStopped(self.stop_reason)
+
+
+def _trained(history: Mapping[int, Mapping[str, float]], server_round: int) -> bool:
+    """Whether the round logged a module metric the server's test of round 0 did not: its
+    clients trained (a round whose every client failed logs no name to check against)."""
+    initial = history.get(0, {})
+    return any(shown(k) and k not in initial for k in history[server_round])
