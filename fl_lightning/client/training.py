@@ -22,7 +22,12 @@ from torch.optim.swa_utils import update_bn
 
 from fl_lightning.client.callbacks import FedProx, RoundLearningRate, Scaffold
 from fl_lightning.config.privacy_rules import check_client_devices
-from fl_lightning.config.schema import BATCHNORM_STATISTICS, Config, TrainerConfig
+from fl_lightning.config.schema import (
+    BATCHNORM_STATISTICS,
+    Config,
+    TrainerConfig,
+    keeps_client_state,
+)
 from fl_lightning.config.trainer_flags import device_count, first_device_index
 from fl_lightning.data.client_datamodule import client_datamodule
 from fl_lightning.data.loaders import ClientData, client_data
@@ -198,10 +203,12 @@ def _kept_state(
     from fl_lightning.client.state import ClientState, client_state_dir
 
     patterns = cfg.strategy.local_parameters
-    personal = personal_keys(model.state_dict(), patterns)
-    kept: list[Callback] = [PersonalLayers(personal)] if patterns else []
-    if not (kept or scaffold or cfg.federation.stateful_clients):
+    # An evaluate message needs only the personal layers: it reads no optimizer state.
+    if not (patterns if evaluating else keeps_client_state(cfg)):
         return []
+    kept: list[Callback] = []
+    if patterns:
+        kept.append(PersonalLayers(personal_keys(model.state_dict(), patterns)))
     folder = client_state_dir(cfg.output.dir, partition_id)
     own = [*kept, *([scaffold] if scaffold is not None else [])]
     optimizers = cfg.federation.stateful_clients
