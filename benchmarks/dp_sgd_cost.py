@@ -5,10 +5,13 @@
 Runs `configs/mnist_dp_sgd.yaml` (5 clients, Poisson batches of expected size 2048, 3
 local epochs) for `--rounds` rounds, one variant after the other in this invocation:
 
-- `whole batches`: one client at a time on both cores, each batch in one piece (the
-  config before #27: `privacy.max_physical_batch_size=null`, `num_cpus=2`);
-- `chunked`: the config as shipped, `privacy.max_physical_batch_size: 256` and one core
-  per client (`federation.client_resources.num_cpus: 1`), so two clients train at a time.
+- `whole batches`: one client at a time on both cores, each batch in one piece, Opacus's
+  per-sample gradients (the config before #27: `privacy.max_physical_batch_size=null`,
+  `num_cpus=2`, `privacy.grad_sample_mode=hooks`);
+- `chunks of 256, hooks`: chunks of at most 256 samples and one core per client
+  (`federation.client_resources.num_cpus: 1`), so two clients train at a time, with
+  Opacus's per-sample gradients (`grad_sample_mode=hooks`);
+- `chunks of 64, fast`: the config as shipped, chunks of 64 and `grad_sample_mode: fast`.
 
 The noise is calibrated for the rounds run (fewer rounds, less noise): the arithmetic per
 step is the same as in the full recipe. It prints each variant's wall time, seconds per
@@ -39,8 +42,13 @@ VARIANTS = {
     "whole batches": [
         "privacy.max_physical_batch_size=null",
         "federation.client_resources.num_cpus=2",
+        "privacy.grad_sample_mode=hooks",
     ],
-    "chunked": [],
+    "chunks of 256, hooks": [
+        "privacy.max_physical_batch_size=256",
+        "privacy.grad_sample_mode=hooks",
+    ],
+    "chunks of 64, fast": [],
 }
 
 

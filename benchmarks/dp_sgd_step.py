@@ -1,17 +1,21 @@
-"""One DP-SGD step of MNISTNet on a 2048-sample batch: what per-sample clipping costs.
+"""One DP-SGD step of MNISTNet: what per-sample clipping costs, per sample.
 
-    python benchmarks/dp_sgd_step.py
+    python benchmarks/dp_sgd_step.py --batches 64 256 2048 --threads 1
 
-Times (the best of `--repeats`, after one warm-up, on torch's default threads) one
-optimizer step of the built-in MNISTNet on random 1x28x28 images three ways:
+Times (the median of `--repeats`, after one warm-up) one optimizer step of the built-in
+MNISTNet on a batch of random 1x28x28 images, for each batch size (a physical batch:
+`privacy.max_physical_batch_size` cuts the recipe's 2048-sample batches into these), four
+ways:
 
 - `no privacy`: loss, backward, SGD step;
-- `per-sample gradients`: Opacus's GradSampleModule and DPOptimizer (clip each sample's
-  gradient, add noise), which is how fl-lightning's DP-SGD trains any module;
-- `ghost clipping`: Opacus's fast gradient clipping (`GradSampleModuleFastGradientClipping`,
-  `DPLossFastGradientClipping`): per-sample gradient norms without per-sample gradients,
-  and a second backward pass. It needs the loss of each sample, which a Lightning
-  module's `training_step` does not return, so fl-lightning cannot use it for any module.
+- `hooks` (`privacy.grad_sample_mode=hooks`): Opacus's GradSampleModule and DPOptimizer,
+  every layer's per-sample gradients, clipped, summed, noised;
+- `ghost`: Opacus's fast gradient clipping (`GradSampleModuleFastGradientClipping`,
+  `DPLossFastGradientClipping`): norms without per-sample gradients, then a second
+  backward pass. It needs each sample's loss, which a Lightning module's `training_step`
+  does not return, so fl-lightning does not use it;
+- `fast` (`privacy.grad_sample_mode=fast`, the default): `fl_lightning.privacy.fast_clipping`,
+  the same clipping from each layer's input and output gradient.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import time
 import warnings
 from collections.abc import Callable
@@ -31,25 +36,24 @@ from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from torch import nn
 
 from fl_lightning.models.networks import MNISTNet
+from fl_lightning.privacy.fast_clipping import FastClipping, FastDPOptimizer, fast_layers
 
-BATCH = 2048
 
-
-def best(step: Callable[[], None], repeats: int) -> float:
-    """The fastest of `repeats` timed calls of `step`, after one untimed."""
+def median(step: Callable[[], None], repeats: int) -> float:
+    """The median of `repeats` timed calls of `step`, after one untimed."""
     step()
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
         step()
         times.append(time.perf_counter() - started)
-    return min(times)
+    return statistics.median(times)
 
 
-def steps() -> dict[str, Callable[[], None]]:
-    """The three ways to take one step, each on its own copy of the network."""
+def steps(batch: int) -> dict[str, Callable[[], None]]:
+    """The four ways to take one step, each on its own copy of the network."""
     torch.manual_seed(0)
-    images, labels = torch.randn(BATCH, 1, 28, 28), torch.randint(10, (BATCH,))
+    images, labels = torch.randn(batch, 1, 28, 28), torch.randint(10, (batch,))
     loss = nn.CrossEntropyLoss()
 
     plain = MNISTNet().net
@@ -61,7 +65,7 @@ def steps() -> dict[str, Callable[[], None]]:
         plain_opt.step()
 
     private = GradSampleModule(MNISTNet().net)
-    dp = dict(noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=BATCH)
+    dp = dict(noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch)
     private_opt = DPOptimizer(torch.optim.SGD(private.parameters(), lr=0.1), **dp)
 
     def per_sample() -> None:
@@ -79,11 +83,19 @@ def steps() -> dict[str, Callable[[], None]]:
         per_sample_loss(ghost(images), labels).backward()
         ghost_opt.step()
 
-    return {
-        "no privacy": no_privacy,
-        "per-sample gradients": per_sample,
-        "ghost clipping": ghost_clipping,
-    }
+    net = MNISTNet().net
+    layers = fast_layers(net)
+    assert layers is not None
+    fast_opt = FastDPOptimizer(
+        torch.optim.SGD(net.parameters(), lr=0.1), clipping=FastClipping(layers), **dp
+    )
+
+    def fast() -> None:
+        fast_opt.zero_grad()
+        loss(net(images), labels).backward()
+        fast_opt.step()
+
+    return {"no privacy": no_privacy, "hooks": per_sample, "ghost": ghost_clipping, "fast": fast}
 
 
 def main() -> None:
@@ -91,20 +103,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batches", type=int, nargs="+", default=[64, 256, 2048])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (a client: 1)")
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")  # Opacus's secure-RNG and hook notices
-    seconds = {name: best(step, args.repeats) for name, step in steps().items()}
-    base = seconds["no privacy"]
     print(
         f"Measured {date.today().isoformat()} on {platform.machine()} ({os.cpu_count()} "
-        f"cores, {torch.get_num_threads()} torch threads, CPU only) with "
-        f"`python benchmarks/dp_sgd_step.py --repeats {args.repeats}`.\n"
+        f"cores, {args.threads} torch threads, CPU only) with `python "
+        f"benchmarks/dp_sgd_step.py --batches {' '.join(map(str, args.batches))} "
+        f"--threads {args.threads} --repeats {args.repeats}`; ms per sample.\n"
     )
-    print("| step of MNISTNet, 2048 samples | seconds | vs no privacy |")
-    print("|---|---|---|")
-    for name, value in seconds.items():
-        print(f"| {name} | {value:.2f} | {value / base:.2f}x |")
+    print("| batch | no privacy | hooks | ghost | fast | fast vs hooks |")
+    print("|---|---|---|---|---|---|")
+    for batch in args.batches:
+        ms = {
+            name: 1000 * median(step, args.repeats) / batch for name, step in steps(batch).items()
+        }
+        row = " | ".join(f"{value:.3f}" for value in ms.values())
+        print(f"| {batch} | {row} | {ms['fast'] / ms['hooks']:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -278,6 +278,11 @@ class PrivacyConfig:
     # many samples, and the optimizer steps once per batch (Opacus's BatchMemoryManager):
     # the same private step, with per-sample gradients held for one chunk at a time.
     max_physical_batch_size: int | None = None
+    # dp_sgd: how each sample's gradient norm is found. "fast": from each Linear and Conv2d
+    # layer's input and output gradient, with no per-sample gradients for Linear layers
+    # (`fl_lightning.privacy.fast_clipping`); a module with any other trainable layer gets
+    # "hooks": Opacus's per-sample gradients of every layer. The same clipping either way.
+    grad_sample_mode: Literal["fast", "hooks"] = "fast"
     # A round that would push a client's cumulative epsilon past this is not started.
     max_epsilon: float | None = None
     clipping: Literal["server", "client"] = "server"  # client_dp: who clips the updates

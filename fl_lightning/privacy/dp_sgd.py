@@ -9,6 +9,7 @@ epsilon it reports is cumulative over the whole run.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -35,6 +36,12 @@ from torch.utils.data import DataLoader, Sampler
 from fl_lightning.config.schema import Config
 from fl_lightning.errors import ClientError, ConfigError
 from fl_lightning.privacy import randomness
+from fl_lightning.privacy.fast_clipping import (
+    FastClipping,
+    FastDPOptimizer,
+    Layer,
+    fast_layers,
+)
 from fl_lightning.seeding import derive
 
 M = TypeVar("M", bound=nn.Module)
@@ -114,14 +121,29 @@ def plan(cfg: Config, num_train: int) -> DPSGDPlan:
         sigma = p.noise_multiplier
     else:
         assert p.target_epsilon is not None  # enforced by config validation
-        sigma = get_noise_multiplier(
-            target_epsilon=p.target_epsilon,
-            target_delta=p.delta,
-            sample_rate=sample_rate,
-            steps=steps_per_round * cfg.federation.num_rounds,
-            accountant=p.accountant,
-        )
+        steps = steps_per_round * cfg.federation.num_rounds
+        sigma = calibrated_noise(p.target_epsilon, p.delta, sample_rate, steps, p.accountant)
     return DPSGDPlan(sample_rate, steps_per_round, float(sigma), p.accountant)
+
+
+@functools.lru_cache(maxsize=64)
+def calibrated_noise(
+    epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
+) -> float:
+    """Opacus's noise multiplier for `epsilon` after `steps` steps at `sample_rate`.
+
+    Remembered per process: a search over the accountant (about 2 s with PRV) that every
+    client of the same size would otherwise repeat at every round.
+    """
+    return float(
+        get_noise_multiplier(
+            target_epsilon=epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
+        )
+    )
 
 
 class ClientDPSGD:
@@ -178,20 +200,50 @@ class ClientDPSGD:
         """
         assert self.poisson is not None, "loader() first"
         noise = randomness.torch_generator(self.privacy, derive(self.seed, "dp-sgd-noise"))
-        _, private_optimizer, _ = self.engine.make_private(
-            module=module,
-            optimizer=optimizer,
-            data_loader=self.poisson,
-            noise_multiplier=self.plan.noise_multiplier,
-            max_grad_norm=self.max_grad_norm,
-            poisson_sampling=False,  # `loader` already is a DPDataLoader
-            noise_generator=noise,
-            wrap_model=False,
-        )
+        layers = fast_layers(module) if self.privacy.grad_sample_mode == "fast" else None
+        if layers is not None:
+            private_optimizer = self._fast(module, optimizer, layers, noise)
+        else:
+            _, private_optimizer, _ = self.engine.make_private(
+                module=module,
+                optimizer=optimizer,
+                data_loader=self.poisson,
+                noise_multiplier=self.plan.noise_multiplier,
+                max_grad_norm=self.max_grad_norm,
+                poisson_sampling=False,  # `loader` already is a DPDataLoader
+                noise_generator=noise,
+                wrap_model=False,
+            )
         # Opacus's defence against floating-point attacks on the noise (each draw the sum of
         # several Gaussians); PrivacyEngine only turns it on with torchcsprng installed.
         private_optimizer.secure_mode = not self.privacy.reproducible_noise
         return private_optimizer
+
+    def _fast(
+        self,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        layers: list[Layer],
+        noise: torch.Generator | None,
+    ) -> DPOptimizer:
+        """What `PrivacyEngine.make_private` sets up, with `FastClipping` for its hooks."""
+        assert self.poisson is not None
+        owned = set(module.parameters())
+        if any(p not in owned for group in optimizer.param_groups for p in group["params"]):
+            raise ClientError(
+                "privacy.mode=dp_sgd: the optimizer trains parameters outside the module"
+            )
+        sample_rate = 1 / len(self.poisson)
+        private = FastDPOptimizer(
+            optimizer,
+            clipping=FastClipping(layers),
+            noise_multiplier=self.plan.noise_multiplier,
+            max_grad_norm=self.max_grad_norm,
+            expected_batch_size=int(len(self.poisson.dataset) * sample_rate),
+            generator=noise,
+        )
+        private.attach_step_hook(self.engine.accountant.get_optimizer_hook_fn(sample_rate))
+        return private
 
     def epsilon(self) -> float:
         """Cumulative epsilon of this client at `privacy.delta`."""
