@@ -210,6 +210,7 @@ class FastDPOptimizer(DPOptimizer):
 
     def pre_step(self, closure: Callable[[], float] | None = None) -> bool:
         """Clip and accumulate; unless the step is skipped, add noise, scale, account."""
+        # Opacus's pre_step without its test for per-sample gradients, which never exist here.
         if len(self.params) == 0:
             return True
         self.clip_and_accumulate()
